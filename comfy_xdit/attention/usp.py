@@ -1,0 +1,129 @@
+"""Unified sequence parallelism (Ulysses x Ring) for joint text+image attention.
+
+Each rank holds all text tokens (replicated: they are short and every image token attends to
+them) and one shard of the image tokens. Ulysses trades the image shard for a slice of heads with
+one all-to-all; Ring then passes the image keys/values of the ring group around, merging partial
+results through their log-sum-exp. Text keys/values are attended once, locally, so text of any
+length is exact and never has to divide by a degree.
+
+Image tokens may be padded at the end of the sequence so they divide by the degree; padded keys
+are trimmed before attention (never attended), padded queries are dropped by the caller.
+
+The collectives come from yunchang (all-to-all, ring send/recv, the lse merge); its global
+process-group singleton is never used: groups are passed in explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from yunchang.comm.all_to_all import all_to_all_4D
+from yunchang.ring.utils import RingComm, update_out_and_lse
+
+from .kernels import Kernel, plain_attention
+
+
+@dataclass
+class SequenceLayout:
+    """Where the image tokens of one forward pass live across the sequence-parallel ranks."""
+
+    text_tokens: int
+    image_tokens: int  # real tokens, before padding
+    padded_image_tokens: int  # divisible by the sequence-parallel degree
+
+
+class SequenceParallelAttention:
+    def __init__(
+        self,
+        ulysses_group: dist.ProcessGroup | None,
+        ring_group: dist.ProcessGroup | None,
+        lse_kernel: Kernel | None,
+    ):
+        self.ulysses_group = ulysses_group
+        self.ring_group = ring_group
+        self.ulysses_degree = dist.get_world_size(ulysses_group) if ulysses_group is not None else 1
+        self.ulysses_rank = dist.get_rank(ulysses_group) if ulysses_group is not None else 0
+        self.ring_degree = dist.get_world_size(ring_group) if ring_group is not None else 1
+        self.ring_rank = dist.get_rank(ring_group) if ring_group is not None else 0
+        if self.ring_degree > 1 and lse_kernel is None:
+            raise ValueError("ring attention needs a kernel that returns a log-sum-exp")
+        self.lse_kernel = lse_kernel
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
+        """q, k, v: [B, text + local image shard, H, D] -> attention output of the same shape."""
+        t = layout.text_tokens
+        text_q, text_k, text_v = q[:, :t], k[:, :t], v[:, :t]
+        image_q, image_k, image_v = self._ulysses_scatter_heads(q[:, t:], k[:, t:], v[:, t:])
+        text_q, text_k, text_v = (self._local_heads(x) for x in (text_q, text_k, text_v))
+
+        chunk = image_q.shape[1]  # image tokens this ring rank holds after the all-to-all
+        queries = torch.cat([text_q, image_q], dim=1)
+        if self.ring_degree == 1:
+            valid = self._valid_image_tokens(layout, 0, chunk)
+            keys = torch.cat([text_k, image_k[:, :valid]], dim=1)
+            values = torch.cat([text_v, image_v[:, :valid]], dim=1)
+            out = plain_attention(queries, keys, values)
+        else:
+            out = self._ring(queries, text_k, text_v, image_k, image_v, layout, chunk)
+
+        text_out, image_out = out[:, :t], out[:, t:]
+        return torch.cat([self._gather_heads(text_out), self._ulysses_gather_sequence(image_out)], dim=1)
+
+    # --- Ulysses -------------------------------------------------------------------------
+
+    def _ulysses_scatter_heads(self, q, k, v):
+        if self.ulysses_degree == 1:
+            return q, k, v
+        # One all-to-all for q, k and v together: three launches cost more than one bigger one.
+        packed = torch.cat([q, k, v], dim=0).contiguous()
+        packed = all_to_all_4D(packed, scatter_idx=2, gather_idx=1, group=self.ulysses_group)
+        return packed.chunk(3, dim=0)
+
+    def _ulysses_gather_sequence(self, image_out: torch.Tensor) -> torch.Tensor:
+        if self.ulysses_degree == 1:
+            return image_out
+        return all_to_all_4D(image_out.contiguous(), scatter_idx=1, gather_idx=2, group=self.ulysses_group)
+
+    def _local_heads(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ulysses_degree == 1:
+            return x
+        per_rank = x.shape[2] // self.ulysses_degree
+        return x[:, :, self.ulysses_rank * per_rank : (self.ulysses_rank + 1) * per_rank]
+
+    def _gather_heads(self, text_out: torch.Tensor) -> torch.Tensor:
+        if self.ulysses_degree == 1:
+            return text_out
+        parts = [torch.empty_like(text_out) for _ in range(self.ulysses_degree)]
+        dist.all_gather(parts, text_out.contiguous(), group=self.ulysses_group)
+        return torch.cat(parts, dim=2)
+
+    # --- Ring ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _valid_image_tokens(layout: SequenceLayout, ring_rank: int, chunk: int) -> int:
+        """How many of ring rank r's image tokens are real (padding sits at the sequence end)."""
+        return max(0, min(chunk, layout.image_tokens - ring_rank * chunk))
+
+    def _ring(self, queries, text_k, text_v, image_k, image_v, layout: SequenceLayout, chunk: int):
+        comm = RingComm(self.ring_group)
+        kv = torch.cat([image_k, image_v], dim=0).contiguous()
+        out = lse = None
+        for step in range(self.ring_degree):
+            if step + 1 < self.ring_degree:
+                next_kv = comm.send_recv(kv)  # overlaps with this step's attention
+                comm.commit()
+            source = (self.ring_rank - step) % self.ring_degree
+            valid = self._valid_image_tokens(layout, source, chunk)
+            block_k, block_v = kv[:, :valid].chunk(2, dim=0)
+            if step == 0:
+                block_k = torch.cat([text_k, block_k], dim=1)
+                block_v = torch.cat([text_v, block_v], dim=1)
+            if block_k.shape[1] > 0:
+                block_out, block_lse = self.lse_kernel.fn(queries, block_k, block_v)
+                out, lse = update_out_and_lse(out, lse, block_out, block_lse)
+            if step + 1 < self.ring_degree:
+                comm.wait()
+                kv = next_kv
+        return out.to(queries.dtype)

@@ -1,0 +1,133 @@
+"""The parallel configuration: frozen, validated when it is built, shared by every rank.
+
+Every check here runs before any process or GPU is touched, so a wrong setting is refused with a
+message that names the setting to change instead of surfacing later as a hung collective.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "flash_attn", "cpu_flash")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one generation is spread over workers.
+
+    The workers form a mesh of shape (data, cfg, pipefusion, ring, ulysses); the product of the
+    degrees is the number of workers, one per entry of ``devices``.
+    """
+
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+    pipefusion_parallel_degree: int = 1
+    num_pipeline_patches: int | None = None
+    use_cfg_parallel: bool = False
+    data_parallel_degree: int = 1
+    warmup_steps: int = 1
+    attention_backend: str = "auto"
+    devices: tuple[str, ...] = field(default=("cpu",))
+
+    def __post_init__(self) -> None:
+        # Accept lists from JSON or the command line but keep the config hashable.
+        object.__setattr__(self, "devices", tuple(str(d) for d in self.devices))
+        for name in ("ulysses_degree", "ring_degree", "pipefusion_parallel_degree", "data_parallel_degree"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be a whole number of at least 0, got {self.warmup_steps!r}")
+        if self.num_pipeline_patches is not None and self.num_pipeline_patches < 1:
+            raise ConfigError(f"num_pipeline_patches must be at least 1, got {self.num_pipeline_patches!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"attention_backend {self.attention_backend!r} is unknown; choose one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if not self.devices:
+            raise ConfigError("devices is empty; give one device per worker, for example ('cuda:0', 'cuda:1')")
+        kinds = {d.split(":")[0] for d in self.devices}
+        if len(kinds) > 1:
+            raise ConfigError(f"devices mix kinds {sorted(kinds)}; use only GPUs or only CPU workers")
+        if kinds == {"cuda"} and len(set(self.devices)) != len(self.devices):
+            raise ConfigError(f"devices {list(self.devices)} name a GPU twice; give each worker its own GPU")
+        if self.world_size != len(self.devices):
+            raise ConfigError(
+                f"the degrees multiply to {self.world_size} workers ({self.describe_degrees()}) but "
+                f"{len(self.devices)} device(s) were given ({', '.join(self.devices)}); change the degrees so their "
+                f"product is {len(self.devices)}, or give {self.world_size} devices"
+            )
+
+    @property
+    def cfg_degree(self) -> int:
+        return 2 if self.use_cfg_parallel else 1
+
+    @property
+    def sequence_parallel_degree(self) -> int:
+        return self.ulysses_degree * self.ring_degree
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(self.mesh_shape)
+
+    @property
+    def mesh_shape(self) -> tuple[int, int, int, int, int]:
+        return (
+            self.data_parallel_degree,
+            self.cfg_degree,
+            self.pipefusion_parallel_degree,
+            self.ring_degree,
+            self.ulysses_degree,
+        )
+
+    @property
+    def device_type(self) -> str:
+        return self.devices[0].split(":")[0]
+
+    def describe_degrees(self) -> str:
+        return (
+            f"data={self.data_parallel_degree} x cfg={self.cfg_degree} x "
+            f"pipefusion={self.pipefusion_parallel_degree} x ring={self.ring_degree} x ulysses={self.ulysses_degree}"
+        )
+
+    def check_model(self, *, num_heads: int, family: str) -> None:
+        """Refuse settings the loaded model cannot take (called once the model's shape is known)."""
+        if num_heads % self.ulysses_degree:
+            divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+            raise ConfigError(
+                f"ulysses_degree={self.ulysses_degree} does not divide the {num_heads} attention heads of this "
+                f"{family} model; use one of {divisors} (or move the rest of the degree to ring_degree)"
+            )
+        if self.pipefusion_parallel_degree > 1:
+            raise ConfigError(
+                "pipefusion_parallel_degree > 1 is accepted by the configuration but PipeFusion is not implemented "
+                "yet; use ulysses_degree / ring_degree / use_cfg_parallel / data_parallel_degree instead"
+            )
+
+    def check_request(self, *, batch_size: int, uses_cfg: bool) -> None:
+        """Refuse a generation request this mesh cannot split."""
+        if batch_size % self.data_parallel_degree:
+            raise ConfigError(
+                f"data_parallel_degree={self.data_parallel_degree} needs a batch that divides by it, got a batch of "
+                f"{batch_size}; change the batch size or data_parallel_degree"
+            )
+        if self.use_cfg_parallel and not uses_cfg:
+            raise ConfigError(
+                "use_cfg_parallel needs classifier-free guidance (cfg > 1 with a negative prompt); "
+                "turn use_cfg_parallel off or raise cfg above 1"
+            )
+
+
+def default_devices(count: int | None = None) -> tuple[str, ...]:
+    """All visible GPUs, or two CPU workers when there is no GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count() if count is None else count
+        return tuple(f"cuda:{i}" for i in range(n))
+    return ("cpu",) * (2 if count is None else count)

@@ -1,0 +1,84 @@
+"""One rank's engine: holds the loaded model between jobs and runs the parallel sampler.
+
+The pool creates one RankEngine per worker process; scripts and tests may create one directly
+(world size 1, or inside their own process group).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention.kernels import choose_lse_kernel
+from .mesh import ParallelMesh
+from .models import flux
+from .requests import ModelSpec, NoHooks, SampleRequest, StepHooks
+from .sampling.ksampler import run_ksampler
+from .sampling.schedules import FLUX_DEV_SHIFT, FLUX_SCHNELL_SHIFT
+
+SUPPORTED_FAMILIES = ("flux",)
+
+
+class RankEngine:
+    def __init__(self, mesh: ParallelMesh):
+        self.mesh = mesh
+        self.spec: ModelSpec | None = None
+        self.model: torch.nn.Module | None = None
+        self._denoiser: flux.FluxDenoiser | None = None
+        self._default_shift = FLUX_DEV_SHIFT
+        self.load_count = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.mesh.device
+
+    def load(self, spec: ModelSpec) -> bool:
+        """Load the model unless the same spec is already loaded; returns whether it loaded."""
+        if spec == self.spec and self.model is not None:
+            return False
+        if spec.family not in SUPPORTED_FAMILIES:
+            raise ValueError(f"model family {spec.family!r} is not supported yet; supported: {', '.join(SUPPORTED_FAMILIES)}")
+        from .loading.flux import load_flux_transformer, read_flux_config
+
+        model_config = read_flux_config(spec.path)
+        # Refuse degrees the model cannot take before reading any weights.
+        self.mesh.config.check_model(num_heads=model_config["num_attention_heads"], family="Flux")
+        self.model = self._denoiser = None
+        model = load_flux_transformer(spec.path, dtype=spec.torch_dtype, device=self.device).eval()
+        self.set_model(model, spec)
+        self.load_count += 1
+        return True
+
+    def set_model(self, model: torch.nn.Module, spec: ModelSpec) -> None:
+        """Use an already-built diffusers Flux transformer (scripts, tests, benchmarks)."""
+        config = model.config
+        self.mesh.config.check_model(num_heads=config.num_attention_heads, family="Flux")
+        dtype = next(model.parameters()).dtype
+        kernel = None
+        if self.mesh.size("ring") > 1:
+            kernel = choose_lse_kernel(self.mesh.config.attention_backend, self.device, dtype)
+        forward = flux.install_sequence_parallel(model, self.mesh, kernel)
+        self._denoiser = flux.FluxDenoiser(forward, dtype, has_guidance=bool(config.guidance_embeds))
+        # Flux-schnell (no guidance embedder) was distilled for an unshifted schedule.
+        self._default_shift = FLUX_DEV_SHIFT if config.guidance_embeds else FLUX_SCHNELL_SHIFT
+        self.model, self.spec = model, spec
+
+    def sample(self, request: SampleRequest, hooks: StepHooks | None = None) -> torch.Tensor:
+        if self._denoiser is None:
+            raise RuntimeError("no model is loaded; call load() first")
+        denoiser = self._denoiser
+
+        def velocity(x, sigma, cond):
+            return denoiser(x, sigma, cond.context, cond.pooled, cond.guidance).to(x.dtype)
+
+        with torch.inference_mode():
+            return run_ksampler(
+                request,
+                velocity,
+                self.mesh,
+                latent_channels=flux.LATENT_CHANNELS,
+                default_shift=self._default_shift,
+                to_model_space=flux.latent_to_model_space,
+                from_model_space=flux.latent_from_model_space,
+                hooks=hooks or NoHooks(),
+                device=self.device,
+            )

@@ -1,0 +1,88 @@
+"""Plain data that crosses from the host to the workers: which model, and what to generate.
+
+Everything here is picklable and free of process groups, so the pool can ship it as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load; two equal specs mean the loaded model can be reused as it is."""
+
+    path: str
+    family: str = "flux"
+    dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class FluxConditioning:
+    """One prompt's conditioning in ComfyUI's Flux layout.
+
+    context: T5 tokens [B or 1, T, 4096]; pooled: CLIP-L pooled output [B or 1, 768];
+    guidance: the distilled guidance of Flux-dev (ignored by models without a guidance embedder).
+    """
+
+    context: torch.Tensor
+    pooled: torch.Tensor
+    guidance: float | None = 3.5
+
+
+@dataclass
+class SampleRequest:
+    """One KSampler-equivalent call. Latents are ComfyUI's raw VAE latents [B, 16, H/8, W/8]."""
+
+    latent: torch.Tensor
+    positive: FluxConditioning
+    negative: FluxConditioning | None
+    seed: int
+    steps: int
+    cfg: float = 1.0
+    sampler_name: str = "euler"
+    scheduler: str = "simple"
+    denoise: float = 1.0
+    batch_index: list[int] | None = None
+    # ModelSamplingFlux's resolution-dependent shift; None keeps the model's constant default.
+    max_shift: float | None = None
+    base_shift: float | None = None
+    preview_every: int = 0  # 0: no per-step previews
+    extra: dict = field(default_factory=dict)
+
+
+class StepHooks(Protocol):
+    """What the sampler tells its caller after each step, and asks it before the next."""
+
+    def on_step(self, step: int, total: int, preview: torch.Tensor | None) -> None: ...
+
+    def cancel_requested(self) -> bool: ...
+
+
+class NoHooks:
+    def on_step(self, step: int, total: int, preview: torch.Tensor | None) -> None:
+        pass
+
+    def cancel_requested(self) -> bool:
+        return False
+
+
+class SamplingCancelled(RuntimeError):
+    """Raised on every rank at the same step when a cancel was requested."""
+
+    def __init__(self, step: int):
+        super().__init__(f"sampling cancelled after step {step}")
+        self.step = step

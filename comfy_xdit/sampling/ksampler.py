@@ -1,0 +1,103 @@
+"""KSampler for flow models on a parallel mesh: ComfyUI's semantics, CFG and data parallel.
+
+Every rank runs this function with the same request. The batch is split over the data group,
+the conditional and unconditional branches over the cfg group (when enabled), and the image
+tokens inside the model over the sequence-parallel groups. Every rank returns the whole result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..mesh import ParallelMesh
+from ..models.sharding import gather_along
+from ..requests import FluxConditioning, SampleRequest, SamplingCancelled, StepHooks
+from .noise import comfy_noise
+from .samplers import get_sampler
+from .schedules import FlowSampling, resolution_shift, sigmas_for
+
+# velocity(x_model_space, sigma, conditioning) -> v
+Velocity = Callable[[torch.Tensor, torch.Tensor, FluxConditioning], torch.Tensor]
+
+
+def widen_empty_latent(latent: torch.Tensor, channels: int) -> torch.Tensor:
+    """ComfyUI turns an all-zero latent of another channel count (EmptyLatentImage's 4) into the model's."""
+    if latent.shape[1] != channels and not latent.any():
+        return latent.new_zeros((latent.shape[0], channels, *latent.shape[2:]))
+    if latent.shape[1] != channels:
+        raise ValueError(f"the latent has {latent.shape[1]} channels but this model takes {channels}; use a latent made for it")
+    return latent
+
+
+def _rows_for_rank(batch: int, mesh: ParallelMesh) -> slice:
+    per_rank = batch // mesh.size("data")
+    start = mesh.local_rank("data") * per_rank
+    return slice(start, start + per_rank)
+
+
+def _slice_conditioning(cond: FluxConditioning, rows: slice, batch: int) -> FluxConditioning:
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t[rows] if t.shape[0] == batch and batch > 1 else t[:1]
+
+    return FluxConditioning(pick(cond.context), pick(cond.pooled), cond.guidance)
+
+
+def run_ksampler(
+    request: SampleRequest,
+    velocity: Velocity,
+    mesh: ParallelMesh,
+    *,
+    latent_channels: int,
+    default_shift: float,
+    to_model_space: Callable[[torch.Tensor], torch.Tensor],
+    from_model_space: Callable[[torch.Tensor], torch.Tensor],
+    hooks: StepHooks,
+    device: torch.device,
+) -> torch.Tensor:
+    latent = widen_empty_latent(request.latent.float(), latent_channels)
+    batch, _, height, width = latent.shape
+    uses_cfg = request.cfg != 1.0 and request.negative is not None  # cfg 1 skips the negative, as ComfyUI does
+    mesh.config.check_request(batch_size=batch, uses_cfg=uses_cfg)
+
+    noise = comfy_noise(tuple(latent.shape), request.seed, request.batch_index)
+    shift = default_shift
+    if request.max_shift is not None:
+        shift = resolution_shift(height, width, request.max_shift, request.base_shift if request.base_shift is not None else 0.5)
+    sigmas = sigmas_for(FlowSampling(shift), request.scheduler, request.steps, request.denoise).to(device)
+    sampler = get_sampler(request.sampler_name)
+
+    rows = _rows_for_rank(batch, mesh)
+    positive = _slice_conditioning(request.positive, rows, batch)
+    negative = _slice_conditioning(request.negative, rows, batch) if uses_cfg else None
+    x = sigmas[0] * noise[rows].to(device) + (1.0 - sigmas[0]) * to_model_space(latent[rows].to(device))
+
+    cfg_group = mesh.group("cfg")
+    cfg_rank = mesh.local_rank("cfg")
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if not uses_cfg:
+            return x - velocity(x, sigma, positive) * sigma
+        if cfg_group is not None:
+            mine = velocity(x, sigma, positive if cfg_rank == 0 else negative)
+            v_cond, v_uncond = gather_along(mine, 0, cfg_group).chunk(2, dim=0)
+        else:
+            v_cond, v_uncond = velocity(x, sigma, positive), velocity(x, sigma, negative)
+        cond, uncond = x - v_cond * sigma, x - v_uncond * sigma
+        return uncond + (cond - uncond) * request.cfg
+
+    total = len(sigmas) - 1
+
+    def after_step(i: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        preview = None
+        if request.preview_every and (i + 1) % request.preview_every == 0:
+            preview = from_model_space(denoised[:1]).float().cpu()
+        hooks.on_step(i + 1, total, preview)
+        # One vote per step on every rank, so all ranks stop after the same step.
+        if i + 1 < total and mesh.any_rank(hooks.cancel_requested()):
+            raise SamplingCancelled(i + 1)
+
+    x = sampler(denoise, x, sigmas, after_step)
+    out = from_model_space(x).float()
+    return gather_along(out, 0, mesh.group("data")).cpu()

@@ -1,0 +1,213 @@
+"""Small random checkpoints in the formats users have, built at test time.
+
+Model weights cannot be downloaded where the tests run, so tests build tiny models of the real
+architectures and write them as the files users keep: BFL single files (ComfyUI's
+models/diffusion_models, with or without ``model.diffusion_model.``), diffusers single files
+and diffusers folders (plain, sharded, pipeline). The diffusers -> BFL mapping here is written
+independently of the loader's table, so a round trip checks the loader rather than itself; it
+is also checked against diffusers' own BFL converter in tests/test_loading_flux.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import FluxTransformer2DModel
+from safetensors.torch import save_file
+
+from comfy_xdit.loading.flux import flux_axes_dims_rope
+
+COMFY_PREFIX = "model.diffusion_model."
+
+
+def make_flux_diffusers_model(
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    heads: int = 2,
+    head_dim: int = 16,
+    guidance: bool = True,
+    seed: int = 0,
+    in_channels: int = 64,
+    out_channels: int | None = None,
+    joint_attention_dim: int = 32,
+    pooled_projection_dim: int = 24,
+) -> FluxTransformer2DModel:
+    """A tiny float32 Flux with every parameter random (norm scales too, so swaps show)."""
+    model = FluxTransformer2DModel(
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        joint_attention_dim=joint_attention_dim,
+        pooled_projection_dim=pooled_projection_dim,
+        guidance_embeds=guidance,
+        axes_dims_rope=flux_axes_dims_rope(head_dim),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.ndim == 2:
+                param.copy_(noise / param.shape[1] ** 0.5)
+            elif "norm" in name:
+                param.copy_(1 + 0.1 * noise)  # RMSNorm scales live around 1
+            else:
+                param.copy_(0.1 * noise)
+    return model.eval()
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    # diffusers' norm_out.linear emits (scale, shift); BFL's final adaLN emits (shift, scale).
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def diffusers_to_bfl_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Black Forest Labs' key layout from a diffusers FluxTransformer2DModel state dict."""
+    sd = dict(state_dict)
+    out: dict[str, torch.Tensor] = {}
+
+    def move(target: str, source: str) -> None:
+        for kind in ("weight", "bias"):
+            out[f"{target}.{kind}"] = sd.pop(f"{source}.{kind}")
+
+    def fuse(target: str, sources: list[str]) -> None:
+        for kind in ("weight", "bias"):
+            out[f"{target}.{kind}"] = torch.cat([sd.pop(f"{s}.{kind}") for s in sources], dim=0)
+
+    for bfl, diff in (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"), ("guidance_in", "guidance_embedder")):
+        if f"time_text_embed.{diff}.linear_1.weight" in sd:
+            move(f"{bfl}.in_layer", f"time_text_embed.{diff}.linear_1")
+            move(f"{bfl}.out_layer", f"time_text_embed.{diff}.linear_2")
+    move("txt_in", "context_embedder")
+    move("img_in", "x_embedder")
+
+    doubles = sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")})
+    for i in doubles:
+        d, b = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        move(f"{b}.img_mod.lin", f"{d}.norm1.linear")
+        move(f"{b}.txt_mod.lin", f"{d}.norm1_context.linear")
+        fuse(f"{b}.img_attn.qkv", [f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"])
+        fuse(f"{b}.txt_attn.qkv", [f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"])
+        out[f"{b}.img_attn.norm.query_norm.scale"] = sd.pop(f"{d}.attn.norm_q.weight")
+        out[f"{b}.img_attn.norm.key_norm.scale"] = sd.pop(f"{d}.attn.norm_k.weight")
+        out[f"{b}.txt_attn.norm.query_norm.scale"] = sd.pop(f"{d}.attn.norm_added_q.weight")
+        out[f"{b}.txt_attn.norm.key_norm.scale"] = sd.pop(f"{d}.attn.norm_added_k.weight")
+        move(f"{b}.img_attn.proj", f"{d}.attn.to_out.0")
+        move(f"{b}.txt_attn.proj", f"{d}.attn.to_add_out")
+        move(f"{b}.img_mlp.0", f"{d}.ff.net.0.proj")
+        move(f"{b}.img_mlp.2", f"{d}.ff.net.2")
+        move(f"{b}.txt_mlp.0", f"{d}.ff_context.net.0.proj")
+        move(f"{b}.txt_mlp.2", f"{d}.ff_context.net.2")
+
+    singles = sorted({int(k.split(".")[1]) for k in sd if k.startswith("single_transformer_blocks.")})
+    for i in singles:
+        d, b = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        move(f"{b}.modulation.lin", f"{d}.norm.linear")
+        fuse(f"{b}.linear1", [f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"])
+        out[f"{b}.norm.query_norm.scale"] = sd.pop(f"{d}.attn.norm_q.weight")
+        out[f"{b}.norm.key_norm.scale"] = sd.pop(f"{d}.attn.norm_k.weight")
+        move(f"{b}.linear2", f"{d}.proj_out")
+
+    move("final_layer.linear", "proj_out")
+    out["final_layer.adaLN_modulation.1.weight"] = _swap_halves(sd.pop("norm_out.linear.weight"))
+    out["final_layer.adaLN_modulation.1.bias"] = _swap_halves(sd.pop("norm_out.linear.bias"))
+    assert not sd, f"diffusers keys without a BFL home: {sorted(sd)[:5]}"
+    return out
+
+
+def _quantize_scaled_fp8(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's "scaled fp8" layout: 2-D weights in float8_e4m3fn with a per-layer scale."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if key.endswith(".weight") and tensor.ndim == 2:
+            scale = tensor.abs().max().float() / 448.0  # 448: largest float8_e4m3fn value
+            out[key] = (tensor.float() / scale).to(torch.float8_e4m3fn)
+            out[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
+        else:
+            out[key] = tensor
+    out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)  # ComfyUI's marker key
+    return out
+
+
+def _contiguous(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return {k: (v if dtype is None else v.to(dtype)).detach().contiguous().clone() for k, v in state_dict.items()}
+
+
+def write_bfl_file(
+    model: FluxTransformer2DModel,
+    path: str | Path,
+    prefix: str = "",
+    dtype: torch.dtype | None = None,
+    scaled_fp8: bool = False,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the model as one BFL-layout safetensors file (prefix COMFY_PREFIX for ComfyUI's)."""
+    sd = diffusers_to_bfl_state_dict(_contiguous(model.state_dict(), dtype))
+    if scaled_fp8:
+        sd = _quantize_scaled_fp8(sd)
+    sd = {prefix + k: v for k, v in sd.items()}
+    sd.update(extra or {})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def write_diffusers_file(model: FluxTransformer2DModel, path: str | Path, prefix: str = "") -> Path:
+    """Write the model as one safetensors file in diffusers' key layout."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({prefix + k: v for k, v in _contiguous(model.state_dict(), None).items()}, str(path))
+    return path
+
+
+def write_diffusers_folder(
+    model: FluxTransformer2DModel,
+    path: str | Path,
+    max_shard_size: str | None = None,
+    pipeline: bool = False,
+) -> Path:
+    """Write a diffusers model folder (sharded with max_shard_size, e.g. "20KB").
+
+    With ``pipeline`` the model goes to ``path/transformer`` beside a model_index.json, as in
+    a pipeline folder. Returns the folder to give the loader (``path`` in both cases).
+    """
+    path = Path(path)
+    target = path / "transformer" if pipeline else path
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(target), safe_serialization=True, **kwargs)
+    if pipeline:
+        index = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
+        (path / "model_index.json").write_text(json.dumps(index))
+    return path
+
+
+def write_sd15_unet_like_file(path: str | Path) -> Path:
+    """A safetensors file with SD1.5 UNet-style keys (a checkpoint of the wrong family)."""
+    sd = {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3),
+        "model.diffusion_model.input_blocks.0.0.bias": torch.randn(8),
+        "model.diffusion_model.middle_block.1.proj_in.weight": torch.randn(8, 8),
+        "model.diffusion_model.out.2.weight": torch.randn(4, 8, 3, 3),
+        "first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3),
+    }
+    path = Path(path)
+    save_file(sd, str(path))
+    return path
+
+
+def write_vae_like_file(path: str | Path) -> Path:
+    """A safetensors file with Flux/SD VAE-style keys."""
+    sd = {
+        "decoder.conv_in.weight": torch.randn(8, 16, 3, 3),
+        "decoder.mid.block_1.norm1.weight": torch.randn(8),
+        "encoder.conv_out.weight": torch.randn(32, 8, 3, 3),
+    }
+    path = Path(path)
+    save_file(sd, str(path))
+    return path

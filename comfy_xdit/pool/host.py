@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, ParallelConfig
-from ..requests import ModelSpec, SampleRequest, SamplingCancelled
+from ..requests import ModelSpec, SampleRequest, SamplingCancelled, VaeDecodeRequest, VaeWeights
 from . import protocol, shm
 from .processes import Acceptor, Launcher, Reaper, WorkerProcess, cpu_count, free_port, terminate
 
@@ -44,6 +44,11 @@ HOST_PACKAGE = __name__.rpartition(".pool.")[0]
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 WORKER_PACKAGE = _PACKAGE_DIR.name
 _IMPORT_ROOT = _PACKAGE_DIR.parent
+
+# A result has the request latent's shape widened to the model's channels (Flux: 16), as float32.
+# A model with more channels sends its first result through a one-off segment, and the output
+# arena grows to fit the next.
+_RESULT_CHANNELS = 16
 
 POLL_S = 0.1  # how often the host checks processes, cancel and timeouts while it waits
 STRAGGLER_S = 5.0  # after one rank fails, how long the others get to fail the same way
@@ -83,6 +88,54 @@ def _is_distributed_error(error: protocol.RemoteError) -> bool:
     return error.module.startswith("torch.distributed") or error.type_name.startswith("Dist")
 
 
+RESULT_JOBS = ("sample", "vae_decode")  # their result comes back through the output arena
+VAE_UPSCALE = 8
+
+
+def _result_bytes_estimate(kind: str, request: Any) -> int:
+    latent = getattr(request, "latent", None)
+    if not isinstance(latent, torch.Tensor) or latent.dim() < 2 or latent.shape[1] == 0:
+        return 0
+    per_channel = latent.numel() // latent.shape[1]
+    if kind == "vae_decode":
+        return per_channel * VAE_UPSCALE**2 * 3 * 4  # float32 RGB at 8x the latent's size
+    return per_channel * max(latent.shape[1], _RESULT_CHANNELS) * 4
+
+
+def _overhead_breakdown(replies: dict[int, Any], marks: dict[str, float], done: float) -> dict | None:
+    """Where a job's time outside the engine went, in ms (all processes share the monotonic clock).
+
+    ``to_workers`` ~ host_pack + host_send (to every rank) + delivery (from its send to a rank's
+    reader thread) + handoff (reader thread to main thread); ``back_to_host`` = reply_delivery
+    + take_result + host_finish. Per-rank parts are the slowest rank's.
+    """
+    by_rank = {rank: r.info.get("clock") for rank, r in replies.items() if isinstance(r, protocol.Done)}
+    if len(by_rank) != len(replies) or not all(by_rank.values()):
+        return None
+    clocks = list(by_rank.values())
+    first = replies[0].info["clock"]
+    start = marks["start"]
+    sent = marks.get("sent", start)
+    collected = marks.get("collected", done)
+    taken = marks.get("taken", collected)
+    last_reply = max(c["replied"] for c in clocks)
+    ms = lambda seconds: round(seconds * 1000, 2)  # noqa: E731
+    return {
+        "to_workers": ms(max(c["received"] for c in clocks) - start),
+        "host_pack": ms(marks.get("packed", start) - start),
+        "host_send": ms(sent - marks.get("packed", start)),
+        "delivery": ms(max(c.get("read", c["received"]) - marks.get(f"sent{r}", sent) for r, c in by_rank.items())),
+        "handoff": ms(max(c["received"] - c.get("read", c["received"]) for c in clocks)),
+        "unpack_inputs": ms(first["engine_started"] - first["received"]),
+        "ranks_finish_spread": ms(max(c["engine_finished"] for c in clocks) - min(c["engine_finished"] for c in clocks)),
+        "write_result": ms(first["replied"] - first["engine_finished"]),
+        "back_to_host": ms(done - last_reply),
+        "reply_delivery": ms(collected - last_reply),
+        "take_result": ms(taken - collected),
+        "host_finish": ms(done - taken),
+    }
+
+
 class WorkerPool:
     """Persistent workers, one per device of ``config``, running the engine's jobs.
 
@@ -120,9 +173,12 @@ class WorkerPool:
         self._workers: list[WorkerProcess] = []
         self._reaper: Reaper | None = None
         self._token = shm.new_token()
+        # Shared memory reused by every job (created on the first sample, unlinked by close()).
+        self._arenas = shm.HostArenas(self._token)
         self._job_id = 0
         self._generation = 0
         self._spec: ModelSpec | None = None  # what the caller last loaded successfully
+        self._vae_fingerprints: set[str] = set()  # VAEs the current workers hold
         self._loaded_spec: ModelSpec | None = None  # what the current workers hold
         self._load_count = 0
         self._jobs_done = 0
@@ -130,6 +186,7 @@ class WorkerPool:
         self._last_steps: list[float] = []
         self._last_job: dict | None = None
         self._last_error: str | None = None
+        self._marks: dict[str, float] = {}  # clock points of the running sample job
 
     # lifecycle
 
@@ -173,6 +230,9 @@ class WorkerPool:
         finally:
             if idle:
                 self._job_lock.release()
+        # A job still running on another thread may be copying into the arenas: only unlink them
+        # then (their names go at once); that thread unmaps them when it ends.
+        self._arenas.close(unmap=idle)
         if self._reaper is not None:
             atexit.unregister(self._reaper.reap)
             self._reaper = None
@@ -223,6 +283,7 @@ class WorkerPool:
             terminate(self._workers)
         self._generation += 1
         self._loaded_spec = None
+        self._vae_fingerprints = set()  # fresh workers hold no VAE
         if self._log_dir is None:
             self._log_dir = Path(tempfile.mkdtemp(prefix="comfy_xdit_pool_"))
         self._log_dir.mkdir(parents=True, exist_ok=True)
@@ -243,6 +304,7 @@ class WorkerPool:
         if self._reaper is None:
             self._reaper = Reaper()
             self._reaper.log_dir = self._log_dir if self._own_log_dir else None
+            self._reaper.arenas = self._arenas
             atexit.register(self._reaper.reap)
         try:
             for rank, device in enumerate(self.config.devices):
@@ -372,9 +434,34 @@ class WorkerPool:
                 raise PoolError("no model is loaded in the worker pool; call load(spec) first")
             if self._loaded_spec != self._spec:  # fresh workers after a restart
                 self._load(self._spec)
-            started = time.perf_counter()
+            self._marks = {"start": time.monotonic()}
             replies, result, error = self._run("sample", request, self.job_timeout_s, on_step, cancel_event)
-            self._record_sample(replies, time.perf_counter() - started)
+            self._record_sample(replies, self._marks, time.monotonic())
+            if error is not None:
+                raise error
+            return result
+
+    def has_vae(self, fingerprint: str) -> bool:
+        """Whether the current workers hold the VAE with these decoder weights."""
+        return fingerprint in self._vae_fingerprints
+
+    def load_vae(self, weights: VaeWeights) -> bool:
+        """Send a VAE's decoder weights to every worker (once per fingerprint and pool)."""
+        with self._job_lock:
+            self._ensure_running()
+            replies, _, error = self._run("vae_load", weights, self.load_timeout_s, None, None)
+            if error is not None:
+                raise error
+            self._vae_fingerprints.add(weights.fingerprint)
+            return bool(replies[0].value)
+
+    def decode(self, request: VaeDecodeRequest) -> torch.Tensor:
+        """Patch-parallel VAE decode on all workers; returns the image [B, H, W, 3] in [0, 1]."""
+        with self._job_lock:
+            self._ensure_running()
+            if request.fingerprint not in self._vae_fingerprints:
+                raise PoolError("this VAE is not loaded in the worker pool (it restarted?); call load_vae first")
+            replies, result, error = self._run("vae_decode", request, self.job_timeout_s, None, None)
             if error is not None:
                 raise error
             return result
@@ -406,30 +493,41 @@ class WorkerPool:
         """
         self._job_id += 1
         job_id = self._job_id
-        input_segment = None
-        output_name = shm.segment_name(self._token, job_id, "o") if kind == "sample" and shm.SHM_SUPPORTED else None
+        spill = None
         self._current = {"job": job_id, "kind": kind, "step": 0, "total": 0, "step_seconds": []}
         try:
-            if kind == "sample":
-                payload, input_segment = shm.pack(payload, shm.segment_name(self._token, job_id, "i"))
-            job = protocol.Job(job_id, kind, payload, input_segment.name if input_segment else None, output_name)
+            if kind in RESULT_JOBS:
+                estimate = _result_bytes_estimate(kind, payload)
+                payload, _ = self._arenas.pack(payload)
+                output, capacity = self._arenas.reserve_output(estimate)
+                spill = shm.segment_name(self._token, job_id, "r") if shm.SHM_SUPPORTED else None
+                # The arenas' names go with every job: a worker unmaps those the host replaced.
+                job = protocol.Job(job_id, kind, payload, self._arenas.inputs.name, output, capacity, spill)
+            else:
+                job = protocol.Job(job_id, kind, payload)
             data = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+            self._marks["packed"] = time.monotonic()
             for w in self._workers:
                 try:
                     w.channel.send_bytes(data)
                 except OSError:
                     self._raise_dead(w)
+                self._marks[f"sent{w.rank}"] = time.monotonic()
+            self._marks["sent"] = time.monotonic()
             replies, callback_error = self._collect(job_id, silence_s, on_step, cancel_event)
+            self._marks["collected"] = time.monotonic()
             outcome = self._judge(job_id, kind, replies)
             result = None
-            if outcome is None and kind == "sample":
-                result = shm.take_result(replies[0].value)
-                output_name = None  # taken and unlinked
+            if outcome is None and kind in RESULT_JOBS:
+                result = self._arenas.take(replies[0].value)
+                spill = None  # taken and unlinked, or never made
+                self._marks["taken"] = time.monotonic()
             return replies, result, callback_error or outcome
         finally:
-            shm.release(input_segment)
-            if output_name is not None:
-                shm.unlink_quietly(output_name)
+            if spill is not None:  # rank 0 may have made it before the job failed
+                shm.unlink_quietly(spill)
+            if self._state == "closed":  # close() ran meanwhile and left the unmapping to us
+                self._arenas.close()
             with self._state_lock:
                 self._last_steps = self._current["step_seconds"]
                 self._current = None
@@ -586,7 +684,8 @@ class WorkerPool:
 
     # status
 
-    def _record_sample(self, replies: dict[int, Any], wall: float) -> None:
+    def _record_sample(self, replies: dict[int, Any], marks: dict[str, float], done: float) -> None:
+        wall = done - marks["start"]
         steps = self._last_steps
         first = replies[0]
         record = {
@@ -601,6 +700,7 @@ class WorkerPool:
             engine = first.info.get("engine_seconds")
             record["engine_seconds"] = round(engine, 4) if engine is not None else None
             record["overhead_seconds"] = round(wall - engine, 4) if engine is not None else None
+            record["overhead_ms"] = _overhead_breakdown(replies, marks, done)
         with self._state_lock:
             self._last_job = record
             self._jobs_done += 1
@@ -625,6 +725,7 @@ class WorkerPool:
                 "last_job": dict(self._last_job) if self._last_job else None,
                 "last_error": self._last_error,
                 "log_dir": str(self._log_dir) if self._log_dir else None,
+                "shared_memory": self._arenas.names(),
             }
         if current is not None:
             current["step_seconds"] = (

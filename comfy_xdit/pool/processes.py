@@ -111,9 +111,12 @@ class Reaper:
     def __init__(self) -> None:
         self.workers: list[WorkerProcess] = []
         self.log_dir: Path | None = None  # removed too, when the pool made it
+        self.arenas = None  # the pool's shm.HostArenas, unlinked too
 
     def reap(self) -> None:
         terminate(self.workers, grace_s=0.5)
+        if self.arenas is not None:
+            self.arenas.close(unmap=False)  # a job thread may still be copying: unlink only
         if self.log_dir is not None:
             shutil.rmtree(self.log_dir, ignore_errors=True)
 

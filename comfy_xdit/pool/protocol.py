@@ -46,8 +46,10 @@ class Job:
     job_id: int
     kind: str  # "load" or "sample"
     payload: Any  # ModelSpec, or SampleRequest with large tensors as shm.TensorRef
-    input_segment: str | None = None  # shared memory holding the payload's large tensors
-    output_segment: str | None = None  # name rank 0 creates for the result (the host unlinks it)
+    input_segment: str | None = None  # the input arena, holding the payload's large tensors
+    output_segment: str | None = None  # the output arena, where rank 0 writes the result...
+    output_capacity: int = 0  # ...when it fits these many bytes; else rank 0 creates
+    spill_segment: str | None = None  # a one-off segment under this name (the host unlinks it)
 
 
 @dataclass

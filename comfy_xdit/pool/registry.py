@@ -20,6 +20,7 @@ class PoolRegistry:
     def __init__(self, **pool_options: Any):
         self._pool_options = pool_options
         self._pools: dict[tuple[str, ...], WorkerPool] = {}
+        self._last_used: WorkerPool | None = None
         self._lock = threading.Lock()
 
     def get(self, config: ParallelConfig) -> WorkerPool:
@@ -34,7 +35,16 @@ class PoolRegistry:
                 for devices in [d for d in self._pools if set(d) & set(config.devices)]:
                     self._pools.pop(devices).close()  # the new pool needs those devices
                 pool = self._pools[config.devices] = WorkerPool(config, **self._pool_options)
+            self._last_used = pool
             return pool.start()
+
+    def latest(self) -> WorkerPool | None:
+        """The pool used last (e.g. the sampler's), for jobs that run on whatever pool is warm."""
+        with self._lock:
+            pool = self._last_used
+        if pool is None or pool.status()["state"] == "closed":
+            return None
+        return pool.start()
 
     def status(self) -> list[dict]:
         with self._lock:

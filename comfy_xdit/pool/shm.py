@@ -1,10 +1,14 @@
 """Tensors through POSIX shared memory instead of the control socket.
 
-Ownership: the host names every segment of a job and unlinks it when the job ends, whatever
-happened. Workers only attach to the host's input segment, or create the output segment under
-the name the host chose, and never leave either registered with their own resource tracker
-(which would unlink or warn about it when the worker exits). Segment names carry the host's
-pid, so ``sweep_stale_segments`` can remove what a killed host left behind.
+Ownership: the host owns every segment. A pool keeps two arenas (``HostArenas``): one the
+host copies each job's large input tensors into, one rank 0 writes the result into. They are
+created on first use, replaced by bigger ones (under new names) only when a job needs more,
+and unlinked when the pool closes, so a warm job maps and faults in no fresh memory. A result
+that does not fit goes through a one-off segment under a name the host chose; the host
+unlinks it (also when the job fails). Workers keep the arenas mapped (``WorkerMappings``) and
+never leave a segment registered with their own resource tracker (which would unlink or warn
+about it when the worker exits). Segment names carry the host's pid, so
+``sweep_stale_segments`` can remove what a killed host left behind.
 
 Where POSIX shared memory is missing (Windows), ``SHM_SUPPORTED`` is False and tensors are
 pickled through the socket instead; that path is slower, never wrong.
@@ -59,10 +63,6 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-
-
 def _untrack(segment: shared_memory.SharedMemory) -> None:
     # Python < 3.13 registers every attach and create with this process's resource tracker,
     # which would unlink the host's segment when this worker exits. The host owns it.
@@ -103,23 +103,126 @@ def _large_tensors(obj: Any) -> list[torch.Tensor]:
     return found
 
 
-def pack(obj: Any, name: str) -> tuple[Any, shared_memory.SharedMemory | None]:
-    """Move the large tensors of ``obj`` into a new segment ``name`` (owned by the caller).
+def _nbytes(ref: TensorRef) -> int:
+    numel = 1
+    for n in ref.shape:
+        numel *= n
+    return numel * _dtype(ref.dtype).itemsize
 
-    Returns the object with those tensors replaced by TensorRefs, and the segment (None when
-    nothing was large enough, or shared memory is unsupported).
-    """
-    large = _large_tensors(obj) if SHM_SUPPORTED else []
-    if not large:
-        return obj, None
-    offsets: dict[int, int] = {}
-    size = 0
-    for t in large:
-        if id(t) not in offsets:
-            offsets[id(t)] = size
-            size += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    segment = shared_memory.SharedMemory(name=name, create=True, size=size)
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _view(base: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``shape``/``dtype`` over the bytes of ``base`` (a flat uint8 tensor) from ``offset``."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    return base[offset : offset + numel * dtype.itemsize].view(dtype).view(shape)
+
+
+def _release_quietly(segment: shared_memory.SharedMemory) -> bool:
+    """Close a mapping; False (still mapped) while a tensor still views it."""
     try:
+        segment.close()
+    except BufferError:
+        return False
+    return True
+
+
+class Arena:
+    """A host-owned segment that one kind of data reuses job after job.
+
+    Creating a segment and touching its fresh pages costs a page fault per page in the host and
+    in every worker, job after job (expensive in VMs whose memory grows on use). An arena is
+    created once and replaced by a bigger one, under a new name, only when a job needs more; the
+    workers keep it mapped while its name stays the same.
+    """
+
+    GRANULE = 1 << 20
+
+    def __init__(self, token: str, role: str):
+        self._token = token
+        self._role = role
+        self._generation = 0
+        self.segment: shared_memory.SharedMemory | None = None
+        self._retired: list[shared_memory.SharedMemory] = []  # unlinked, not yet unmapped
+
+    @property
+    def name(self) -> str | None:
+        segment = self.segment  # status() reads this from other threads
+        return segment.name if segment is not None else None
+
+    @property
+    def size(self) -> int:
+        segment = self.segment
+        return segment.size if segment is not None else 0
+
+    def ensure(self, nbytes: int) -> shared_memory.SharedMemory:
+        """The arena, replaced first by one of at least ``nbytes`` if it is smaller."""
+        if self.segment is not None and self.segment.size >= nbytes:
+            return self.segment
+        size = max(_round_up(max(nbytes, 1), self.GRANULE), _round_up(self.size + self.size // 2, self.GRANULE))
+        self._generation += 1
+        segment = shared_memory.SharedMemory(
+            name=segment_name(self._token, self._generation, self._role), create=True, size=size
+        )
+        self.release()
+        self.segment = segment
+        return segment
+
+    def bytes(self, count: int) -> torch.Tensor:
+        """The first ``count`` bytes as a uint8 tensor (a view: drop it before the arena goes)."""
+        return torch.frombuffer(self.segment.buf, dtype=torch.uint8, count=count)
+
+    def release(self, unmap: bool = True) -> None:
+        """Unlink the arena (its name disappears at once) and unmap it unless ``unmap`` is False."""
+        if self.segment is not None:
+            try:
+                self.segment.unlink()
+            except FileNotFoundError:
+                pass
+            self._retired.append(self.segment)
+            self.segment = None
+        if unmap:
+            self._retired = [s for s in self._retired if not _release_quietly(s)]
+
+
+class HostArenas:
+    """The host's side of a pool's shared memory: one arena for inputs, one for the result.
+
+    Jobs are strictly sequential: the host rewrites the input arena and rank 0 the output arena
+    only once every rank has finished the previous job (or was killed), so the workers may read
+    their inputs straight from the arena for the whole job.
+    """
+
+    def __init__(self, token: str):
+        self._token = token
+        self.inputs = Arena(token, "i")
+        self.output = Arena(token, "o")
+        self._result_bytes = 0  # the largest result seen: the output arena's next size
+
+    def names(self) -> list[str]:
+        return [a.name for a in (self.inputs, self.output) if a.name is not None]
+
+    def pack(self, obj: Any) -> tuple[Any, str | None]:
+        """Copy the large tensors of ``obj`` into the input arena.
+
+        Returns the object with those tensors replaced by TensorRefs, and the arena's name (None
+        when nothing was large enough, or shared memory is unsupported).
+        """
+        large = _large_tensors(obj) if SHM_SUPPORTED else []
+        if not large:
+            return obj, None
+        offsets: dict[int, int] = {}
+        size = 0
+        for t in large:
+            if id(t) not in offsets:
+                offsets[id(t)] = size
+                size += _round_up(t.numel() * t.element_size(), _ALIGN)
+        name = self.inputs.ensure(size).name
+        arena = self.inputs.bytes(size)
         written: set[int] = set()
 
         def place(t: torch.Tensor) -> Any:
@@ -127,72 +230,150 @@ def pack(obj: Any, name: str) -> tuple[Any, shared_memory.SharedMemory | None]:
                 return t
             offset = offsets[id(t)]
             if id(t) not in written:
-                data = _as_bytes(t)
-                dst = torch.frombuffer(segment.buf, dtype=torch.uint8, count=data.numel(), offset=offset)
-                dst.copy_(data)
-                del dst
+                # One copy, from wherever the tensor lies (also a GPU, or strided) into the arena.
+                _view(arena, offset, tuple(t.shape), t.dtype).copy_(t.detach())
                 written.add(id(t))
             return TensorRef(name, offset, tuple(t.shape), str(t.dtype).removeprefix("torch."))
 
-        packed = map_tensors(obj, place, torch.Tensor)
-    except BaseException:
-        segment.close()
-        segment.unlink()
-        raise
-    return packed, segment
+        try:
+            return map_tensors(obj, place, torch.Tensor), name
+        finally:
+            del arena
+
+    def reserve_output(self, estimate: int) -> tuple[str | None, int]:
+        """The output arena for the next result (``estimate`` bytes expected): its name and size."""
+        if not SHM_SUPPORTED:
+            return None, 0
+        segment = self.output.ensure(max(estimate, self._result_bytes))
+        return segment.name, segment.size
+
+    def take(self, value: TensorRef | torch.Tensor) -> torch.Tensor:
+        """Copy a result out into a fresh tensor the caller owns.
+
+        A result too large for the output arena came in a one-off segment: that is unlinked,
+        and the output arena grows to fit the next such result.
+        """
+        if isinstance(value, torch.Tensor):
+            return value
+        nbytes = _nbytes(value)
+        self._result_bytes = max(self._result_bytes, nbytes)
+        if value.segment == self.output.name:
+            return _copy_out(self.output.bytes(value.offset + nbytes), value)
+        return take_result(value)
+
+    def close(self, unmap: bool = True) -> None:
+        """Unlink both arenas; ``unmap=False`` while another thread may still be copying."""
+        self.inputs.release(unmap)
+        self.output.release(unmap)
 
 
-def _read(segment: shared_memory.SharedMemory, ref: TensorRef) -> torch.Tensor:
+def _copy_out(base: torch.Tensor, ref: TensorRef) -> torch.Tensor:
     dtype = _dtype(ref.dtype)
-    numel = 1
-    for n in ref.shape:
-        numel *= n
-    if numel == 0:
-        return torch.empty(ref.shape, dtype=dtype)
-    view = torch.frombuffer(segment.buf, dtype=dtype, count=numel, offset=ref.offset)
-    out = view.reshape(ref.shape).clone()
-    del view  # release the buffer export before the segment closes
+    out = torch.empty(ref.shape, dtype=dtype)
+    if out.numel():
+        out.copy_(_view(base, ref.offset, ref.shape, dtype))
     return out
 
 
-def unpack(obj: Any, name: str | None) -> Any:
-    """Worker side of ``pack``: copy every TensorRef of segment ``name`` out into a tensor."""
-    if name is None:
-        return obj
-    segment = shared_memory.SharedMemory(name=name)
-    _untrack(segment)
-    try:
-        return map_tensors(obj, lambda ref: _read(segment, ref), TensorRef)
-    finally:
-        segment.close()
-
-
-def write_result(tensor: torch.Tensor, name: str | None) -> TensorRef | torch.Tensor:
-    """Worker side: place a result in a new segment the host will read and unlink."""
-    data = _as_bytes(tensor)
-    if name is None or not SHM_SUPPORTED or data.numel() == 0:
-        return tensor.detach().to("cpu")
-    segment = shared_memory.SharedMemory(name=name, create=True, size=data.numel())
-    _untrack(segment)
-    try:
-        dst = torch.frombuffer(segment.buf, dtype=torch.uint8, count=data.numel())
-        dst.copy_(data)
-        del dst
-    finally:
-        segment.close()
-    return TensorRef(name, 0, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
-
-
 def take_result(value: TensorRef | torch.Tensor) -> torch.Tensor:
-    """Host side: copy a result out of its segment and unlink the segment."""
+    """Host side: copy a result out of a one-off segment and unlink the segment."""
     if isinstance(value, torch.Tensor):
         return value
     segment = shared_memory.SharedMemory(name=value.segment)
     try:
-        return _read(segment, value)
+        base = torch.frombuffer(segment.buf, dtype=torch.uint8, count=value.offset + _nbytes(value))
+        out = _copy_out(base, value)
+        del base  # release the buffer export before the segment closes
+        return out
     finally:
         segment.close()
         segment.unlink()
+
+
+class WorkerMappings:
+    """A worker's side: the host's arenas stay mapped for as long as their names stay the same.
+
+    ``copy_inputs`` (CPU workers, where the engine computes on the request's tensors as they
+    are) copies the inputs into a private buffer the worker reuses, so no rank can see another
+    rank's in-place change. Otherwise (GPU workers) the request's tensors are views on the
+    input arena: the engine copies them to its device at the start of the job and never
+    writes to them. Either way a request's tensors are valid for their job only (the next job
+    overwrites them); the engine keeps no reference to a request after ``sample`` returns. A
+    payload the engine does keep (weights, say) must be unpacked with ``keep=True``.
+    """
+
+    def __init__(self, copy_inputs: bool):
+        self.copy_inputs = copy_inputs
+        self._mapped: dict[str, shared_memory.SharedMemory] = {}
+        self._retired: list[shared_memory.SharedMemory] = []
+        self._private: torch.Tensor | None = None
+
+    def _map(self, name: str) -> shared_memory.SharedMemory:
+        segment = self._mapped.get(name)
+        if segment is None:
+            segment = shared_memory.SharedMemory(name=name)
+            _untrack(segment)
+            self._mapped[name] = segment
+        return segment
+
+    def keep_only(self, *names: str | None) -> None:
+        """Unmap every arena but ``names`` (the host replaced them: grown, or the pool closed)."""
+        for name in [n for n in self._mapped if n not in names]:
+            self._retired.append(self._mapped.pop(name))
+        self._retired = [s for s in self._retired if not _release_quietly(s)]
+
+    def mapped(self) -> list[str]:
+        return list(self._mapped)
+
+    def unpack(self, obj: Any, name: str | None, keep: bool = False) -> Any:
+        """Replace every TensorRef of ``obj`` (all in arena ``name``) by its tensor.
+
+        The tensors are valid until the next job, unless ``keep``: then they are the caller's
+        own copies (for a payload the engine holds on to, such as weights).
+        """
+        if name is None:
+            return obj
+        refs: list[TensorRef] = []
+        map_tensors(obj, refs.append, TensorRef)
+        end = max((r.offset + _nbytes(r) for r in refs), default=0)
+        if not end:
+            return map_tensors(obj, lambda r: torch.empty(r.shape, dtype=_dtype(r.dtype)), TensorRef)
+        base = torch.frombuffer(self._map(name).buf, dtype=torch.uint8, count=end)
+        if keep:
+            return map_tensors(obj, lambda r: _view(base, r.offset, r.shape, _dtype(r.dtype)).clone(), TensorRef)
+        if self.copy_inputs:
+            if self._private is None or self._private.numel() < end:
+                self._private = torch.empty(_round_up(end, Arena.GRANULE), dtype=torch.uint8)
+            private = self._private[:end]
+            private.copy_(base)
+            base = private
+        return map_tensors(obj, lambda r: _view(base, r.offset, r.shape, _dtype(r.dtype)), TensorRef)
+
+    def write_result(
+        self, tensor: torch.Tensor, arena: str | None, capacity: int, spill: str | None
+    ) -> TensorRef | torch.Tensor:
+        """Rank 0: place the result in the output arena, or in the one-off segment ``spill``
+        (which the host unlinks) when it does not fit; pickled when shared memory is off."""
+        nbytes = tensor.numel() * tensor.element_size()
+        if not SHM_SUPPORTED or nbytes == 0 or (arena is None and spill is None):
+            return tensor.detach().to("cpu")
+        if arena is not None and nbytes <= capacity:
+            name, segment, one_off = arena, self._map(arena), False
+        else:
+            name, one_off = spill, True
+            segment = shared_memory.SharedMemory(name=spill, create=True, size=nbytes)
+            _untrack(segment)
+        try:
+            base = torch.frombuffer(segment.buf, dtype=torch.uint8, count=nbytes)
+            _view(base, 0, tuple(tensor.shape), tensor.dtype).copy_(tensor.detach())
+            del base
+        finally:
+            if one_off:
+                _release_quietly(segment)
+        return TensorRef(name, 0, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+
+    def close(self) -> None:
+        self.keep_only()
 
 
 def unlink_quietly(name: str) -> None:
@@ -205,16 +386,6 @@ def unlink_quietly(name: str) -> None:
         return
     segment.close()
     segment.unlink()
-
-
-def release(segment: shared_memory.SharedMemory | None) -> None:
-    if segment is None:
-        return
-    segment.close()
-    try:
-        segment.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def our_segments(pid: int | None = None) -> list[str]:

@@ -45,9 +45,20 @@ def config_from_flags(args: argparse.Namespace) -> ParallelConfig:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    config = config_from_flags(args)
+    if not args.engine_only:
+        from .comfyui_demo import run_comfyui_demo
+        from .comfyui_server import find_comfyui
+
+        try:
+            find_comfyui(args.comfyui)
+        except FileNotFoundError as missing:
+            print(f"comfy-xdit demo: {missing}\nrunning the engine-only demo instead", file=sys.stderr)
+        else:
+            return run_comfyui_demo(args, config)
     from .demo import run_demo
 
-    return run_demo(args, config_from_flags(args))
+    return run_demo(args, config)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -73,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=8)
     demo.add_argument("--size", type=int, default=512, help="image side in pixels (latent side = size / 8)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--comfyui", default=None, help="a ComfyUI folder to run (default: $COMFYUI_PATH, else the pinned one tools/setup.sh installs)")
+    demo.add_argument("--engine-only", action="store_true", help="skip ComfyUI: drive the worker pool directly")
     add_parallel_flags(demo)
     demo.set_defaults(run=_demo)
 

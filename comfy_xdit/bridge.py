@@ -1,0 +1,282 @@
+"""The one module that turns ComfyUI's objects into engine inputs and back.
+
+It holds the process's only state: the pool registry (one warm pool per device set) and the
+memo of VAE fingerprints. ComfyUI modules are imported inside functions, so the engine stays
+importable (and testable) without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError, ParallelConfig, default_devices
+from .pool import PoolRegistry, WorkerPool
+from .requests import FluxConditioning, ModelSpec, SampleRequest, VaeDecodeRequest, VaeWeights
+
+log = logging.getLogger("comfy_xdit")
+
+REGISTRY = PoolRegistry()
+_VAE_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+_STATUS_LOCK = threading.Lock()
+_LAST_RUN: dict = {}
+
+# Conditioning keys the parallel sampler understands; any other key names a ComfyUI feature it
+# does not implement, which is refused rather than silently ignored.
+SUPPORTED_CONDITIONING_KEYS = {"pooled_output", "guidance"}
+CONDITIONING_FEATURES = {
+    "area": "ConditioningSetArea",
+    "strength": "ConditioningSetAreaStrength",
+    "mask": "ConditioningSetMask",
+    "start_percent": "ConditioningSetTimestepRange",
+    "end_percent": "ConditioningSetTimestepRange",
+    "set_area_to_bounds": "ConditioningSetMask",
+    "mask_strength": "ConditioningSetMask",
+    "control": "a stock ControlNet apply node",
+    "reference_latents": "ReferenceLatent (Kontext)",
+    "attention_mask": "an attention mask",
+    "gligen": "GLIGEN",
+    "hooks": "hook nodes",
+}
+
+
+@dataclass(frozen=True)
+class XditModel:
+    """ComfyUI's XDIT_MODEL value: what to load and where, not a live object.
+
+    Cached by ComfyUI across prompts; stays valid after a pool restart, which reloads lazily.
+    """
+
+    spec: ModelSpec
+    config: ParallelConfig
+    loras: tuple[tuple[str, float], ...] = ()
+
+    def with_lora(self, path: str, strength: float) -> "XditModel":
+        return dataclasses.replace(self, loras=(*self.loras, (path, float(strength))))
+
+
+def resolve_devices(devices: str, degrees_product: int) -> tuple[tuple[str, ...], str | None]:
+    """The devices for a loader's 'devices' input; returns (devices, note for the log or None).
+
+    'auto' takes the first N visible GPUs the degrees need (two CPU workers without a GPU), and
+    falls back to one worker where only one device exists, so a workflow made on a bigger
+    machine still runs. An explicit list is used as given.
+    """
+    if devices.strip().lower() != "auto":
+        return tuple(d.strip() for d in devices.split(",") if d.strip()), None
+    available = default_devices() if torch.cuda.is_available() else ("cpu",) * max(2, degrees_product)
+    if degrees_product <= len(available):
+        return tuple(available[:degrees_product]), None
+    if len(available) == 1:
+        return available, (f"comfy_xdit: the degrees ask for {degrees_product} workers but only one device "
+                           f"({available[0]}) is visible; running on one worker")
+    raise ConfigError(
+        f"the degrees ask for {degrees_product} workers but only {len(available)} devices are visible "
+        f"({', '.join(available)}); lower the degrees or set devices"
+    )
+
+
+def make_config(*, ulysses_degree: int, ring_degree: int, use_cfg_parallel: bool, data_parallel_degree: int,
+                pipefusion_parallel_degree: int, attention_backend: str, devices: str) -> ParallelConfig:
+    others = ring_degree * data_parallel_degree * pipefusion_parallel_degree * (2 if use_cfg_parallel else 1)
+    if ulysses_degree == 0:  # 0: whatever the other degrees leave over of the devices
+        count = len(resolve_devices(devices, others)[0]) if devices.strip().lower() != "auto" else None
+        if count is None:
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 2
+        ulysses_degree = max(1, count // others)
+    degrees = dict(
+        ulysses_degree=ulysses_degree, ring_degree=ring_degree, use_cfg_parallel=use_cfg_parallel,
+        data_parallel_degree=data_parallel_degree, pipefusion_parallel_degree=pipefusion_parallel_degree,
+    )
+    resolved, note = resolve_devices(devices, ulysses_degree * others)
+    if note:
+        log.warning(note)
+        degrees = dict(ulysses_degree=1, ring_degree=1, use_cfg_parallel=False, data_parallel_degree=1,
+                       pipefusion_parallel_degree=1)
+    return ParallelConfig(attention_backend=attention_backend, devices=resolved, **degrees)
+
+
+def pool_for(config: ParallelConfig) -> WorkerPool:
+    _free_comfy_memory_on(config)
+    return REGISTRY.get(config)
+
+
+def _free_comfy_memory_on(config: ParallelConfig) -> None:
+    """ComfyUI does not see the pool's memory: let it unload its own models from the pool's GPUs."""
+    if config.device_type != "cuda":
+        return
+    import comfy.model_management as mm
+
+    for name in config.devices:
+        device = torch.device(name)
+        free = torch.cuda.mem_get_info(device)[0]
+        total = torch.cuda.get_device_properties(device).total_memory
+        if free < 0.5 * total:
+            mm.free_memory(total, device)
+
+
+def load(model: XditModel) -> bool:
+    """Start or reuse the pool and have the model loaded; False when it already was."""
+    from .loading import read_flux_config
+
+    model.config.check_model(num_heads=read_flux_config(model.spec.path)["num_attention_heads"], family="Flux")
+    return pool_for(model.config).load(model.spec)
+
+
+# --- conditioning and latents ----------------------------------------------------------------
+
+
+def flux_conditioning(conditioning, which: str) -> FluxConditioning:
+    if not isinstance(conditioning, list) or not conditioning:
+        raise ValueError(f"{which}: expected CONDITIONING from a text encoder node")
+    if len(conditioning) > 1:
+        raise ValueError(
+            f"{which}: {len(conditioning)} conditioning entries (from Conditioning Combine or similar) are not "
+            "supported by ParallelSampler yet; use one text encoder output"
+        )
+    tensor, extras = conditioning[0]
+    unsupported = sorted(set(extras) - SUPPORTED_CONDITIONING_KEYS)
+    if unsupported:
+        names = ", ".join(f"'{k}' ({CONDITIONING_FEATURES.get(k, 'unknown feature')})" for k in unsupported)
+        raise ValueError(f"{which}: ParallelSampler does not implement conditioning feature(s) {names}; "
+                         "remove those nodes or use the stock KSampler")
+    pooled = extras.get("pooled_output")
+    if pooled is None:
+        raise ValueError(f"{which}: the conditioning has no pooled output; Flux needs a CLIP-L + T5 text encoder")
+    for name, value in (("text tokens", tensor), ("pooled output", pooled)):
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{which}: the {name} contain NaN or infinity")
+    return FluxConditioning(tensor.float().cpu(), pooled.float().cpu(), extras.get("guidance"))
+
+
+def check_latent(latent: dict) -> None:
+    if "noise_mask" in latent:
+        raise ValueError("the latent has a noise mask (inpainting); ParallelSampler does not implement it yet, "
+                         "use the stock KSampler for inpainting")
+    samples = latent["samples"]
+    if samples.ndim != 4:
+        raise ValueError(f"expected an image latent [B, C, H, W], got shape {list(samples.shape)}")
+
+
+# --- jobs ------------------------------------------------------------------------------------
+
+
+def sample(model: XditModel, *, positive, negative, latent: dict, seed: int, steps: int, cfg: float,
+           sampler_name: str, scheduler: str, denoise: float, max_shift: float | None, base_shift: float | None,
+           node_id: str | None = None) -> dict:
+    import comfy.model_management
+    import comfy.utils
+
+    check_latent(latent)
+    request = SampleRequest(
+        latent=latent["samples"].float().cpu(),
+        positive=flux_conditioning(positive, "positive"),
+        negative=flux_conditioning(negative, "negative") if cfg != 1.0 else None,
+        seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
+        batch_index=latent.get("batch_index"), max_shift=max_shift, base_shift=base_shift,
+        preview_every=1, loras=model.loras,
+    )
+    if model.loras:
+        from .loading import read_flux_config
+        from .lora import check_loras
+
+        check_loras(model.loras, read_flux_config(model.spec.path))  # refused before any GPU work
+    load(model)
+    pool = pool_for(model.config)
+    progress = comfy.utils.ProgressBar(steps, node_id=node_id)
+
+    def on_step(step: int, total: int, preview) -> None:
+        image = _preview_image(preview) if preview is not None else None
+        progress.update_absolute(step, total, image)
+        _publish_progress(pool, step, total)
+        # Raising here makes the pool stop every rank after this step before re-raising.
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    samples = pool.sample(request, on_step=on_step)
+    _publish_status()
+    out = dict(latent)
+    out["samples"] = samples
+    return out
+
+
+def _preview_image(latent: torch.Tensor):
+    from PIL import Image
+
+    from .preview import latent_to_rgb
+
+    return ("JPEG", Image.fromarray(latent_to_rgb(latent[0]).numpy()), 512)
+
+
+def vae_decode(vae, latent: dict) -> torch.Tensor:
+    """Decode with ComfyUI's stock VAE object on the warm pool's workers; returns an IMAGE [B, H, W, 3].
+
+    The decode runs on whichever pool sampled last (its degrees do not matter: the image rows are
+    split over all its workers), or on a default pool when none is running.
+    """
+    from .vae import decoder_state_dict, infer_vae_config, state_dict_fingerprint
+
+    samples = latent["samples"]
+    module = vae.first_stage_model
+    fingerprint = _VAE_FINGERPRINTS.get(module)
+    state = None
+    if fingerprint is None:
+        state = {k: v.detach().cpu() for k, v in decoder_state_dict(module.state_dict()).items()}
+        config = infer_vae_config(state)
+        fingerprint = _VAE_FINGERPRINTS[module] = state_dict_fingerprint(state)
+        channels = config.latent_channels
+    else:
+        channels = samples.shape[1]
+    if samples.ndim != 4 or samples.shape[1] != channels:
+        raise ValueError(f"this VAE decodes latents with {channels} channels, got shape {list(samples.shape)}")
+    pool = REGISTRY.latest() or pool_for(make_config(
+        ulysses_degree=0, ring_degree=1, use_cfg_parallel=False, data_parallel_degree=1,
+        pipefusion_parallel_degree=1, attention_backend="auto", devices="auto"))
+    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(vae.vae_dtype, "float32")
+    if not pool.has_vae(fingerprint):
+        if state is None:
+            state = {k: v.detach().cpu() for k, v in decoder_state_dict(module.state_dict()).items()}
+        pool.load_vae(VaeWeights(fingerprint, state, dtype))
+    return pool.decode(VaeDecodeRequest(fingerprint, samples.float().cpu()))
+
+
+# --- status ----------------------------------------------------------------------------------
+
+
+def status() -> dict:
+    """What the status route and panel show: pools, workers, devices, memory, model, last job."""
+    pools = REGISTRY.status()
+    for pool in pools:
+        for worker in pool.get("workers", []):
+            worker.pop("log", None)  # no file paths leave the server
+        pool.pop("log_dir", None)
+        model = pool.get("model")
+        if model:
+            model["path"] = os.path.basename(model["path"])
+    with _STATUS_LOCK:
+        last = dict(_LAST_RUN)
+    return {"pools": pools, "last_run": last}
+
+
+def _publish_progress(pool: WorkerPool, step: int, total: int) -> None:
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_sync("comfy_xdit.progress", {"step": step, "total": total,
+                                                                "devices": list(pool.config.devices)})
+    except Exception:  # a progress message must never fail a job
+        pass
+
+
+def _publish_status() -> None:
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_sync("comfy_xdit.status", status())
+    except Exception:
+        pass

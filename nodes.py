@@ -1,0 +1,195 @@
+"""comfy_xdit's ComfyUI nodes (V3 schema). Thin: every decision lives in comfy_xdit.bridge.
+
+Nothing heavy is imported at module level, so ComfyUI starts as fast with the pack as without.
+"""
+
+from __future__ import annotations
+
+from comfy_api.v0_0_2 import ComfyExtension, io
+
+XditModelType = io.Custom("XDIT_MODEL")
+
+CATEGORY = "comfy_xdit"
+DTYPES = ["default", "bfloat16", "float16", "float32"]
+SHIFT_MODES = ["model default", "resolution (ModelSamplingFlux)"]
+CHECKPOINT_PREFIX = "checkpoints/"
+
+
+def _bridge():
+    """The engine's bridge, imported on first use (the engine is a subpackage of this pack)."""
+    from .comfy_xdit import bridge
+
+    return bridge
+
+
+def _model_files() -> list[str]:
+    import folder_paths
+
+    unets = [f for f in folder_paths.get_filename_list("diffusion_models") if f.endswith(".safetensors")]
+    checkpoints = [CHECKPOINT_PREFIX + f for f in folder_paths.get_filename_list("checkpoints") if f.endswith(".safetensors")]
+    return unets + checkpoints
+
+
+def _model_path(name: str) -> str:
+    import folder_paths
+
+    # Only names from the lists above resolve; get_full_path_or_raise never leaves the model folders.
+    if name.startswith(CHECKPOINT_PREFIX):
+        return folder_paths.get_full_path_or_raise("checkpoints", name[len(CHECKPOINT_PREFIX):])
+    return folder_paths.get_full_path_or_raise("diffusion_models", name)
+
+
+class ParallelLoader(io.ComfyNode):
+    """Load a Flux DiT once into a persistent multi-GPU worker pool (reused across prompts)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from .comfy_xdit.config import ATTENTION_BACKENDS
+
+        return io.Schema(
+            node_id="ParallelLoader",
+            display_name="Parallel Loader (xDiT)",
+            category=CATEGORY,
+            description=cls.__doc__,
+            inputs=[
+                io.Combo.Input("model_name", options=_model_files(), tooltip="a Flux.1 .safetensors from diffusion_models (unet) or checkpoints"),
+                io.Combo.Input("weight_dtype", options=DTYPES, default="default", tooltip="default: bfloat16 on GPUs, float32 on CPU workers"),
+                io.Int.Input("ulysses_degree", default=0, min=0, max=64, tooltip="0: all workers the other degrees leave"),
+                io.Int.Input("ring_degree", default=1, min=1, max=64),
+                io.Boolean.Input("use_cfg_parallel", default=False, tooltip="conditional and unconditional branch on two worker groups (needs cfg > 1)"),
+                io.Int.Input("data_parallel_degree", default=1, min=1, max=64, tooltip="split the batch over this many worker groups"),
+                io.Int.Input("pipefusion_parallel_degree", default=1, min=1, max=64, tooltip="not implemented yet: keep 1"),
+                io.String.Input("devices", default="auto", tooltip="auto (all GPUs the degrees need, or 2 CPU workers) or e.g. cuda:0,cuda:1"),
+                io.Combo.Input("attention_backend", options=list(ATTENTION_BACKENDS), default="auto"),
+            ],
+            outputs=[XditModelType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model_name, weight_dtype, ulysses_degree, ring_degree, use_cfg_parallel, data_parallel_degree,
+                pipefusion_parallel_degree, devices, attention_backend) -> io.NodeOutput:
+        from .comfy_xdit.requests import ModelSpec
+
+        bridge = _bridge()
+        config = bridge.make_config(
+            ulysses_degree=ulysses_degree, ring_degree=ring_degree, use_cfg_parallel=use_cfg_parallel,
+            data_parallel_degree=data_parallel_degree, pipefusion_parallel_degree=pipefusion_parallel_degree,
+            attention_backend=attention_backend, devices=devices,
+        )
+        if weight_dtype == "default":
+            weight_dtype = "float32" if config.device_type == "cpu" else "bfloat16"
+        model = bridge.XditModel(ModelSpec(_model_path(model_name), "flux", weight_dtype), config)
+        bridge.load(model)
+        return io.NodeOutput(model)
+
+
+class ParallelLoraLoader(io.ComfyNode):
+    """Add a LoRA to a parallel model; applied in the pool without reloading the base model."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import folder_paths
+
+        loras = [f for f in folder_paths.get_filename_list("loras") if f.endswith(".safetensors")]
+        return io.Schema(
+            node_id="ParallelLoraLoader",
+            display_name="Parallel LoRA Loader (xDiT)",
+            category=CATEGORY,
+            description=cls.__doc__,
+            inputs=[
+                XditModelType.Input("model"),
+                io.Combo.Input("lora_name", options=loras),
+                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01),
+            ],
+            outputs=[XditModelType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength_model) -> io.NodeOutput:
+        import folder_paths
+
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        from .comfy_xdit.loading import read_flux_config
+        from .comfy_xdit.lora import check_loras
+
+        check_loras([(path, strength_model)], read_flux_config(model.spec.path))  # refuse a foreign LoRA here
+        return io.NodeOutput(model.with_lora(path, strength_model) if strength_model != 0 else model)
+
+
+class ParallelSampler(io.ComfyNode):
+    """KSampler on all workers of the pool: same seeds, samplers and schedulers as the stock KSampler."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from .comfy_xdit.sampling.samplers import SAMPLERS
+        from .comfy_xdit.sampling.schedules import SCHEDULERS
+
+        return io.Schema(
+            node_id="ParallelSampler",
+            display_name="Parallel Sampler (xDiT)",
+            category=CATEGORY,
+            description=cls.__doc__,
+            inputs=[
+                XditModelType.Input("model"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Flux-dev: 1 (guidance comes from the conditioning)"),
+                io.Combo.Input("sampler_name", options=list(SAMPLERS), default="euler"),
+                io.Combo.Input("scheduler", options=list(SCHEDULERS), default="simple"),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Combo.Input("shift", options=SHIFT_MODES, default=SHIFT_MODES[0], tooltip="resolution: what ModelSamplingFlux does"),
+                io.Float.Input("max_shift", default=1.15, min=0.0, max=100.0, step=0.01),
+                io.Float.Input("base_shift", default=0.5, min=0.0, max=100.0, step=0.01),
+            ],
+            outputs=[io.Latent.Output()],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
+                shift, max_shift, base_shift) -> io.NodeOutput:
+        if denoise <= 0:
+            raise ValueError("denoise must be above 0; use a value in (0, 1]")
+        resolution_shift = shift == SHIFT_MODES[1]
+        latent = _bridge().sample(
+            model, positive=positive, negative=negative, latent=latent_image, seed=seed, steps=steps, cfg=cfg,
+            sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
+            max_shift=max_shift if resolution_shift else None, base_shift=base_shift if resolution_shift else None,
+            node_id=cls.hidden.unique_id,
+        )
+        return io.NodeOutput(latent)
+
+
+class ParallelVAEDecode(io.ComfyNode):
+    """Decode latents with the stock VAE, image rows split over the pool's workers (distvae)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ParallelVAEDecode",
+            display_name="Parallel VAE Decode (xDiT)",
+            category=CATEGORY,
+            description=cls.__doc__,
+            inputs=[io.Latent.Input("samples"), io.Vae.Input("vae")],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, samples, vae) -> io.NodeOutput:
+        return io.NodeOutput(_bridge().vae_decode(vae, samples))
+
+
+NODES = [ParallelLoader, ParallelLoraLoader, ParallelSampler, ParallelVAEDecode]
+
+
+class XditExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        from .status_routes import register_routes
+
+        register_routes()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

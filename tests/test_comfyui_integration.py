@@ -1,0 +1,196 @@
+"""The pack inside a real ComfyUI (0.3.75, headless, CPU): nodes, workflows, API, faults.
+
+One server and one warm pool serve the whole module. The shipped API workflows run with their
+text-encoder nodes replaced by the test-only conditioning node (DESIGN.md: stock encoders build
+full-size T5 whatever file they get) and their model names pointed at small random files.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from checkpoints import make_flux_diffusers_model, write_bfl_file
+from comfy_xdit.comfyui_server import COMFYUI, ComfyServer, error_message, status_str, with_demo_conditioning
+from comfy_xdit.comfyui_server import shipped_workflow as load_workflow
+from lora_files import random_flux_lora, write_peft_lora
+from vae_files import make_ldm_vae_state_dict
+
+pytestmark = pytest.mark.skipif(not (COMFYUI / "main.py").exists(), reason="tools/setup.sh installs the test ComfyUI")
+
+NODES = ("ParallelLoader", "ParallelLoraLoader", "ParallelSampler", "ParallelVAEDecode")
+CONTEXT_DIM, POOLED_DIM = 32, 24
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfyui")
+    server = ComfyServer(base)
+    models = base / "models"
+    model = make_flux_diffusers_model(num_layers=1, num_single_layers=1, heads=4, head_dim=16, seed=0,
+                                      joint_attention_dim=CONTEXT_DIM, pooled_projection_dim=POOLED_DIM)
+    write_bfl_file(model, models / "diffusion_models" / "tiny_flux.safetensors", prefix="model.diffusion_model.")
+    write_peft_lora(random_flux_lora(model, seed=1, dtype=torch.float32), models / "loras" / "tiny_lora.safetensors")
+    save_file(make_ldm_vae_state_dict(seed=2), str(models / "vae" / "tiny_ae.safetensors"))
+    # A file in the DiT folder that is not a DiT: a VAE.
+    save_file(make_ldm_vae_state_dict(seed=3), str(models / "diffusion_models" / "not_a_dit.safetensors"))
+    Image.new("RGB", (64, 48), (200, 60, 40)).save(base / "input" / "example.png")
+    server.start()
+    yield server
+    server.stop()
+
+
+def shipped_workflow(name: str, **loader) -> dict:
+    graph = with_demo_conditioning(load_workflow(name), CONTEXT_DIM, POOLED_DIM)
+    for node in graph.values():
+        cls = node["class_type"]
+        if cls == "ParallelLoader":
+            node["inputs"].update(model_name="tiny_flux.safetensors", devices="cpu,cpu", **loader)
+        elif cls == "ParallelSampler":
+            node["inputs"].update(steps=3)
+        elif cls == "EmptySD3LatentImage":
+            node["inputs"].update(width=64, height=48)
+        elif cls == "VAELoader":
+            node["inputs"]["vae_name"] = "tiny_ae.safetensors"
+        elif cls == "ParallelLoraLoader":
+            node["inputs"]["lora_name"] = "tiny_lora.safetensors"
+    return graph
+
+
+def node_of(graph: dict, cls: str) -> dict:
+    return next(node for node in graph.values() if node["class_type"] == cls)
+
+
+def pool_status(server) -> dict:
+    pools = server.get("/comfy_xdit/status")["pools"]
+    assert len(pools) == 1, pools
+    return pools[0]
+
+
+def test_comfyui_lists_every_node_and_logs_no_import_failure(server):
+    info = server.get("/object_info")
+    for name in NODES:
+        assert name in info, f"{name} missing from /object_info"
+    assert "XDIT_MODEL" in info["ParallelLoader"]["output"]
+    failures = [line for line in server.log().splitlines() if "IMPORT FAILED" in line and "comfy_xdit" in line]
+    assert not failures, failures
+
+
+@pytest.mark.parametrize("name", ["flux_txt2img_parallel", "flux_lora_parallel", "flux_img2img_parallel"])
+def test_shipped_workflow_runs_and_writes_its_image(server, name):
+    graph = shipped_workflow(name)
+    entry = server.run(graph)
+    assert status_str(entry) == "success", error_message(entry) + server.log()[-2000:]
+    images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    assert images, entry["outputs"]
+    path = server.base / "output" / images[0].get("subfolder", "") / images[0]["filename"]
+    assert Image.open(path).size in ((64, 48), (48, 64))
+
+
+def test_a_new_seed_reloads_nothing(server):
+    graph = shipped_workflow("flux_txt2img_parallel")
+    assert status_str(server.run(graph)) == "success"
+    before = pool_status(server)
+    node_of(graph, "ParallelSampler")["inputs"]["seed"] = 12345
+    assert status_str(server.run(graph)) == "success"
+    after = pool_status(server)
+    assert after["load_count"] == before["load_count"] == 1
+    assert after["generation"] == before["generation"]  # same workers, not a restarted pool
+    assert after["jobs_done"] > before["jobs_done"]
+
+
+def save_latent_graph(devices: str, seed: int, **loader) -> dict:
+    graph = shipped_workflow("flux_txt2img_parallel", **loader)
+    node_of(graph, "ParallelLoader")["inputs"]["devices"] = devices
+    node_of(graph, "ParallelSampler")["inputs"].update(seed=seed, cfg=2.0)
+    for node_id in [k for k, n in graph.items() if n["class_type"] in ("VAELoader", "ParallelVAEDecode", "SaveImage")]:
+        del graph[node_id]
+    sampler_id = next(k for k, n in graph.items() if n["class_type"] == "ParallelSampler")
+    graph["90"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler_id, 0], "filename_prefix": f"latent_{devices}_{seed}"}}
+    return graph
+
+
+def saved_latent(server, entry) -> torch.Tensor:
+    info = next(out for out in entry["outputs"].values() if "latents" in out)["latents"][0]
+    return load_file(str(server.base / "output" / info.get("subfolder", "") / info["filename"]))["latent_tensor"]
+
+
+def test_two_workers_give_the_latents_of_one(server):
+    two = server.run(save_latent_graph("cpu,cpu", 7))
+    one = server.run(save_latent_graph("cpu", 7))
+    assert status_str(two) == status_str(one) == "success", error_message(two) + error_message(one)
+    a, b = saved_latent(server, two), saved_latent(server, one)
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+
+
+def test_wrong_degrees_are_a_node_error_and_the_server_keeps_serving(server):
+    graph = shipped_workflow("flux_txt2img_parallel", ulysses_degree=3)
+    entry = server.run(graph)
+    assert status_str(entry) == "error"
+    assert "multiply to 3 workers" in error_message(entry)
+    assert status_str(server.run(shipped_workflow("flux_txt2img_parallel"))) == "success"
+
+
+def test_a_file_that_is_not_a_dit_is_refused_clearly(server):
+    graph = shipped_workflow("flux_txt2img_parallel")
+    node_of(graph, "ParallelLoader")["inputs"]["model_name"] = "not_a_dit.safetensors"
+    entry = server.run(graph)
+    assert status_str(entry) == "error"
+    assert "not a Flux.1 transformer checkpoint" in error_message(entry)
+
+
+def test_unimplemented_conditioning_features_are_refused_by_name(server):
+    graph = shipped_workflow("flux_txt2img_parallel")
+    positive = node_of(graph, "ParallelSampler")["inputs"]["positive"]
+    graph["80"] = {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": positive, "start": 0.0, "end": 0.5}}
+    node_of(graph, "ParallelSampler")["inputs"]["positive"] = ["80", 0]
+    entry = server.run(graph)
+    assert status_str(entry) == "error"
+    assert "'start_percent' (ConditioningSetTimestepRange)" in error_message(entry)
+
+
+def _wait_for_progress(server, minimum_step: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pools = server.get("/comfy_xdit/status")["pools"]
+        job = pools[0].get("current_job") if pools else None
+        if job and job.get("step", 0) >= minimum_step:
+            return
+        time.sleep(0.05)
+    raise TimeoutError("sampling never reached the step")
+
+
+def long_job(server, seed: int) -> str:
+    graph = shipped_workflow("flux_txt2img_parallel")
+    node_of(graph, "ParallelSampler")["inputs"].update(steps=200, seed=seed)
+    return server.submit(graph)
+
+
+def test_interrupt_stops_the_prompt_and_the_next_one_succeeds(server):
+    prompt_id = long_job(server, 1001)
+    _wait_for_progress(server, 2)
+    started = time.monotonic()
+    server.post("/interrupt")
+    entry = server.wait(prompt_id, timeout_s=30)
+    assert time.monotonic() - started < 10
+    kinds = [kind for kind, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds, kinds
+    assert status_str(server.run(shipped_workflow("flux_txt2img_parallel"))) == "success"
+
+
+def test_a_killed_worker_is_an_execution_error_and_the_next_prompt_succeeds(server):
+    prompt_id = long_job(server, 2002)
+    _wait_for_progress(server, 2)
+    pid = pool_status(server)["workers"][1]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    entry = server.wait(prompt_id, timeout_s=30)
+    assert status_str(entry) == "error"
+    assert "rank 1" in error_message(entry) and "SIGKILL" in error_message(entry)
+    assert status_str(server.run(shipped_workflow("flux_txt2img_parallel"))) == "success"

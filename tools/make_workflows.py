@@ -1,0 +1,135 @@
+"""Write the pack's workflows in both of ComfyUI's formats from one description each.
+
+    python tools/make_workflows.py
+
+UI format (workflows/*.json) is what the canvas loads by drag-and-drop and what the template
+browser lists; API format (workflows/api/*.json) is what POST /prompt takes. Generating both
+from one graph keeps the twins from drifting apart.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# class -> (widget names in the order the node shows them, linked inputs, outputs)
+NODE_TYPES = {
+    "DualCLIPLoader": (["clip_name1", "clip_name2", "type", "device"], [], [("CLIP", "CLIP")]),
+    "CLIPTextEncode": (["text"], [("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
+    "FluxGuidance": (["guidance"], [("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
+    "EmptySD3LatentImage": (["width", "height", "batch_size"], [], [("LATENT", "LATENT")]),
+    "VAELoader": (["vae_name"], [], [("VAE", "VAE")]),
+    "LoadImage": (["image", "upload"], [], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "VAEEncode": ([], [("pixels", "IMAGE"), ("vae", "VAE")], [("LATENT", "LATENT")]),
+    "SaveImage": (["filename_prefix"], [("images", "IMAGE")], []),
+    "ParallelLoader": (
+        ["model_name", "weight_dtype", "ulysses_degree", "ring_degree", "use_cfg_parallel", "data_parallel_degree",
+         "pipefusion_parallel_degree", "devices", "attention_backend"], [], [("XDIT_MODEL", "XDIT_MODEL")]),
+    "ParallelLoraLoader": (["lora_name", "strength_model"], [("model", "XDIT_MODEL")], [("XDIT_MODEL", "XDIT_MODEL")]),
+    "ParallelSampler": (
+        ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise", "shift", "max_shift",
+         "base_shift"],
+        [("model", "XDIT_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
+        [("LATENT", "LATENT")]),
+    "ParallelVAEDecode": ([], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
+}
+UI_ONLY_WIDGETS = {"control_after_generate", "upload"}
+
+LOADER = dict(model_name="flux1-dev.safetensors", weight_dtype="default", ulysses_degree=0, ring_degree=1,
+              use_cfg_parallel=False, data_parallel_degree=1, pipefusion_parallel_degree=1, devices="auto",
+              attention_backend="auto")
+SAMPLER = dict(seed=0, control_after_generate="randomize", steps=20, cfg=1.0, sampler_name="euler", scheduler="simple",
+               denoise=1.0, shift="model default", max_shift=1.15, base_shift=0.5)
+
+
+def text_to_image(extra_model_nodes: dict | None = None, latent: dict | None = None, denoise: float = 1.0) -> dict:
+    """Flux txt2img, the stock workflow with the MODEL nodes and the decode swapped for ours."""
+    graph = {
+        "1": ("DualCLIPLoader", dict(clip_name1="t5xxl_fp16.safetensors", clip_name2="clip_l.safetensors", type="flux", device="default"), {}),
+        "2": ("CLIPTextEncode", dict(text="a red fox in fresh snow, morning light, photograph"), {"clip": ("1", 0)}),
+        "3": ("FluxGuidance", dict(guidance=3.5), {"conditioning": ("2", 0)}),
+        "4": ("CLIPTextEncode", dict(text=""), {"clip": ("1", 0)}),
+        "5": ("EmptySD3LatentImage", dict(width=1024, height=1024, batch_size=1), {}),
+        "6": ("ParallelLoader", dict(LOADER), {}),
+        "7": ("ParallelSampler", dict(SAMPLER, denoise=denoise),
+              {"model": ("6", 0), "positive": ("3", 0), "negative": ("4", 0), "latent_image": ("5", 0)}),
+        "8": ("VAELoader", dict(vae_name="ae.safetensors"), {}),
+        "9": ("ParallelVAEDecode", {}, {"samples": ("7", 0), "vae": ("8", 0)}),
+        "10": ("SaveImage", dict(filename_prefix="xdit_flux"), {"images": ("9", 0)}),
+    }
+    graph.update(extra_model_nodes or {})
+    if latent:
+        graph.update(latent)
+    return graph
+
+
+def with_lora() -> dict:
+    graph = text_to_image({"11": ("ParallelLoraLoader", dict(lora_name="flux_lora.safetensors", strength_model=1.0), {"model": ("6", 0)})})
+    cls, widgets, links = graph["7"]
+    graph["7"] = (cls, widgets, {**links, "model": ("11", 0)})
+    return graph
+
+
+def image_to_image() -> dict:
+    graph = text_to_image(denoise=0.6)
+    del graph["5"]
+    graph["12"] = ("LoadImage", dict(image="example.png", upload="image"), {})
+    graph["13"] = ("VAEEncode", {}, {"pixels": ("12", 0), "vae": ("8", 0)})
+    cls, widgets, links = graph["7"]
+    graph["7"] = (cls, widgets, {**links, "latent_image": ("13", 0)})
+    return graph
+
+
+WORKFLOWS = {
+    "flux_txt2img_parallel": text_to_image(),
+    "flux_lora_parallel": with_lora(),
+    "flux_img2img_parallel": image_to_image(),
+}
+
+
+def to_api(graph: dict) -> dict:
+    api = {}
+    for node_id, (cls, widgets, links) in graph.items():
+        inputs = {k: v for k, v in widgets.items() if k not in UI_ONLY_WIDGETS}
+        inputs.update({name: [src, slot] for name, (src, slot) in links.items()})
+        api[node_id] = {"class_type": cls, "inputs": inputs, "_meta": {"title": cls}}
+    return api
+
+
+def to_ui(graph: dict) -> dict:
+    links, nodes = [], []
+    outgoing: dict[tuple[str, int], list[int]] = {}
+    for node_id, (cls, _, node_links) in graph.items():
+        for name, (src, slot) in node_links.items():
+            link_id = len(links) + 1
+            in_type = dict(NODE_TYPES[cls][1])[name]
+            links.append([link_id, int(src), slot, int(node_id), [n for n, _ in NODE_TYPES[cls][1]].index(name), in_type])
+            outgoing.setdefault((src, slot), []).append(link_id)
+    by_target = {(l[3], l[4]): l[0] for l in links}
+    for order, (node_id, (cls, widgets, _)) in enumerate(graph.items()):
+        widget_names, inputs, outputs = NODE_TYPES[cls]
+        column, row = divmod(order, 4)
+        nodes.append({
+            "id": int(node_id), "type": cls, "pos": [60 + 360 * column, 60 + 260 * row], "size": [320, 200],
+            "flags": {}, "order": order, "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": by_target.get((int(node_id), i))} for i, (n, t) in enumerate(inputs)],
+            "outputs": [{"name": n, "type": t, "links": outgoing.get((node_id, i), []), "slot_index": i} for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": cls},
+            "widgets_values": [widgets[name] for name in widget_names],
+        })
+    return {"last_node_id": max(int(n) for n in graph), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def main() -> None:
+    (ROOT / "workflows" / "api").mkdir(parents=True, exist_ok=True)
+    for name, graph in WORKFLOWS.items():
+        (ROOT / "workflows" / f"{name}.json").write_text(json.dumps(to_ui(graph), indent=1) + "\n")
+        (ROOT / "workflows" / "api" / f"{name}.json").write_text(json.dumps(to_api(graph), indent=1) + "\n")
+        print(f"wrote workflows/{name}.json and workflows/api/{name}.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -111,10 +111,10 @@ class ParallelConfig:
 
     def check_request(self, *, batch_size: int, uses_cfg: bool) -> None:
         """Refuse a generation request this mesh cannot split."""
-        if batch_size % self.data_parallel_degree:
+        if batch_size < self.data_parallel_degree:
             raise ConfigError(
-                f"data_parallel_degree={self.data_parallel_degree} needs a batch that divides by it, got a batch of "
-                f"{batch_size}; change the batch size or data_parallel_degree"
+                f"data_parallel_degree={self.data_parallel_degree} needs a batch of at least {self.data_parallel_degree} "
+                f"images, got {batch_size}; raise the batch size or lower data_parallel_degree"
             )
         if self.use_cfg_parallel and not uses_cfg:
             raise ConfigError(

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from checkpoints import make_flux_diffusers_model, write_bfl_file
 from comfy_xdit.comfyui_server import COMFYUI, ComfyServer, error_message, status_str, with_demo_conditioning
 from comfy_xdit.comfyui_server import shipped_workflow as load_workflow
-from lora_files import random_flux_lora, write_peft_lora
+from lora_files import random_flux_lora, write_peft_lora, write_sd15_lora
 from vae_files import make_ldm_vae_state_dict
 
 pytestmark = pytest.mark.skipif(not (COMFYUI / "main.py").exists(), reason="tools/setup.sh installs the test ComfyUI")
@@ -38,6 +38,7 @@ def server(tmp_path_factory):
                                       joint_attention_dim=CONTEXT_DIM, pooled_projection_dim=POOLED_DIM)
     write_bfl_file(model, models / "diffusion_models" / "tiny_flux.safetensors", prefix="model.diffusion_model.")
     write_peft_lora(random_flux_lora(model, seed=1, dtype=torch.float32), models / "loras" / "tiny_lora.safetensors")
+    write_sd15_lora(models / "loras" / "sd15_lora.safetensors")
     save_file(make_ldm_vae_state_dict(seed=2), str(models / "vae" / "tiny_ae.safetensors"))
     # A file in the DiT folder that is not a DiT: a VAE.
     save_file(make_ldm_vae_state_dict(seed=3), str(models / "diffusion_models" / "not_a_dit.safetensors"))
@@ -194,3 +195,32 @@ def test_a_killed_worker_is_an_execution_error_and_the_next_prompt_succeeds(serv
     assert status_str(entry) == "error"
     assert "rank 1" in error_message(entry) and "SIGKILL" in error_message(entry)
     assert status_str(server.run(shipped_workflow("flux_txt2img_parallel"))) == "success"
+
+
+def lora_latent_graph(strength: float, lora_name: str = "tiny_lora.safetensors") -> dict:
+    graph = shipped_workflow("flux_lora_parallel")
+    node_of(graph, "ParallelLoraLoader")["inputs"].update(strength_model=strength, lora_name=lora_name)
+    node_of(graph, "ParallelSampler")["inputs"]["seed"] = 31
+    sampler_id = next(k for k, n in graph.items() if n["class_type"] == "ParallelSampler")
+    for node_id in [k for k, n in graph.items() if n["class_type"] in ("VAELoader", "ParallelVAEDecode", "SaveImage")]:
+        del graph[node_id]
+    graph["90"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler_id, 0], "filename_prefix": f"lora_{strength}"}}
+    return graph
+
+
+def test_a_lora_strength_change_repatches_the_lora_and_reloads_nothing(server):
+    full = server.run(lora_latent_graph(1.0))
+    assert status_str(full) == "success", error_message(full)
+    before = pool_status(server)
+    half = server.run(lora_latent_graph(0.5))
+    assert status_str(half) == "success", error_message(half)
+    after = pool_status(server)
+    assert after["load_count"] == before["load_count"] and after["generation"] == before["generation"]
+    assert after["lora_apply_count"] == before["lora_apply_count"] + 1
+    assert not torch.equal(saved_latent(server, full), saved_latent(server, half))
+
+
+def test_a_lora_for_another_model_is_a_node_error(server):
+    entry = server.run(lora_latent_graph(1.0, "sd15_lora.safetensors"))
+    assert status_str(entry) == "error"
+    assert "matches none of this Flux model's layers" in error_message(entry)

@@ -38,10 +38,11 @@ def test_heads_must_divide_by_ulysses():
         config.check_model(num_heads=6, family="Flux")
 
 
-def test_data_parallel_needs_a_divisible_batch_and_cfg_parallel_needs_cfg():
+def test_data_parallel_needs_a_batch_of_its_degree_and_cfg_parallel_needs_cfg():
     config = ParallelConfig(data_parallel_degree=2, devices=("cpu",) * 2)
-    with pytest.raises(ConfigError, match="batch of 3"):
-        config.check_request(batch_size=3, uses_cfg=False)
+    config.check_request(batch_size=3, uses_cfg=False)  # uneven shares are fine
+    with pytest.raises(ConfigError, match="needs a batch of at least 2 images, got 1"):
+        config.check_request(batch_size=1, uses_cfg=False)
     cfg_config = ParallelConfig(use_cfg_parallel=True, devices=("cpu",) * 2)
     with pytest.raises(ConfigError, match="raise cfg above 1"):
         cfg_config.check_request(batch_size=1, uses_cfg=False)

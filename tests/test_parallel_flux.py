@@ -64,6 +64,7 @@ CASES = {
     "cfg x ulysses=2": (4, dict(use_cfg_parallel=True, ulysses_degree=2), 1),
     "data=2 x ulysses=2": (4, dict(data_parallel_degree=2, ulysses_degree=2), 2),
     "cfg x ring=2": (4, dict(use_cfg_parallel=True, ring_degree=2), 1),
+    "data=2, uneven batch of 3": (2, dict(data_parallel_degree=2), 3),
 }
 
 

@@ -174,7 +174,7 @@ def test_a_result_too_big_for_the_output_arena_spills_and_the_arena_grows(pool, 
 
     results = spy_on_results(monkeypatch)
     monkeypatch.setattr(shm.Arena, "GRANULE", 4096)
-    monkeypatch.setattr(host, "_result_bytes_estimate", lambda request: 0)
+    monkeypatch.setattr(host, "_result_bytes_estimate", lambda kind, request: 0)
     pool._arenas.output.release()  # the next job gets a 4 KiB output arena: too small
     pool._arenas._result_bytes = 0
     assert relative_error(pool.sample(make_request()), reference()) <= TOLERANCE

@@ -179,6 +179,7 @@ class WorkerPool:
         self._generation = 0
         self._spec: ModelSpec | None = None  # what the caller last loaded successfully
         self._vae_fingerprints: set[str] = set()  # VAEs the current workers hold
+        self._lora_apply_count = 0
         self._loaded_spec: ModelSpec | None = None  # what the current workers hold
         self._load_count = 0
         self._jobs_done = 0
@@ -697,6 +698,7 @@ class WorkerPool:
             "finished_at": time.time(),
         }
         if isinstance(first, protocol.Done):
+            self._lora_apply_count = first.info.get("lora_apply_count", self._lora_apply_count)
             engine = first.info.get("engine_seconds")
             record["engine_seconds"] = round(engine, 4) if engine is not None else None
             record["overhead_seconds"] = round(wall - engine, 4) if engine is not None else None
@@ -721,6 +723,9 @@ class WorkerPool:
                 "model": dataclasses.asdict(spec) if spec is not None else None,
                 "model_loaded": spec is not None and self._loaded_spec == spec,
                 "load_count": self._load_count,
+                # How often the workers re-patched LoRA weights (a strength change does it once,
+                # without a new load_count).
+                "lora_apply_count": self._lora_apply_count,
                 "jobs_done": self._jobs_done,
                 "last_job": dict(self._last_job) if self._last_job else None,
                 "last_error": self._last_error,

@@ -31,10 +31,27 @@ def widen_empty_latent(latent: torch.Tensor, channels: int) -> torch.Tensor:
     return latent
 
 
+def batch_split(batch: int, ranks: int) -> list[int]:
+    """Rows per data-parallel rank: as even as possible, the first ranks taking one more."""
+    return [batch // ranks + (1 if r < batch % ranks else 0) for r in range(ranks)]
+
+
 def _rows_for_rank(batch: int, mesh: ParallelMesh) -> slice:
-    per_rank = batch // mesh.size("data")
-    start = mesh.local_rank("data") * per_rank
-    return slice(start, start + per_rank)
+    sizes = batch_split(batch, mesh.size("data"))
+    rank = mesh.local_rank("data")
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def _gather_batch(out: torch.Tensor, batch: int, mesh: ParallelMesh) -> torch.Tensor:
+    """Every data-parallel rank's rows, in order; uneven shares are padded for the all-gather."""
+    group = mesh.group("data")
+    if group is None:
+        return out
+    sizes = batch_split(batch, mesh.size("data"))
+    padded = torch.cat([out, out.new_zeros((sizes[0] - out.shape[0], *out.shape[1:]))]) if out.shape[0] < sizes[0] else out
+    gathered = gather_along(padded, 0, group).split(sizes[0])
+    return torch.cat([part[:n] for part, n in zip(gathered, sizes)])
 
 
 def _slice_conditioning(cond: FluxConditioning, rows: slice, batch: int, device: torch.device) -> FluxConditioning:
@@ -68,7 +85,7 @@ def run_ksampler(
     if request.max_shift is not None:
         shift = resolution_shift(height, width, request.max_shift, request.base_shift if request.base_shift is not None else 0.5)
     sampling = FlowSampling(shift)
-    sigmas = sigmas_for(sampling, request.scheduler, request.steps, request.denoise).to(device)
+    sigmas = sigmas_for(sampling, request.scheduler, request.steps, request.denoise, request.sampler_name).to(device)
     sampler = get_sampler(request.sampler_name, sampling)
 
     rows = _rows_for_rank(batch, mesh)
@@ -105,4 +122,4 @@ def run_ksampler(
     extra_noise = NoiseSource(request.seed, tuple(latent.shape), rows, device, x.dtype)
     x = sampler(denoise, x, sigmas, after_step, extra_noise)
     out = from_model_space(x).float()
-    return gather_along(out, 0, mesh.group("data")).cpu()
+    return _gather_batch(out, batch, mesh).cpu()

@@ -101,8 +101,26 @@ def beta(sampling: FlowSampling, steps: int, alpha: float = 0.6, beta_param: flo
 SCHEDULERS = {"simple": simple, "normal": normal, "sgm_uniform": sgm_uniform, "karras": karras, "beta": beta}
 
 
-def sigmas_for(sampling: FlowSampling, scheduler: str, steps: int, denoise: float = 1.0) -> torch.Tensor:
-    """KSampler's sigmas: with denoise < 1 the schedule of steps/denoise steps, last steps+1 kept."""
+# Samplers for which ComfyUI's KSampler computes the schedule for one step more and drops the
+# penultimate sigma (comfy/samplers.py KSampler.calculate_sigmas), so their last step is longer.
+DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
+
+
+def _schedule(sampling: FlowSampling, scheduler: str, steps: int, sampler_name: str | None) -> torch.Tensor:
+    if sampler_name in DISCARD_PENULTIMATE_SIGMA_SAMPLERS:
+        sigmas = SCHEDULERS[scheduler](sampling, steps + 1)
+        return torch.cat([sigmas[:-2], sigmas[-1:]])
+    return SCHEDULERS[scheduler](sampling, steps)
+
+
+def sigmas_for(
+    sampling: FlowSampling, scheduler: str, steps: int, denoise: float = 1.0, sampler_name: str | None = None
+) -> torch.Tensor:
+    """KSampler's sigmas: with denoise < 1 the schedule of steps/denoise steps, last steps+1 kept.
+
+    Give ``sampler_name`` to get exactly what KSampler hands that sampler (see
+    DISCARD_PENULTIMATE_SIGMA_SAMPLERS); without it, the scheduler's plain schedule.
+    """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler {scheduler!r} is not supported; choose one of {', '.join(SCHEDULERS)}")
     if steps < 1:
@@ -110,6 +128,6 @@ def sigmas_for(sampling: FlowSampling, scheduler: str, steps: int, denoise: floa
     if not 0.0 < denoise <= 1.0:
         raise ValueError(f"denoise must be in (0, 1], got {denoise}")
     if denoise > 0.9999:
-        return SCHEDULERS[scheduler](sampling, steps)
+        return _schedule(sampling, scheduler, steps, sampler_name)
     total = int(steps / denoise)
-    return SCHEDULERS[scheduler](sampling, total)[-(steps + 1) :]
+    return _schedule(sampling, scheduler, total, sampler_name)[-(steps + 1) :]

@@ -12,7 +12,6 @@ ranks: the plain-decode fallback). Small, because stock ComfyUI insists on the f
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

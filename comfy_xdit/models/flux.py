@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from ..attention.usp import SequenceLayout, SequenceParallelAttention
+from ..attention.usp import SequenceParallelAttention
 from .sharding import SequencePlan, SequenceShardedForward
 
 # Image tokens are split across the sequence-parallel ranks; text tokens, the pooled vector,

@@ -35,7 +35,7 @@ import torch
 from ..config import ConfigError, ParallelConfig
 from ..requests import ModelSpec, SampleRequest, SamplingCancelled, VaeDecodeRequest, VaeWeights
 from . import protocol, shm
-from .processes import Acceptor, Launcher, Reaper, WorkerProcess, cpu_count, free_port, terminate
+from .processes import Acceptor, Launcher, Reaper, WorkerProcess, cpu_count, free_port, terminate, wait_for_exit
 
 log = logging.getLogger(__name__)
 
@@ -247,12 +247,7 @@ class WorkerPool:
                     w.channel.send(protocol.Shutdown())
             except OSError:
                 pass
-        deadline = time.monotonic() + SHUTDOWN_GRACE_S
-        for w in workers:
-            try:
-                w.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+        wait_for_exit(workers, time.monotonic() + SHUTDOWN_GRACE_S)
 
     def _worker_environment(self, rank: int, device: str, port: int, authkey: bytes) -> dict[str, str]:
         env = dict(os.environ)

@@ -82,18 +82,22 @@ def signal_group(worker: WorkerProcess, sig: int) -> None:
         pass
 
 
+def wait_for_exit(workers, deadline: float) -> None:
+    """Give every worker until ``deadline`` (a monotonic time) to exit; returns either way."""
+    for w in workers:
+        try:
+            w.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def terminate(workers: list[WorkerProcess], grace_s: float = TERM_GRACE_S) -> None:
     """SIGTERM, then SIGKILL what is left; every worker is reaped on return."""
     for w in workers:
         signal_group(w, signal.SIGTERM)
         if hasattr(signal, "SIGCONT"):
             signal_group(w, signal.SIGCONT)  # a stopped worker acts on SIGTERM only once resumed
-    deadline = time.monotonic() + grace_s
-    for w in workers:
-        try:
-            w.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
+    wait_for_exit(workers, time.monotonic() + grace_s)
     for w in workers:
         signal_group(w, signal.SIGKILL)
     for w in workers:

@@ -110,9 +110,11 @@ def to_ui(graph: dict) -> dict:
     by_target = {(l[3], l[4]): l[0] for l in links}
     for order, (node_id, (cls, widgets, _)) in enumerate(graph.items()):
         widget_names, inputs, outputs = NODE_TYPES[cls]
-        column, row = divmod(order, 4)
+        column, row = divmod(order, 3)
+        # Room for every widget and input slot (about 26 px each), so nothing draws under a neighbour.
+        height = 46 + 26 * (len(widget_names) + max(len(inputs), len(outputs)))
         nodes.append({
-            "id": int(node_id), "type": cls, "pos": [60 + 360 * column, 60 + 260 * row], "size": [320, 200],
+            "id": int(node_id), "type": cls, "pos": [60 + 380 * column, 60 + 400 * row], "size": [340, height],
             "flags": {}, "order": order, "mode": 0,
             "inputs": [{"name": n, "type": t, "link": by_target.get((int(node_id), i))} for i, (n, t) in enumerate(inputs)],
             "outputs": [{"name": n, "type": t, "links": outgoing.get((node_id, i), []), "slot_index": i} for i, (n, t) in enumerate(outputs)],

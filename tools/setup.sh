@@ -42,3 +42,15 @@ if ! .venv/bin/python -c "import torchsde, aiohttp, alembic, av, comfyui_fronten
     pip install --no-deps spandrel
 fi
 [ -f .venv/bin/python ] && .venv/bin/python -c "import torch, comfy_xdit; print('set-up done: torch', torch.__version__)"
+
+# The browser test (tests/test_browser.py): PyPI's playwright drives Debian's chromium; playwright's
+# own browser download is never used. Without chromium (not root, no apt) that test skips.
+.venv/bin/python -c "import playwright" 2>/dev/null || pip install playwright==1.65.2
+if ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } >/dev/null 2>&1 \
+            || echo "note: apt-get could not install chromium; tests/test_browser.py will skip"
+    else
+        echo "note: no chromium and no root apt-get to install it; tests/test_browser.py will skip"
+    fi
+fi

@@ -11,7 +11,7 @@ function panel() {
     el = document.createElement("div");
     el.id = PANEL_ID;
     Object.assign(el.style, {
-      position: "fixed", right: "12px", bottom: "12px", zIndex: 1000, maxWidth: "360px",
+      position: "fixed", left: "64px", bottom: "12px", zIndex: 1000, maxWidth: "360px",
       font: "12px monospace", background: "rgba(20,20,20,0.88)", color: "#ddd",
       border: "1px solid #555", borderRadius: "6px", padding: "8px 10px", whiteSpace: "pre-wrap",
     });

@@ -211,3 +211,32 @@ def write_vae_like_file(path: str | Path) -> Path:
     path = Path(path)
     save_file(sd, str(path))
     return path
+
+
+def write_stock_flux_file(
+    path: str | Path,
+    num_layers: int = 1,
+    num_single_layers: int = 0,
+    seed: int = 0,
+    prefix: str = "",
+) -> Path:
+    """A full-width Flux-dev (24 heads x 128, T5 4096, CLIP 768, guidance) that stock ComfyUI loads.
+
+    ComfyUI pins Flux's width and rotary axes and counts only the blocks, so a file both sides
+    must load has full width and few blocks (1 double + 0 single: about 1.5 GB in float32).
+    The weights are make_flux_diffusers_model's (fan-in scaled), so activations stay near 1.
+    """
+    model = make_flux_diffusers_model(
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        heads=24,
+        head_dim=128,
+        guidance=True,
+        seed=seed,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+    )
+    try:
+        return write_bfl_file(model, path, prefix=prefix)
+    finally:
+        del model

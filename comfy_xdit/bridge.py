@@ -121,12 +121,21 @@ def _free_comfy_memory_on(config: ParallelConfig) -> None:
             mm.free_memory(total, device)
 
 
-def load(model: XditModel) -> bool:
-    """Start or reuse the pool and have the model loaded; False when it already was."""
-    from .loading import read_flux_config
+def load(model: XditModel) -> WorkerPool:
+    """Start or reuse the pool, have the model (and its LoRAs) checked and loaded; returns the pool.
 
-    model.config.check_model(num_heads=read_flux_config(model.spec.path)["num_attention_heads"], family="Flux")
-    return pool_for(model.config).load(model.spec)
+    Everything that can be refused from the file headers is refused here, before any GPU work.
+    """
+    from .loading import read_flux_config
+    from .lora import check_loras
+
+    model_config = read_flux_config(model.spec.path)
+    model.config.check_model(num_heads=model_config["num_attention_heads"], family="Flux")
+    if model.loras:
+        check_loras(model.loras, model_config)
+    pool = pool_for(model.config)
+    pool.load(model.spec)
+    return pool
 
 
 # --- conditioning and latents ----------------------------------------------------------------
@@ -182,13 +191,7 @@ def sample(model: XditModel, *, positive, negative, latent: dict, seed: int, ste
         batch_index=latent.get("batch_index"), max_shift=max_shift, base_shift=base_shift,
         preview_every=1, loras=model.loras,
     )
-    if model.loras:
-        from .loading import read_flux_config
-        from .lora import check_loras
-
-        check_loras(model.loras, read_flux_config(model.spec.path))  # refused before any GPU work
-    load(model)
-    pool = pool_for(model.config)
+    pool = load(model)
     progress = comfy.utils.ProgressBar(steps, node_id=node_id)
 
     def on_step(step: int, total: int, preview) -> None:

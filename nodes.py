@@ -61,13 +61,15 @@ class ParallelLoader(io.ComfyNode):
                 io.Int.Input("pipefusion_parallel_degree", default=1, min=1, max=64, tooltip="not implemented yet: keep 1"),
                 io.String.Input("devices", default="auto", tooltip="auto (all GPUs the degrees need, or 2 CPU workers) or e.g. cuda:0,cuda:1"),
                 io.Combo.Input("attention_backend", options=list(ATTENTION_BACKENDS), default="auto"),
+                io.Boolean.Input("compile", default=False, tooltip="torch.compile the transformer blocks: the first prompt of each "
+                                 "resolution compiles (tens of seconds), later ones run faster"),
             ],
             outputs=[XditModelType.Output()],
         )
 
     @classmethod
     def execute(cls, model_name, weight_dtype, ulysses_degree, ring_degree, use_cfg_parallel, data_parallel_degree,
-                pipefusion_parallel_degree, devices, attention_backend) -> io.NodeOutput:
+                pipefusion_parallel_degree, devices, attention_backend, compile=False) -> io.NodeOutput:
         from .comfy_xdit.requests import ModelSpec
 
         bridge = _bridge()
@@ -78,7 +80,7 @@ class ParallelLoader(io.ComfyNode):
         )
         if weight_dtype == "default":
             weight_dtype = "float32" if config.device_type == "cpu" else "bfloat16"
-        model = bridge.XditModel(ModelSpec(_model_path(model_name), "flux", weight_dtype), config)
+        model = bridge.XditModel(ModelSpec(_model_path(model_name), "flux", weight_dtype, compile=compile), config)
         bridge.load(model)
         return io.NodeOutput(model)
 

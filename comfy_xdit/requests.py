@@ -20,6 +20,9 @@ class ModelSpec:
     path: str
     family: str = "flux"
     dtype: str = "bfloat16"
+    # torch.compile the model's repeated blocks (diffusers' regional compile). Part of the spec
+    # because switching it rebuilds the model; the first job of each shape pays the compile.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

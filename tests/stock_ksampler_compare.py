@@ -18,7 +18,8 @@ of five variants taken in turn (txt2img from a 4-channel EmptyLatentImage latent
 2; img2img at denoise 0.6 at batch 1 and 2; img2img with cfg 2.5 against a negative), so every
 sampler meets every variant; each sampler runs the fewest steps that reach all its branches
 (STEPS). Then a few single cases: latent batch_index, an odd latent size, max_shift/base_shift
-against stock's ModelSamplingFlux node, and cfg with a negative of another text length.
+against stock's ModelSamplingFlux node, LoRAs (Kohya, PEFT, chained, negative strength) against
+stock LoraLoaderModelOnly, and cfg with a negative of another text length.
 
     python tests/stock_ksampler_compare.py --workdir /tmp/skc --out /tmp/skc/result.json
 """
@@ -26,11 +27,13 @@ against stock's ModelSamplingFlux node, and cfg with a negative of another text 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -134,6 +137,12 @@ def build_cases(samplers: list[str], schedulers: list[str], steps: int | None, o
     add("model_sampling_flux", "euler", "simple", variant="ModelSamplingFlux-1.15-0.5", max_shift=1.15, base_shift=0.5)
     add("model_sampling_flux", "dpmpp_2m_sde", "beta", variant="ModelSamplingFlux-2.0-1.0", max_shift=2.0, base_shift=1.0,
         latent="image", denoise=0.6)
+    # LoRAs against stock LoraLoaderModelOnly (chained for two): the layouts users have, a
+    # negative strength, and img2img with cfg. They sit before the last group so the cases after
+    # them also check that our weights were restored exactly when the request names no LoRA.
+    add("lora", "euler", "simple", variant="lora-kohya-0.8", loras=[("kohya", 0.8, 1)])
+    add("lora", "dpmpp_2m", "karras", variant="lora-kohya-0.8+peft--0.5-img2img-cfg2.5",
+        loras=[("kohya", 0.8, 1), ("peft", -0.5, 2)], latent="image", denoise=0.6, cfg=2.5)
     # Positive and negative of different lengths under cfg: stock runs cond and uncond in one
     # batch only when their shapes agree (Flux's c_crossattn is a CONDRegular, which never pads),
     # else one model call each; either way each must see only its own text.
@@ -141,6 +150,20 @@ def build_cases(samplers: list[str], schedulers: list[str], steps: int | None, o
         add("negative_length", "euler", "simple", variant=f"cfg2.5-negative-{tokens}-tokens", cfg=2.5,
             negative_tokens=tokens)
     return cases
+
+
+def write_loras(case: dict, model, folder: Path) -> list[tuple[str, float]]:
+    """The case's LoRA files for our model's layers (in ``folder``); returns (file name, strength)."""
+    from lora_files import random_flux_lora, write_kohya_lora, write_peft_lora
+
+    writers = {"kohya": write_kohya_lora, "peft": write_peft_lora}
+    named = []
+    for layout, strength, seed in case["loras"]:
+        name = f"lora_{layout}_{seed}.safetensors"
+        if not (folder / name).exists():
+            writers[layout](random_flux_lora(model, seed=seed), folder / name)
+        named.append((name, strength))
+    return named
 
 
 def conditioning(seed: int, tokens: int):
@@ -241,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     engine.load(ModelSpec(str(checkpoint), dtype="float32"))
     timings["ours_load_s"] = time.perf_counter() - t
 
+    lora_folder = Path(tempfile.mkdtemp(prefix="xdit_stock_loras_"))
+    folder_paths.add_model_folder_path("loras", str(lora_folder))
+    sys.path.insert(1, str(HERE))  # after ComfyUI: tests/lora_files.py
+
     samplers, schedulers = list(SAMPLERS), list(SCHEDULERS)
     stock_samplers, stock_schedulers = list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
     missing = [s for s in samplers if s not in stock_samplers] + [s for s in schedulers if s not in stock_schedulers]
@@ -260,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
             if case["batch_index"] is not None:
                 latent_dict["batch_index"] = list(case["batch_index"])
             model = stock_model
+            loras = write_loras(case, engine.model, lora_folder) if case.get("loras") else []
+            for name, strength in loras:
+                model = nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, strength)[0]
             if case["max_shift"] is not None:
                 from comfy_extras.nodes_model_advanced import ModelSamplingFlux
 
@@ -279,10 +309,14 @@ def main(argv: list[str] | None = None) -> int:
                 scheduler=case["scheduler"], denoise=case["denoise"],
                 batch_index=list(case["batch_index"]) if case["batch_index"] is not None else None,
                 max_shift=case["max_shift"], base_shift=case["base_shift"],
+                loras=tuple((str(lora_folder / name), strength) for name, strength in loras),
             )
             t = time.perf_counter()
             ours = engine.sample(request)
             case["ours_s"] = time.perf_counter() - t
+            if loras:  # how much the LoRAs change the result: the comparison is only as strong as this
+                without = engine.sample(dataclasses.replace(request, loras=()))
+                case["lora_effect"] = relative_error(ours, without)[0]
             ours_s += case["ours_s"]
             stock_s += case["stock_s"]
             case["rel_error"], case["abs_error"] = relative_error(ours, stock)

@@ -94,3 +94,13 @@ def test_one_worker_matches_stock_ksampler(result):
             f"(relative error max|ours - stock| / max|stock|), worst first:\n{listing}\n{tracebacks}"
         )
     print(f"\n{len(cases)} cases within {TOLERANCE:g}; worst: " + "; ".join(_describe(c).replace("  ", " ") for c in worst[:3]))
+
+
+def test_loras_match_stock_lora_loader(result):
+    """The LoRA cases are in the grid and each LoRA really changes the result (else the match above
+    would prove nothing about LoRA)."""
+    lora_cases = [c for c in result["cases"] if c.get("loras")]
+    assert {len(c["loras"]) for c in lora_cases} == {1, 2}, "a single and a chained LoRA case"
+    assert any(strength < 0 for c in lora_cases for _, strength, _ in c["loras"])
+    for case in lora_cases:
+        assert case.get("lora_effect", 0.0) > 1e-2, f"{case['name']}: the LoRA barely changes the result"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -21,24 +22,24 @@ from test_parallel_flux import request, tiny_flux
 TOLERANCE = 1e-4
 
 
-def generate(compile: bool, seeds: tuple[int, ...]) -> tuple[list[torch.Tensor], list[int]]:
-    """Latents for each seed, and how many graphs dynamo had compiled after each job."""
+def generate(compile: bool, seeds: tuple[int, ...], degrees: dict | None = None) -> tuple[list[torch.Tensor], list[int], int]:
+    """Latents for each seed, how many graphs dynamo had compiled after each job, and its graph breaks."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    config = ParallelConfig(devices=("cpu",) * world, ulysses_degree=world)
+    config = ParallelConfig(devices=("cpu",) * world, **(degrees or {}))
     engine = RankEngine(ParallelMesh.build(config, torch.device("cpu")))
     engine.set_model(tiny_flux(), ModelSpec("tiny", dtype="float32", compile=compile))
     latents, graphs = [], []
     for seed in seeds:
         latents.append(engine.sample(dataclasses.replace(request(cfg=1.0), seed=seed)))
         graphs.append(counters["stats"]["unique_graphs"])
-    return latents, graphs
+    return latents, graphs, sum(counters["graph_break"].values())
 
 
 def test_compiled_equals_eager_and_a_new_seed_does_not_recompile():
     torch._dynamo.reset()
     counters.clear()
-    eager, _ = generate(False, (42, 7))
-    compiled, graphs = generate(True, (42, 7))
+    eager, _, _ = generate(False, (42, 7))
+    compiled, graphs, _ = generate(True, (42, 7))
     assert graphs[0] > 0, "nothing was compiled"
     assert graphs[1] == graphs[0], f"the second prompt of the same shape recompiled ({graphs[0]} -> {graphs[1]} graphs)"
     for e, c in zip(eager, compiled):
@@ -46,7 +47,11 @@ def test_compiled_equals_eager_and_a_new_seed_does_not_recompile():
     assert relative_error(compiled[0], compiled[1]) > 1e-2  # the two seeds really are two prompts
 
 
-def test_compiled_ulysses_equals_one_eager_worker():
-    (expected,), _ = generate(False, (42,))
-    for (latent,), _ in run_on_ranks(2, generate, True, (42,)):
+@pytest.mark.parametrize("degrees", [dict(ring_degree=2), dict(ulysses_degree=2)], ids=["ring=2", "ulysses=2"])
+def test_compiled_sequence_parallel_equals_one_eager_worker_without_graph_breaks(degrees):
+    """The ring's send/recv and Ulysses' all-to-all sit behind one custom op, so the blocks compile whole."""
+    (expected,), _, _ = generate(False, (42,))
+    for (latent,), graphs, breaks in run_on_ranks(2, generate, True, (42,), degrees):
+        assert graphs[0] > 0
+        assert breaks == 0, f"{breaks} graph breaks inside the compiled blocks"
         assert relative_error(latent, expected) < TOLERANCE

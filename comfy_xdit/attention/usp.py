@@ -50,9 +50,22 @@ class SequenceParallelAttention:
         if self.ring_degree > 1 and lse_kernel is None:
             raise ValueError("ring attention needs a kernel that returns a log-sum-exp")
         self.lse_kernel = lse_kernel
+        from . import compile_boundary
+
+        # Registered now, not while dynamo traces: dynamo defers a traced function's side effects
+        # until after the graph ran, when the op would already have looked the handle up.
+        self._compile_handle = compile_boundary.register(self)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
         """q, k, v: [B, text + local image shard, H, D] -> attention output of the same shape."""
+        if torch.compiler.is_compiling():
+            from . import compile_boundary
+
+            return compile_boundary.sequence_parallel_attention(
+                q, k, v, self._compile_handle, layout.text_tokens, layout.image_tokens, layout.padded_image_tokens)
+        return self.attend(q, k, v, layout)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
         t = layout.text_tokens
         text_q, text_k, text_v = q[:, :t], k[:, :t], v[:, :t]
         image_q, image_k, image_v = self._ulysses_scatter_heads(q[:, t:], k[:, t:], v[:, t:])

@@ -1,10 +1,10 @@
-"""Sequence-parallel attention as one opaque operator for torch.compile.
+"""Ring attention as one opaque operator for torch.compile.
 
-The collectives inside USP (yunchang's all-to-all, the ring's point-to-point send/recv) either
-break dynamo's graph or are not traceable at all, and every break splits a transformer block into
-small compiled pieces with Python between them. Registered as a custom op, the whole attention
-(communication included) is one node the compiler calls but does not look into, so each block
-compiles to a single graph around it while attention runs its eager, overlapped schedule.
+Dynamo cannot trace the ring's point-to-point send/recv: every ring attention broke the graph
+(12 breaks in a 2-block model), splitting each transformer block into small compiled pieces with
+Python between them. Registered as a custom op, the whole attention (communication included) is
+one node the compiler calls but does not look into, so each block compiles to a single graph
+around it while the ring runs its eager, overlapped schedule.
 
 Process groups cannot be operator arguments, so the op receives a small integer handle to the
 SequenceParallelAttention that owns them.

@@ -13,7 +13,9 @@ from .lora import LoraState, apply_loras
 from .mesh import ParallelMesh
 from .models import flux
 from .requests import DTYPES, ModelSpec, NoHooks, SampleRequest, StepHooks, VaeDecodeRequest, VaeWeights
-from .sampling.ksampler import run_ksampler
+from .controlnets import ControlNetCache
+from .controlnets import prepare as prepare_controls
+from .sampling.ksampler import flow_sampling_for, rows_for_rank, run_ksampler
 from .sampling.schedules import FLUX_DEV_SHIFT, FLUX_SCHNELL_SHIFT
 
 SUPPORTED_FAMILIES = ("flux",)
@@ -43,6 +45,8 @@ class RankEngine:
         self.lora_state = LoraState()
         self.lora_apply_count = 0
         self._vae_decoders: dict[str, object] = {}  # fingerprint -> VAEDecoder, most recent last
+        self._lse_kernel = None
+        self.controlnets = ControlNetCache(mesh.device, lambda: flux.sequence_parallel_attention(self.mesh, self._lse_kernel))
 
     @property
     def device(self) -> torch.device:
@@ -73,10 +77,12 @@ class RankEngine:
         kernel = None
         if self.mesh.size("ring") > 1:
             kernel = choose_lse_kernel(self.mesh.config.attention_backend, self.device, dtype)
+        self._lse_kernel = kernel
         forward = flux.install_sequence_parallel(model, self.mesh, kernel)
         if spec.compile:
             compile_repeated_blocks(model, self.mesh)
-        self._denoiser = flux.FluxDenoiser(forward, dtype, has_guidance=bool(config.guidance_embeds))
+        self._denoiser = flux.FluxDenoiser(forward, dtype, has_guidance=bool(config.guidance_embeds),
+                                           controlled=flux.controlled_forward(model, self.mesh))
         # Flux-schnell (no guidance embedder) was distilled for an unshifted schedule.
         self._default_shift = FLUX_DEV_SHIFT if config.guidance_embeds else FLUX_SCHNELL_SHIFT
         self.model, self.spec = model, spec
@@ -95,9 +101,11 @@ class RankEngine:
             raise RuntimeError("no model is loaded; call load() first")
         denoiser = self._denoiser
         self.set_loras(request.loras)
+        controls = self._job_controls(request, denoiser.dtype)
 
         def velocity(x, sigma, cond):
-            return denoiser(x, sigma, cond.context, cond.pooled, cond.guidance).to(x.dtype)
+            active = [(job.control, job.tokens) for job in controls if job.active_at(sigma)]
+            return denoiser(x, sigma, cond.context, cond.pooled, cond.guidance, active).to(x.dtype)
 
         with torch.inference_mode():
             return run_ksampler(
@@ -111,6 +119,17 @@ class RankEngine:
                 hooks=hooks or NoHooks(),
                 device=self.device,
             )
+
+    def _job_controls(self, request: SampleRequest, dtype: torch.dtype):
+        """The request's ControlNets, loaded (or reused) and prepared for this rank's rows."""
+        if not request.controlnets:
+            return []
+        latent = request.latent
+        batch, (height, width) = latent.shape[0], latent.shape[-2:]
+        sampling = flow_sampling_for(request, self._default_shift, height, width)
+        return prepare_controls(request.controlnets, self.controlnets, dtype=dtype, batch=batch,
+                                rows=rows_for_rank(batch, self.mesh), latent_hw=(height, width), sampling=sampling,
+                                model_config=self.model.config)
 
     # --- VAE -------------------------------------------------------------------------------
 

@@ -46,6 +46,25 @@ class FluxConditioning:
     guidance: float | None = 3.5
 
 
+@dataclass(eq=False)
+class ControlNetRequest:
+    """One applied ControlNet, by file: the pool keeps its weights loaded across jobs.
+
+    hint: what the bridge made from the control image at this job's latent size, as ComfyUI's
+    ControlNet does: the processed control latent [B, 16 (+1 mask), h, w] for InstantX files,
+    pixels [B, 3, 8h, 8w] in [0, 1] for XLabs files. start/end_percent: ComfyUI's percents of
+    the schedule, turned into a sigma range with the job's shift. mode: a union ControlNet's
+    control type (None: no mode token, ComfyUI's "auto").
+    """
+
+    path: str
+    hint: torch.Tensor
+    strength: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    mode: int | None = None
+
+
 @dataclass
 class SampleRequest:
     """One KSampler-equivalent call. Latents are ComfyUI's raw VAE latents [B, 16, H/8, W/8]."""
@@ -67,6 +86,9 @@ class SampleRequest:
     # LoRAs to have applied for this job, in order: (safetensors path, strength). They travel
     # with the request, not the ModelSpec, so a new strength never reloads the base model.
     loras: tuple[tuple[str, float], ...] = ()
+    # ControlNets for this job, in the order they were applied (for positive and negative alike,
+    # as ComfyUI's ControlNetApplyAdvanced does).
+    controlnets: tuple[ControlNetRequest, ...] = ()
     extra: dict = field(default_factory=dict)
 
 

@@ -90,24 +90,42 @@ class ParallelFluxAttnProcessor:
         return image_out, attn.to_add_out(text_out.contiguous())
 
 
+def sequence_parallel_attention(mesh, lse_kernel) -> SequenceParallelAttention | None:
+    """The USP attention of this mesh, or None without sequence parallelism."""
+    if mesh.size("ulysses") * mesh.size("ring") > 1:
+        return SequenceParallelAttention(mesh.group("ulysses"), mesh.group("ring"), lse_kernel)
+    return None
+
+
 def install_sequence_parallel(model: torch.nn.Module, mesh, lse_kernel) -> SequenceShardedForward:
     """Route the model's attention through USP and return the sharded forward to call it with."""
-    if mesh.size("ulysses") * mesh.size("ring") > 1:
-        attention = SequenceParallelAttention(mesh.group("ulysses"), mesh.group("ring"), lse_kernel)
+    attention = sequence_parallel_attention(mesh, lse_kernel)
+    if attention is not None:
         model.set_attn_processor(ParallelFluxAttnProcessor(attention))
     return SequenceShardedForward(model, FLUX_SEQUENCE_PLAN, mesh)
+
+
+def controlled_forward(model: torch.nn.Module, mesh) -> SequenceShardedForward:
+    """The sharded forward of the model with ControlNet residuals (install_sequence_parallel first)."""
+    from .flux_controlnet import CONTROLLED_FLUX_PLAN, ControlledFlux
+
+    return SequenceShardedForward(ControlledFlux(model), CONTROLLED_FLUX_PLAN, mesh)
 
 
 class FluxDenoiser:
     """v-prediction of Flux for ComfyUI-layout latents in model space: x [B, 16, H, W] -> v."""
 
-    def __init__(self, forward: SequenceShardedForward, dtype: torch.dtype, has_guidance: bool):
+    def __init__(self, forward: SequenceShardedForward, dtype: torch.dtype, has_guidance: bool,
+                 controlled: SequenceShardedForward | None = None):
         self.forward = forward
         self.dtype = dtype
         self.has_guidance = has_guidance
+        self.controlled = controlled  # the same model with ControlNet residuals
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, guidance: float | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, guidance: float | None,
+                 controls=()) -> torch.Tensor:
+        """controls: (ActiveControl, control tokens of these rows) pairs active at this sigma."""
         b, c, h, w = x.shape
         # ComfyUI pads odd sizes to the patch size with circular padding and crops back.
         pad_h, pad_w = -h % PATCH, -w % PATCH
@@ -121,7 +139,14 @@ class FluxDenoiser:
         guidance_vec = None
         if self.has_guidance:
             guidance_vec = torch.full((b,), 3.5 if guidance is None else float(guidance), device=device, dtype=torch.float32)
-        out = self.forward(
+        forward, extra = self.forward, {}
+        if controls:
+            forward = self.controlled
+            extra = dict(controls=[c for c, _ in controls], controlnet_conds=[t for _, t in controls])
+            if not self.has_guidance:  # the ControlNet may have a guidance embedder of its own
+                extra["controlnet_guidance"] = torch.full((b,), 3.5 if guidance is None else float(guidance), device=device)
+        out = forward(
+            **extra,
             hidden_states=tokens,
             encoder_hidden_states=context,
             pooled_projections=pooled,

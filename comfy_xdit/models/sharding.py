@@ -62,8 +62,11 @@ class SequenceShardedForward:
         first_split = next(iter(self.plan.split_inputs))
         image_tokens = inputs[first_split].shape[self.plan.split_inputs[first_split]]
         for name, dim in self.plan.split_inputs.items():
-            padded = pad_to_multiple(inputs[name], dim, self.degree)
-            inputs[name] = padded.chunk(self.degree, dim=dim)[self.shard_index]
+            value = inputs.get(name)
+            if isinstance(value, (list, tuple)):  # several tensors of the same sequence (ControlNet tokens)
+                inputs[name] = [self._shard(v, dim) for v in value]
+            elif value is not None:
+                inputs[name] = self._shard(value, dim)
         padded_tokens = image_tokens + (-image_tokens % self.degree)
         layout = SequenceLayout(inputs[self.plan.text_input].shape[1], image_tokens, padded_tokens)
         inputs[self.plan.attention_kwargs_name] = {**(inputs.get(self.plan.attention_kwargs_name) or {}), "layout": layout}
@@ -72,3 +75,6 @@ class SequenceShardedForward:
         out = gather_along(out, self.plan.output_dim, self.ulysses_group)
         out = gather_along(out, self.plan.output_dim, self.ring_group)
         return out.narrow(self.plan.output_dim, 0, image_tokens)
+
+    def _shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return pad_to_multiple(x, dim, self.degree).chunk(self.degree, dim=dim)[self.shard_index]

@@ -43,6 +43,17 @@ def _rows_for_rank(batch: int, mesh: ParallelMesh) -> slice:
     return slice(start, start + sizes[rank])
 
 
+rows_for_rank = _rows_for_rank  # the engine slices per-row job inputs (ControlNet hints) the same way
+
+
+def flow_sampling_for(request: SampleRequest, default_shift: float, height: int, width: int) -> FlowSampling:
+    """The job's model sampling: the model's constant shift, or ModelSamplingFlux's by resolution."""
+    shift = default_shift
+    if request.max_shift is not None:
+        shift = resolution_shift(height, width, request.max_shift, request.base_shift if request.base_shift is not None else 0.5)
+    return FlowSampling(shift)
+
+
 def _gather_batch(out: torch.Tensor, batch: int, mesh: ParallelMesh) -> torch.Tensor:
     """Every data-parallel rank's rows, in order; uneven shares are padded for the all-gather."""
     group = mesh.group("data")
@@ -81,10 +92,7 @@ def run_ksampler(
     mesh.config.check_request(batch_size=batch, uses_cfg=uses_cfg)
 
     noise = comfy_noise(tuple(latent.shape), request.seed, request.batch_index)
-    shift = default_shift
-    if request.max_shift is not None:
-        shift = resolution_shift(height, width, request.max_shift, request.base_shift if request.base_shift is not None else 0.5)
-    sampling = FlowSampling(shift)
+    sampling = flow_sampling_for(request, default_shift, height, width)
     sigmas = sigmas_for(sampling, request.scheduler, request.steps, request.denoise, request.sampler_name).to(device)
     sampler = get_sampler(request.sampler_name, sampling)
 

@@ -39,6 +39,14 @@ class FlowSampling:
     def table(self) -> torch.Tensor:
         return self.sigma(torch.arange(1, TIMESTEPS + 1, 1) / TIMESTEPS)
 
+    def percent_to_sigma(self, percent: float) -> float:
+        """ComfyUI's percent of the schedule (0 = start, 1 = end) as a sigma, in double precision as there."""
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return math.exp(self.shift) / (math.exp(self.shift) + (1 / (1.0 - percent) - 1) ** 1.0)
+
     @property
     def sigma_min(self) -> float:
         return float(self.table[0])

@@ -118,6 +118,78 @@ class ParallelLoraLoader(io.ComfyNode):
         return io.NodeOutput(model.with_lora(path, strength_model) if strength_model != 0 else model)
 
 
+XditControlNetType = io.Custom("XDIT_CONTROL_NET")
+
+
+class ParallelControlNetLoader(io.ComfyNode):
+    """Pick a Flux ControlNet (InstantX/Shakker-Labs or XLabs); the pool loads it once and keeps it."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import folder_paths
+
+        files = [f for f in folder_paths.get_filename_list("controlnet") if f.endswith((".safetensors", ".sft"))]
+        return io.Schema(
+            node_id="ParallelControlNetLoader",
+            display_name="Parallel ControlNet Loader (xDiT)",
+            category=CATEGORY,
+            description=cls.__doc__,
+            inputs=[io.Combo.Input("control_net_name", options=files, tooltip="a Flux ControlNet .safetensors from models/controlnet")],
+            outputs=[XditControlNetType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, control_net_name) -> io.NodeOutput:
+        import folder_paths
+
+        path = folder_paths.get_full_path_or_raise("controlnet", control_net_name)
+        return io.NodeOutput(_bridge().open_controlnet(path))  # refuses a non-Flux ControlNet by name
+
+
+class ParallelControlNetApply(io.ComfyNode):
+    """Apply a Flux ControlNet to a parallel model, to positive and negative alike (as ControlNetApplyAdvanced does)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from comfy.cldm.control_types import UNION_CONTROLNET_TYPES
+
+        return io.Schema(
+            node_id="ParallelControlNetApply",
+            display_name="Parallel ControlNet Apply (xDiT)",
+            category=CATEGORY,
+            description=cls.__doc__,
+            inputs=[
+                XditModelType.Input("model"),
+                XditControlNetType.Input("control_net"),
+                io.Image.Input("image"),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+                io.Vae.Input("vae", optional=True, tooltip="the Flux VAE: InstantX/Shakker-Labs ControlNets take the control image VAE-encoded"),
+                io.Combo.Input("union_type", options=["auto", *UNION_CONTROLNET_TYPES], default="auto",
+                               tooltip="union ControlNets: the control type, as SetUnionControlNetType sets it"),
+            ],
+            outputs=[XditModelType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, control_net, image, strength, start_percent, end_percent, vae=None, union_type="auto") -> io.NodeOutput:
+        from comfy.cldm.control_types import UNION_CONTROLNET_TYPES
+
+        if strength == 0:  # stock ControlNetApplyAdvanced leaves the conditioning unchanged too
+            return io.NodeOutput(model)
+        if control_net.needs_vae and vae is None:
+            raise ValueError(f"this ControlNet ({control_net.kind} layout) takes a VAE-encoded control image: connect "
+                             "the Flux VAE (VAELoader) to the vae input")
+        mode = UNION_CONTROLNET_TYPES.get(union_type)
+        if mode is not None and control_net.num_modes and mode >= control_net.num_modes:
+            raise ValueError(f"union_type {union_type!r} is mode {mode}, but this ControlNet has {control_net.num_modes} modes")
+        bridge = _bridge()
+        use = bridge.ControlNetUse(control_net, image, float(strength), float(start_percent), float(end_percent),
+                                   vae if control_net.needs_vae else None, mode)
+        return io.NodeOutput(model.with_controlnet(use))
+
+
 class ParallelSampler(io.ComfyNode):
     """KSampler on all workers of the pool: same seeds, samplers and schedulers as the stock KSampler."""
 
@@ -184,7 +256,8 @@ class ParallelVAEDecode(io.ComfyNode):
         return io.NodeOutput(_bridge().vae_decode(vae, samples))
 
 
-NODES = [ParallelLoader, ParallelLoraLoader, ParallelSampler, ParallelVAEDecode]
+NODES = [ParallelLoader, ParallelLoraLoader, ParallelControlNetLoader, ParallelControlNetApply, ParallelSampler,
+         ParallelVAEDecode]
 
 
 class XditExtension(ComfyExtension):

@@ -18,7 +18,7 @@ import torch
 
 from .config import ConfigError, ParallelConfig, default_devices
 from .pool import PoolRegistry, WorkerPool
-from .requests import FluxConditioning, ModelSpec, SampleRequest, VaeDecodeRequest, VaeWeights
+from .requests import ControlNetRequest, FluxConditioning, ModelSpec, SampleRequest, VaeDecodeRequest, VaeWeights
 
 log = logging.getLogger("comfy_xdit")
 
@@ -56,9 +56,71 @@ class XditModel:
     spec: ModelSpec
     config: ParallelConfig
     loras: tuple[tuple[str, float], ...] = ()
+    # Applied ControlNets in order; they hold images, so they take no part in comparisons.
+    controlnets: tuple["ControlNetUse", ...] = dataclasses.field(default=(), compare=False)
 
     def with_lora(self, path: str, strength: float) -> "XditModel":
         return dataclasses.replace(self, loras=(*self.loras, (path, float(strength))))
+
+    def with_controlnet(self, use: "ControlNetUse") -> "XditModel":
+        return dataclasses.replace(self, controlnets=(*self.controlnets, use))
+
+
+@dataclass(frozen=True)
+class XditControlNet:
+    """ParallelControlNetLoader's value: a checked Flux ControlNet file (weights load in the pool)."""
+
+    path: str
+    kind: str  # "instantx" or "xlabs"
+    needs_vae: bool
+    mask_channel: bool
+    num_modes: int
+
+
+@dataclass(frozen=True, eq=False)
+class ControlNetUse:
+    """One ParallelControlNetApply: what ControlNetApplyAdvanced keeps on the conditioning."""
+
+    controlnet: XditControlNet
+    image: torch.Tensor  # stock IMAGE [B, H, W, C] in [0, 1]
+    strength: float
+    start_percent: float
+    end_percent: float
+    vae: object | None = None  # stock VAE, for ControlNets that take a VAE-encoded image
+    mode: int | None = None  # union control type; None is ComfyUI's "auto"
+
+
+def open_controlnet(path: str) -> XditControlNet:
+    """Check the file's headers (a non-Flux ControlNet is refused by name); no weight is read."""
+    from .loading.flux_controlnet import read_controlnet_info
+
+    info = read_controlnet_info(path)
+    return XditControlNet(path, info["kind"], info["needs_vae"], info["mask_channel"], info["num_modes"])
+
+
+def controlnet_hint(use: ControlNetUse, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """The control image at this latent's size, as ComfyUI's ControlNet.get_control makes it.
+
+    Resized (nearest-exact, centre crop) to the latent's pixel size; an InstantX ControlNet's is
+    then encoded with the stock VAE into Flux's latent space (and given the ones-mask channel of
+    the inpainting variant); an XLabs ControlNet takes the pixels.
+    """
+    import comfy.latent_formats
+    import comfy.utils
+
+    height, width = latent_hw
+    image = use.image.movedim(-1, 1)
+    if use.controlnet.needs_vae:
+        if use.vae is None:
+            raise ValueError(f"ControlNet {os.path.basename(use.controlnet.path)} takes a VAE-encoded control image: "
+                             "connect the Flux VAE (VAELoader) to ParallelControlNetApply's vae input")
+        scale = use.vae.spacial_compression_encode()
+        hint = comfy.utils.common_upscale(image, width * scale, height * scale, "nearest-exact", "center")
+        hint = comfy.latent_formats.Flux().process_in(use.vae.encode(hint.movedim(1, -1)))
+        if use.controlnet.mask_channel:
+            hint = torch.cat([hint, torch.ones_like(hint[:, :1])], dim=1)
+        return hint.float().cpu()
+    return comfy.utils.common_upscale(image, width * 8, height * 8, "nearest-exact", "center").float().cpu()
 
 
 def resolve_devices(devices: str, degrees_product: int) -> tuple[tuple[str, ...], str | None]:
@@ -133,6 +195,13 @@ def load(model: XditModel) -> WorkerPool:
     model.config.check_model(num_heads=model_config["num_attention_heads"], family="Flux")
     if model.loras:
         check_loras(model.loras, model_config)
+    if model.controlnets:
+        from .loading.flux_controlnet import check_controlnet_fits, read_controlnet_info
+
+        for use in model.controlnets:
+            check_controlnet_fits(use.controlnet.path, model_config)
+            heads = read_controlnet_info(use.controlnet.path)["config"]["num_attention_heads"]
+            model.config.check_model(num_heads=heads, family="Flux ControlNet")
     pool = pool_for(model.config)
     pool.load(model.spec)
     return pool
@@ -190,6 +259,11 @@ def sample(model: XditModel, *, positive, negative, latent: dict, seed: int, ste
         seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
         batch_index=latent.get("batch_index"), max_shift=max_shift, base_shift=base_shift,
         preview_every=1, loras=model.loras,
+        controlnets=tuple(
+            ControlNetRequest(use.controlnet.path, controlnet_hint(use, tuple(latent["samples"].shape[-2:])),
+                              use.strength, use.start_percent, use.end_percent, use.mode)
+            for use in model.controlnets
+        ),
     )
     pool = load(model)
     progress = comfy.utils.ProgressBar(steps, node_id=node_id)

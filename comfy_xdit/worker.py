@@ -160,7 +160,7 @@ def _run_job(
             value = mappings.write_result(result, job.output_segment, job.output_capacity, job.spill_segment)
         clock = {"read": read or received, "received": received, "engine_started": started, "engine_finished": finished, "replied": time.monotonic()}
         info = {"engine_seconds": finished - started, "last_step": hooks.last_step, "clock": clock,
-                "lora_apply_count": engine.lora_apply_count}
+                "lora_apply_count": engine.lora_apply_count, "controlnet_load_count": engine.controlnets.load_count}
         return protocol.Done(job.job_id, rank, value, info)
     raise ValueError(f"unknown job kind {job.kind!r}")
 

@@ -19,12 +19,14 @@ from safetensors.torch import load_file, save_file
 from checkpoints import make_flux_diffusers_model, write_bfl_file
 from comfy_xdit.comfyui_server import COMFYUI, ComfyServer, error_message, status_str, with_demo_conditioning
 from comfy_xdit.comfyui_server import shipped_workflow as load_workflow
+from controlnet_files import make_flux_controlnet, write_instantx_file, write_sd15_controlnet_file
 from lora_files import random_flux_lora, write_peft_lora, write_sd15_lora
-from vae_files import make_ldm_vae_state_dict
+from vae_files import make_ldm_encoder_state_dict, make_ldm_vae_state_dict
 
 pytestmark = pytest.mark.skipif(not (COMFYUI / "main.py").exists(), reason="tools/setup.sh installs the test ComfyUI")
 
-NODES = ("ParallelLoader", "ParallelLoraLoader", "ParallelSampler", "ParallelVAEDecode")
+NODES = ("ParallelLoader", "ParallelLoraLoader", "ParallelControlNetLoader", "ParallelControlNetApply", "ParallelSampler",
+         "ParallelVAEDecode")
 CONTEXT_DIM, POOLED_DIM = 32, 24
 
 
@@ -38,7 +40,12 @@ def server(tmp_path_factory):
     write_bfl_file(model, models / "diffusion_models" / "tiny_flux.safetensors", prefix="model.diffusion_model.")
     write_peft_lora(random_flux_lora(model, seed=1, dtype=torch.float32), models / "loras" / "tiny_lora.safetensors")
     write_sd15_lora(models / "loras" / "sd15_lora.safetensors")
-    save_file(make_ldm_vae_state_dict(seed=2), str(models / "vae" / "tiny_ae.safetensors"))
+    # With an encoder: the ControlNet workflow VAE-encodes its control image with it.
+    save_file({**make_ldm_vae_state_dict(seed=2), **make_ldm_encoder_state_dict(seed=4)}, str(models / "vae" / "tiny_ae.safetensors"))
+    controlnet = make_flux_controlnet(num_layers=1, num_single_layers=1, heads=4, head_dim=16, seed=5,
+                                      joint_attention_dim=CONTEXT_DIM, pooled_projection_dim=POOLED_DIM)
+    write_instantx_file(controlnet, models / "controlnet" / "tiny_flux_controlnet.safetensors")
+    write_sd15_controlnet_file(models / "controlnet" / "sd15_canny.safetensors")
     # A file in the DiT folder that is not a DiT: a VAE.
     save_file(make_ldm_vae_state_dict(seed=3), str(models / "diffusion_models" / "not_a_dit.safetensors"))
     Image.new("RGB", (64, 48), (200, 60, 40)).save(base / "input" / "example.png")
@@ -61,6 +68,8 @@ def shipped_workflow(name: str, **loader) -> dict:
             node["inputs"]["vae_name"] = "tiny_ae.safetensors"
         elif cls == "ParallelLoraLoader":
             node["inputs"]["lora_name"] = "tiny_lora.safetensors"
+        elif cls == "ParallelControlNetLoader":
+            node["inputs"]["control_net_name"] = "tiny_flux_controlnet.safetensors"
     return graph
 
 
@@ -83,7 +92,8 @@ def test_comfyui_lists_every_node_and_logs_no_import_failure(server):
     assert not failures, failures
 
 
-@pytest.mark.parametrize("name", ["flux_txt2img_parallel", "flux_lora_parallel", "flux_img2img_parallel"])
+@pytest.mark.parametrize("name", ["flux_txt2img_parallel", "flux_lora_parallel", "flux_img2img_parallel",
+                                  "flux_controlnet_parallel"])
 def test_shipped_workflow_runs_and_writes_its_image(server, name):
     graph = shipped_workflow(name)
     entry = server.run(graph)
@@ -223,3 +233,34 @@ def test_a_lora_for_another_model_is_a_node_error(server):
     entry = server.run(lora_latent_graph(1.0, "sd15_lora.safetensors"))
     assert status_str(entry) == "error"
     assert "matches none of this Flux model's layers" in error_message(entry)
+
+
+def controlnet_latent_graph(strength: float, control_net_name: str = "tiny_flux_controlnet.safetensors") -> dict:
+    graph = shipped_workflow("flux_controlnet_parallel")
+    node_of(graph, "ParallelControlNetApply")["inputs"]["strength"] = strength
+    node_of(graph, "ParallelControlNetLoader")["inputs"]["control_net_name"] = control_net_name
+    node_of(graph, "ParallelSampler")["inputs"]["seed"] = 41
+    sampler_id = next(k for k, n in graph.items() if n["class_type"] == "ParallelSampler")
+    for node_id in [k for k, n in graph.items() if n["class_type"] in ("ParallelVAEDecode", "SaveImage")]:
+        del graph[node_id]
+    graph["90"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler_id, 0], "filename_prefix": f"controlnet_{strength}"}}
+    return graph
+
+
+def test_a_controlnet_strength_change_reloads_neither_model_nor_controlnet(server):
+    first = server.run(controlnet_latent_graph(0.7))
+    assert status_str(first) == "success", error_message(first) + server.log()[-2000:]
+    before = pool_status(server)
+    second = server.run(controlnet_latent_graph(0.4))
+    assert status_str(second) == "success", error_message(second)
+    after = pool_status(server)
+    assert after["generation"] == before["generation"] and after["load_count"] == before["load_count"]
+    assert after["controlnet_load_count"] == before["controlnet_load_count"] >= 1
+    assert not torch.equal(saved_latent(server, first), saved_latent(server, second))
+
+
+def test_a_non_flux_controlnet_is_refused_by_name_and_the_server_keeps_serving(server):
+    entry = server.run(controlnet_latent_graph(0.7, "sd15_canny.safetensors"))
+    assert status_str(entry) == "error"
+    assert "UNet ControlNet for SD1.5/SDXL" in error_message(entry) and "not a Flux ControlNet" in error_message(entry)
+    assert status_str(server.run(controlnet_latent_graph(0.5))) == "success"

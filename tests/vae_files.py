@@ -78,11 +78,46 @@ def ldm_decoder_shapes(
     return shapes
 
 
+def ldm_encoder_shapes(ch: int = 128, ch_mult: tuple[int, ...] = (1, 2, 4, 4), num_res_blocks: int = 2,
+                       z_channels: int = 16, in_ch: int = 3) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of an LDM/ComfyUI AutoencoderKL encoder (double_z, no quant_conv: the Flux VAE's)."""
+    shapes = {"encoder.conv_in.weight": (ch, in_ch, 3, 3), "encoder.conv_in.bias": (ch,)}
+    block_in = ch
+    for level, mult in enumerate(ch_mult):
+        for i in range(num_res_blocks):
+            shapes |= _resnet(f"encoder.down.{level}.block.{i}", block_in, ch * mult)
+            block_in = ch * mult
+        if level != len(ch_mult) - 1:
+            shapes[f"encoder.down.{level}.downsample.conv.weight"] = (block_in, block_in, 3, 3)
+            shapes[f"encoder.down.{level}.downsample.conv.bias"] = (block_in,)
+    shapes |= _resnet("encoder.mid.block_1", block_in, block_in)
+    shapes["encoder.mid.attn_1.norm.weight"] = (block_in,)
+    shapes["encoder.mid.attn_1.norm.bias"] = (block_in,)
+    for name in ("q", "k", "v", "proj_out"):
+        shapes[f"encoder.mid.attn_1.{name}.weight"] = (block_in, block_in, 1, 1)
+        shapes[f"encoder.mid.attn_1.{name}.bias"] = (block_in,)
+    shapes |= _resnet("encoder.mid.block_2", block_in, block_in)
+    shapes["encoder.norm_out.weight"] = (block_in,)
+    shapes["encoder.norm_out.bias"] = (block_in,)
+    shapes["encoder.conv_out.weight"] = (2 * z_channels, block_in, 3, 3)
+    shapes["encoder.conv_out.bias"] = (2 * z_channels,)
+    return shapes
+
+
 def make_ldm_vae_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, **config) -> dict[str, torch.Tensor]:
     """Random decoder weights (every tensor random, norm scales around 1), LDM key layout."""
+    return _random(ldm_decoder_shapes(**config), seed, dtype)
+
+
+def make_ldm_encoder_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, **config) -> dict[str, torch.Tensor]:
+    """Random encoder weights in the LDM key layout (for the stock VAEEncode of a control image)."""
+    return _random(ldm_encoder_shapes(**config), seed, dtype)
+
+
+def _random(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     sd = {}
-    for key, shape in ldm_decoder_shapes(**config).items():
+    for key, shape in shapes.items():
         noise = torch.randn(shape, generator=generator)
         if len(shape) > 1:
             fan_in = shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1)

@@ -34,6 +34,11 @@ NODE_TYPES = {
         [("model", "XDIT_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
         [("LATENT", "LATENT")]),
     "ParallelVAEDecode": ([], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
+    "ParallelControlNetLoader": (["control_net_name"], [], [("XDIT_CONTROL_NET", "XDIT_CONTROL_NET")]),
+    "ParallelControlNetApply": (
+        ["strength", "start_percent", "end_percent", "union_type"],
+        [("model", "XDIT_MODEL"), ("control_net", "XDIT_CONTROL_NET"), ("image", "IMAGE"), ("vae", "VAE")],
+        [("XDIT_MODEL", "XDIT_MODEL")]),
 }
 UI_ONLY_WIDGETS = {"control_after_generate", "upload"}
 
@@ -82,10 +87,24 @@ def image_to_image() -> dict:
     return graph
 
 
+def with_controlnet() -> dict:
+    """Flux + an InstantX/Shakker-Labs ControlNet; the control image is VAE-encoded (hence the vae link)."""
+    graph = text_to_image({
+        "14": ("ParallelControlNetLoader", dict(control_net_name="flux_controlnet_union.safetensors"), {}),
+        "15": ("LoadImage", dict(image="example.png", upload="image"), {}),
+        "16": ("ParallelControlNetApply", dict(strength=0.7, start_percent=0.0, end_percent=0.8, union_type="auto"),
+               {"model": ("6", 0), "control_net": ("14", 0), "image": ("15", 0), "vae": ("8", 0)}),
+    })
+    cls, widgets, links = graph["7"]
+    graph["7"] = (cls, widgets, {**links, "model": ("16", 0)})
+    return graph
+
+
 WORKFLOWS = {
     "flux_txt2img_parallel": text_to_image(),
     "flux_lora_parallel": with_lora(),
     "flux_img2img_parallel": image_to_image(),
+    "flux_controlnet_parallel": with_controlnet(),
 }
 
 

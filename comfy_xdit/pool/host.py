@@ -180,6 +180,7 @@ class WorkerPool:
         self._spec: ModelSpec | None = None  # what the caller last loaded successfully
         self._vae_fingerprints: set[str] = set()  # VAEs the current workers hold
         self._lora_apply_count = 0
+        self._controlnet_load_count = 0  # ControlNet weight loads by the current workers
         self._loaded_spec: ModelSpec | None = None  # what the current workers hold
         self._load_count = 0
         self._jobs_done = 0
@@ -694,6 +695,7 @@ class WorkerPool:
         }
         if isinstance(first, protocol.Done):
             self._lora_apply_count = first.info.get("lora_apply_count", self._lora_apply_count)
+            self._controlnet_load_count = first.info.get("controlnet_load_count", self._controlnet_load_count)
             engine = first.info.get("engine_seconds")
             record["engine_seconds"] = round(engine, 4) if engine is not None else None
             record["overhead_seconds"] = round(wall - engine, 4) if engine is not None else None
@@ -721,6 +723,7 @@ class WorkerPool:
                 # How often the workers re-patched LoRA weights (a strength change does it once,
                 # without a new load_count).
                 "lora_apply_count": self._lora_apply_count,
+                "controlnet_load_count": self._controlnet_load_count,
                 "jobs_done": self._jobs_done,
                 "last_job": dict(self._last_job) if self._last_job else None,
                 "last_error": self._last_error,

@@ -121,7 +121,20 @@ class FluxControlNetRunner:
             text_tokens += 1
         if self._bound is not None:
             self._bound.layout = SequenceLayout(text_tokens, layout.image_tokens, layout.padded_image_tokens)
-        double, single = self.model(
+        # ComfyUI runs a union ControlNet without a mode token under "auto"; diffusers refuses a
+        # union model without a mode, so its union flag is lowered for such a call.
+        union = getattr(self.model, "union", False)
+        self.model.union = union and controlnet_mode is not None
+        try:
+            double, single = self._forward(hidden_states, control_tokens, controlnet_mode, strength, encoder_hidden_states,
+                                           pooled_projections, timestep, img_ids, txt_ids, guidance)
+        finally:
+            self.model.union = union
+        return list(double or ()), list(single or ())
+
+    def _forward(self, hidden_states, control_tokens, controlnet_mode, strength, encoder_hidden_states, pooled_projections,
+                 timestep, img_ids, txt_ids, guidance):
+        return self.model(
             hidden_states=hidden_states.to(self.dtype),
             controlnet_cond=control_tokens,
             controlnet_mode=controlnet_mode,
@@ -134,7 +147,6 @@ class FluxControlNetRunner:
             guidance=guidance if self.config["guidance_embeds"] else None,
             return_dict=False,
         )
-        return list(double or ()), list(single or ())
 
 
 class ControlledFlux:

@@ -38,7 +38,7 @@ CONDITIONING_FEATURES = {
     "end_percent": "ConditioningSetTimestepRange",
     "set_area_to_bounds": "ConditioningSetMask",
     "mask_strength": "ConditioningSetMask",
-    "control": "a stock ControlNet apply node",
+    "control": "a stock ControlNet apply node; apply it with ParallelControlNetApply on the model instead",
     "reference_latents": "ReferenceLatent (Kontext)",
     "attention_mask": "an attention mask",
     "gligen": "GLIGEN",

@@ -87,6 +87,7 @@ def test_parallel_with_controlnets_equals_one_worker(name, files, reference):
     expected = reference(batch)
     for rank, result in enumerate(run_on_ranks(world, generate, files, config_kwargs, batch)):
         error = relative_error(result, expected)
+        print(f"{name}: rank {rank} relative error {error:.2e}")
         assert error < TOLERANCE, f"{name}: rank {rank} differs from one worker by {error:.2e}"
 
 

@@ -45,6 +45,12 @@ class ParallelConfig:
             raise ConfigError(f"warmup_steps must be a whole number of at least 0, got {self.warmup_steps!r}")
         if self.num_pipeline_patches is not None and self.num_pipeline_patches < 1:
             raise ConfigError(f"num_pipeline_patches must be at least 1, got {self.num_pipeline_patches!r}")
+        if self.pipefusion_parallel_degree > 1 and self.ring_degree > 1:
+            raise ConfigError(
+                f"pipefusion_parallel_degree={self.pipefusion_parallel_degree} with ring_degree={self.ring_degree} is "
+                "not supported (the stale K/V cache is not wired through ring attention); inside PipeFusion stages "
+                "use ulysses_degree instead of ring_degree"
+            )
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(
                 f"attention_backend {self.attention_backend!r} is unknown; choose one of {', '.join(ATTENTION_BACKENDS)}"
@@ -86,6 +92,11 @@ class ParallelConfig:
         )
 
     @property
+    def pipeline_patches(self) -> int:
+        """PipeFusion's patch count M: num_pipeline_patches, or the pipefusion degree when unset."""
+        return self.num_pipeline_patches or self.pipefusion_parallel_degree
+
+    @property
     def device_type(self) -> str:
         return self.devices[0].split(":")[0]
 
@@ -95,18 +106,21 @@ class ParallelConfig:
             f"pipefusion={self.pipefusion_parallel_degree} x ring={self.ring_degree} x ulysses={self.ulysses_degree}"
         )
 
-    def check_model(self, *, num_heads: int, family: str) -> None:
-        """Refuse settings the loaded model cannot take (called once the model's shape is known)."""
+    def check_model(self, *, num_heads: int, family: str, num_blocks: int | None = None) -> None:
+        """Refuse settings the loaded model cannot take (called once the model's shape is known).
+
+        ``num_blocks``: the transformer blocks PipeFusion can split over its stages.
+        """
         if num_heads % self.ulysses_degree:
             divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
             raise ConfigError(
                 f"ulysses_degree={self.ulysses_degree} does not divide the {num_heads} attention heads of this "
                 f"{family} model; use one of {divisors} (or move the rest of the degree to ring_degree)"
             )
-        if self.pipefusion_parallel_degree > 1:
+        if num_blocks is not None and self.pipefusion_parallel_degree > num_blocks:
             raise ConfigError(
-                "pipefusion_parallel_degree > 1 is accepted by the configuration but PipeFusion is not implemented "
-                "yet; use ulysses_degree / ring_degree / use_cfg_parallel / data_parallel_degree instead"
+                f"pipefusion_parallel_degree={self.pipefusion_parallel_degree} splits the layers over more stages than "
+                f"this {family} model's {num_blocks} transformer blocks; use at most {num_blocks}"
             )
 
     def check_request(self, *, batch_size: int, uses_cfg: bool) -> None:

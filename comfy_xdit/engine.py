@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .attention.kernels import choose_lse_kernel
+from .config import ConfigError
 from .lora import LoraState, apply_loras
 from .mesh import ParallelMesh
 from .models import flux
@@ -62,9 +63,16 @@ class RankEngine:
 
         model_config = read_flux_config(spec.path)
         # Refuse degrees the model cannot take before reading any weights.
-        self.mesh.config.check_model(num_heads=model_config["num_attention_heads"], family="Flux")
+        self.mesh.config.check_model(num_heads=model_config["num_attention_heads"], family="Flux",
+                                     num_blocks=model_config["num_layers"] + model_config["num_single_layers"])
         self.model = self._denoiser = None
-        model = load_flux_transformer(spec.path, dtype=spec.torch_dtype, device=self.device).eval()
+        if self.mesh.size("pipefusion") > 1:
+            from .pipefusion.stage import load_flux_stage
+
+            # Only this stage's tensors are read from the file.
+            model = load_flux_stage(spec.path, self._stage_plan(model_config), dtype=spec.torch_dtype, device=self.device).eval()
+        else:
+            model = load_flux_transformer(spec.path, dtype=spec.torch_dtype, device=self.device).eval()
         self.set_model(model, spec)
         self.load_count += 1
         return True
@@ -72,21 +80,36 @@ class RankEngine:
     def set_model(self, model: torch.nn.Module, spec: ModelSpec) -> None:
         """Use an already-built diffusers Flux transformer (scripts, tests, benchmarks)."""
         config = model.config
-        self.mesh.config.check_model(num_heads=config.num_attention_heads, family="Flux")
+        self.mesh.config.check_model(num_heads=config.num_attention_heads, family="Flux",
+                                     num_blocks=config.num_layers + config.num_single_layers)
         dtype = next(model.parameters()).dtype
-        kernel = None
-        if self.mesh.size("ring") > 1:
-            kernel = choose_lse_kernel(self.mesh.config.attention_backend, self.device, dtype)
-        self._lse_kernel = kernel
-        forward = flux.install_sequence_parallel(model, self.mesh, kernel)
-        if spec.compile:
-            compile_repeated_blocks(model, self.mesh)
-        self._denoiser = flux.FluxDenoiser(forward, dtype, has_guidance=bool(config.guidance_embeds),
-                                           controlled=flux.controlled_forward(model, self.mesh))
+        if self.mesh.size("pipefusion") > 1:
+            from .pipefusion.runner import PipeFusionFluxDenoiser
+            from .pipefusion.stage import cut_to_stage
+
+            if spec.compile:
+                raise ConfigError("compile with pipefusion_parallel_degree > 1 is not supported yet; turn compile off")
+            model = cut_to_stage(model, self._stage_plan(dict(config)))  # a whole model keeps only its stage
+            self._denoiser = PipeFusionFluxDenoiser(model, self.mesh, dtype, has_guidance=bool(config.guidance_embeds))
+        else:
+            kernel = None
+            if self.mesh.size("ring") > 1:
+                kernel = choose_lse_kernel(self.mesh.config.attention_backend, self.device, dtype)
+            self._lse_kernel = kernel
+            forward = flux.install_sequence_parallel(model, self.mesh, kernel)
+            if spec.compile:
+                compile_repeated_blocks(model, self.mesh)
+            self._denoiser = flux.FluxDenoiser(forward, dtype, has_guidance=bool(config.guidance_embeds),
+                                               controlled=flux.controlled_forward(model, self.mesh))
         # Flux-schnell (no guidance embedder) was distilled for an unshifted schedule.
         self._default_shift = FLUX_DEV_SHIFT if config.guidance_embeds else FLUX_SCHNELL_SHIFT
         self.model, self.spec = model, spec
         self.lora_state.forget()  # a new base model carries no LoRA
+
+    def _stage_plan(self, model_config: dict):
+        from .pipefusion.partition import plan_stages
+
+        return plan_stages(model_config, self.mesh.size("pipefusion"))[self.mesh.local_rank("pipefusion")]
 
     def set_loras(self, loras) -> bool:
         """Have exactly these LoRAs applied (in place, restorable bit for bit); True if weights changed."""
@@ -107,6 +130,15 @@ class RankEngine:
             active = [(job.control, job.tokens) for job in controls if job.active_at(sigma)]
             return denoiser(x, sigma, cond.context, cond.pooled, cond.guidance, active).to(x.dtype)
 
+        hooks = hooks or NoHooks()
+        if not isinstance(denoiser, flux.FluxDenoiser):  # PipeFusion: fresh caches, warmup counted in steps
+            if request.controlnets:
+                raise ConfigError("ControlNet with pipefusion_parallel_degree > 1 is not supported yet; "
+                                  "use ulysses_degree / ring_degree for ControlNet workflows")
+            denoiser.check_latent(request.latent.shape[-2])
+            denoiser.start_job()
+            hooks = denoiser.count_steps(hooks)
+
         with torch.inference_mode():
             return run_ksampler(
                 request,
@@ -116,7 +148,7 @@ class RankEngine:
                 default_shift=self._default_shift,
                 to_model_space=flux.latent_to_model_space,
                 from_model_space=flux.latent_from_model_space,
-                hooks=hooks or NoHooks(),
+                hooks=hooks,
                 device=self.device,
             )
 

@@ -411,9 +411,15 @@ def read_flux_config(path: str | Path) -> dict:
         return dict(checkpoint.config)
 
 
-def flux_transformer_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor]):
-    """Build the diffusers model around complete weights, without initialising any twice."""
+def flux_transformer_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor], prepare=None):
+    """Build the diffusers model around complete weights, without initialising any twice.
+
+    ``prepare(meta_model) -> model`` may reshape the model before the weights are assigned (a
+    PipeFusion stage drops the blocks it does not hold); the weights must then match it exactly.
+    """
     model = _meta_model(config)
+    if prepare is not None:
+        model = prepare(model)
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as error:

@@ -1,0 +1,93 @@
+"""Joint attention of one image patch against the stale keys/values of the rest of the image.
+
+PipeFusion runs a stage's blocks on one patch of the image tokens at a time. Inside attention
+the patch's own image keys/values are fresh; those of the other patches come from a per-layer
+cache holding the whole image's keys/values: written by the previous evaluation (one sampler
+step stale) and overwritten, patch by patch, as the current evaluation reaches them. Text
+tokens ride along with every patch, so text keys/values are always fresh and never cached.
+
+A synchronous (warmup) pass is the same code with one patch covering the whole image: every
+cached entry is overwritten before it is read, so the pass is exact and fills the cache.
+
+With Ulysses inside a stage the cache lives after the all-to-all: every rank caches all image
+tokens for its own slice of heads, so no extra communication is needed for the stale part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..attention.kernels import plain_attention
+from ..attention.usp import SequenceLayout, SequenceParallelAttention
+
+
+@dataclass
+class PatchWindow:
+    """The image tokens the current pass computes, read by every attention layer of the stage."""
+
+    start: int  # first image token of the patch, in whole-image order
+    tokens: int  # real (unpadded) tokens of the patch
+    total: int  # image tokens of the whole image
+    branch: int  # which cache to use: one per conditioning branch (positive, negative)
+    attend_stale: bool = True  # False: attend only to the patch's own tokens (diagnostic switch)
+
+    @property
+    def is_whole_image(self) -> bool:
+        return self.start == 0 and self.tokens == self.total
+
+
+class PatchWindowState:
+    """Shared by a stage's attention layers; the pipeline runner sets ``window`` before each pass."""
+
+    def __init__(self) -> None:
+        self.window: PatchWindow | None = None
+
+
+class StaleKVAttention(SequenceParallelAttention):
+    """One attention layer's PipeFusion attention (Ulysses inside the stage; no ring)."""
+
+    def __init__(self, state: PatchWindowState, ulysses_group):
+        super().__init__(ulysses_group, None, None)
+        self.state = state
+        self.caches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # branch -> (keys, values)
+
+    def clear(self) -> None:
+        self.caches.clear()
+
+    def _cache(self, window: PatchWindow, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (like.shape[0], window.total, *like.shape[2:])
+        cached = self.caches.get(window.branch)
+        if cached is None or cached[0].shape != shape or cached[0].dtype != like.dtype:
+            if not window.is_whole_image:
+                raise RuntimeError("internal: a PipeFusion patch pass ran before a whole-image pass filled the K/V cache")
+            cached = (like.new_empty(shape), like.new_empty(shape))
+            self.caches[window.branch] = cached
+        return cached
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
+        window = self.state.window
+        if window is None:
+            raise RuntimeError("internal: PipeFusion attention was called outside a pipeline pass")
+        t = layout.text_tokens
+        text_q, text_k, text_v = (self._local_heads(x[:, :t]) for x in (q, k, v))
+        image_q, image_k, image_v = self._ulysses_scatter_heads(q[:, t:], k[:, t:], v[:, t:])
+        # After the all-to-all this rank holds the whole (padded) patch for its heads; padding
+        # sits at the end and is never written to the cache nor attended.
+        fresh_k, fresh_v = image_k[:, : window.tokens], image_v[:, : window.tokens]
+        cache_k, cache_v = self._cache(window, fresh_k)
+        stop = window.start + window.tokens
+        cache_k[:, window.start:stop] = fresh_k
+        cache_v[:, window.start:stop] = fresh_v
+        if window.attend_stale:
+            image_keys, image_values = cache_k, cache_v
+        else:
+            image_keys, image_values = fresh_k, fresh_v
+        out = plain_attention(
+            torch.cat([text_q, image_q], dim=1),
+            torch.cat([text_k, image_keys], dim=1),
+            torch.cat([text_v, image_values], dim=1),
+        )
+        text_out, image_out = out[:, :t], out[:, t:]
+        return torch.cat([self._gather_heads(text_out), self._ulysses_gather_sequence(image_out)], dim=1)

@@ -1,0 +1,216 @@
+"""PipeFusion for Flux: the stages of one pipeline evaluate the transformer patch by patch.
+
+Every rank runs the same ComfyUI sampler (so all samplers, their noise and CFG stay exact) and
+calls this denoiser for each model evaluation. Inside one evaluation:
+
+- The image tokens are split into M patches: bands of whole token rows, as even as possible
+  (the first bands one row taller). With Ulysses inside a stage each patch is further split
+  over the stage's Ulysses ranks (padded at its end to divide).
+- Stage 0 embeds patch m (and the text), runs its blocks and sends text + patch hidden states
+  to stage 1 with a non-blocking send, then starts on patch m+1 while stage 1 works on patch
+  m; receives for all patches are posted up front. The last stage applies the output layers.
+- Text tokens ride along with every patch (their hidden states travel with it from stage to
+  stage), so every patch's pass is a full forward of text + patch tokens in which the other
+  patches' image keys/values are the cached ones (see attention.py). xDiT's SD3 pipeline
+  instead forwards the text states of patch 0 only; carrying them with every patch costs one
+  text-sized message per patch and keeps each pass self-consistent.
+- The last stage's output for the whole image is broadcast over the pipefusion group (and
+  gathered over Ulysses), so the sampler step is identical on every rank.
+
+Warmup: a model evaluation is synchronous (one patch = the whole image, exact, and it fills the
+caches) while fewer than ``warmup_steps`` sampler steps have completed, and for the first
+evaluation of each conditioning branch (positive, negative) in a job, which has no cache yet.
+Sampler steps are counted by the sampler's per-step callback, so a step of a two-evaluation
+sampler (heun, dpm_2, ...) counts once. After warmup each patch pass sees keys/values of the
+other patches that are one evaluation of its branch stale.
+
+The pipeline drains at the end of every evaluation (the sampler needs the whole velocity before
+the next step), so each evaluation has a bubble of N-1 patch times; pipelining across steps as
+xDiT's async pipeline does would remove it but needs the sampler on the last stage only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..attention.usp import SequenceLayout
+from ..config import ConfigError
+from ..models.flux import PATCH, ParallelFluxAttnProcessor, image_ids, pack, unpack
+from ..models.sharding import pad_to_multiple
+from .attention import PatchWindow, PatchWindowState, StaleKVAttention
+from .stage import project_output, run_blocks, time_embedding
+
+
+def token_row_bands(rows: int, patches: int) -> list[tuple[int, int]]:
+    """(first row, row count) of each patch: contiguous bands, the first ones a row taller."""
+    if patches > rows:
+        raise ConfigError(
+            f"num_pipeline_patches={patches} is more than the {rows} token rows of this latent "
+            f"(latent height / 2); use at most {rows} patches or a taller image"
+        )
+    sizes = [rows // patches + (1 if i < rows % patches else 0) for i in range(patches)]
+    starts = [sum(sizes[:i]) for i in range(patches)]
+    return list(zip(starts, sizes))
+
+
+class StepCounter:
+    """Forwards the sampler's step hooks and tells the denoiser how many steps have completed."""
+
+    def __init__(self, hooks, denoiser: "PipeFusionFluxDenoiser"):
+        self.hooks = hooks
+        self.denoiser = denoiser
+
+    def on_step(self, step: int, total: int, preview) -> None:
+        self.denoiser.completed_steps = step
+        self.hooks.on_step(step, total, preview)
+
+    def cancel_requested(self) -> bool:
+        return self.hooks.cancel_requested()
+
+
+class PipeFusionFluxDenoiser:
+    """Drop-in for FluxDenoiser on a PipeFusion mesh: x [B, 16, H, W] in model space -> v."""
+
+    def __init__(self, stage, mesh, dtype: torch.dtype, has_guidance: bool):
+        config = mesh.config
+        if mesh.size("ring") > 1:
+            raise ConfigError("pipefusion_parallel_degree > 1 with ring_degree > 1 is not supported; use ulysses_degree inside the stages")
+        self.stage = stage
+        self.plan = stage.pipefusion_stage
+        self.dtype = dtype
+        self.has_guidance = has_guidance
+        self.patches = config.pipeline_patches
+        self.warmup_steps = config.warmup_steps
+        # Diagnostic switch: False attends only to each patch's own image tokens (no stale K/V).
+        self.attend_stale = True
+
+        self.group = mesh.group("pipefusion")
+        to_global = lambda i: dist.get_global_rank(self.group, i)  # noqa: E731
+        self.previous_rank = to_global(self.plan.index - 1) if not self.plan.is_first else None
+        self.next_rank = to_global(self.plan.index + 1) if not self.plan.is_last else None
+        self.last_rank = to_global(self.plan.count - 1)
+        self.ulysses_group = mesh.group("ulysses")
+        self.ulysses_degree = mesh.size("ulysses")
+        self.ulysses_rank = mesh.local_rank("ulysses")
+
+        self.window_state = PatchWindowState()
+        processors = {}
+        self.attentions: list[StaleKVAttention] = []
+        for name in stage.attn_processors:
+            attention = StaleKVAttention(self.window_state, self.ulysses_group)
+            self.attentions.append(attention)
+            processors[name] = ParallelFluxAttnProcessor(attention)
+        stage.set_attn_processor(processors)
+        self.start_job()
+
+    # --- job bookkeeping ---------------------------------------------------------------------
+
+    def start_job(self) -> None:
+        """Forget the previous job's caches and step count."""
+        for attention in self.attentions:
+            attention.clear()
+        self.completed_steps = 0
+        self._filled: set[int] = set()
+
+    def count_steps(self, hooks) -> StepCounter:
+        return StepCounter(hooks, self)
+
+    def check_latent(self, height: int) -> None:
+        """Refuse a latent with fewer token rows than patches (before any work)."""
+        token_row_bands((height + PATCH - 1) // PATCH, self.patches)
+
+    # --- one model evaluation ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, guidance: float | None,
+                 controls=()) -> torch.Tensor:
+        if controls:  # the engine refuses ControlNet with PipeFusion before sampling
+            raise ConfigError("ControlNet with pipefusion_parallel_degree > 1 is not supported yet")
+        # One cache per conditioning branch: the sampler passes the same context tensor for a
+        # branch at every evaluation of a job (start_job clears the caches between jobs).
+        branch = id(context)
+        b, c, h, w = x.shape
+        pad_h, pad_w = -h % PATCH, -w % PATCH
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="circular")  # as ComfyUI (see FluxDenoiser)
+        hp, wp = x.shape[-2:]
+        rows, cols = hp // PATCH, wp // PATCH
+        device = x.device
+        tokens = pack(x).to(self.dtype)
+        context = context.to(device, self.dtype).expand(b, -1, -1)
+        pooled = pooled.to(device, self.dtype).expand(b, -1)
+        guidance_vec = None
+        if self.has_guidance:
+            guidance_vec = torch.full((b,), 3.5 if guidance is None else float(guidance), device=device, dtype=torch.float32)
+        temb = time_embedding(self.stage, sigma.expand(b).to(device, torch.float32), pooled, guidance_vec, self.dtype)
+        img_ids = image_ids(rows, cols, torch.float32, device)
+        txt_ids = torch.zeros(context.shape[1], 3, dtype=torch.float32, device=device)
+
+        synchronous = self.completed_steps < self.warmup_steps or branch not in self._filled
+        bands = [(0, rows)] if synchronous else token_row_bands(rows, self.patches)
+        windows = [
+            PatchWindow(start * cols, count * cols, rows * cols, branch, self.attend_stale or synchronous)
+            for start, count in bands
+        ]
+        out = self._pipeline(windows, tokens, context, temb, img_ids, txt_ids)
+        self._filled.add(branch)
+        return unpack(out.float(), c, hp, wp)[:, :, :h, :w]
+
+    def _shard(self, x: torch.Tensor, dim: int, window: PatchWindow) -> torch.Tensor:
+        """This rank's Ulysses shard of the patch's tokens along ``dim`` (padded at the end)."""
+        part = x.narrow(dim, window.start, window.tokens)
+        if self.ulysses_degree == 1:
+            return part
+        return pad_to_multiple(part, dim, self.ulysses_degree).chunk(self.ulysses_degree, dim=dim)[self.ulysses_rank]
+
+    def _pipeline(self, windows, tokens, context, temb, img_ids, txt_ids) -> torch.Tensor:
+        stage, plan = self.stage, self.plan
+        batch, text_len = context.shape[:2]
+        shards = [-(-w.tokens // self.ulysses_degree) for w in windows]
+        # Post every receive first: patch m+1 arrives while this stage computes patch m.
+        receives = []
+        if not plan.is_first:
+            for i, shard in enumerate(shards):
+                buffer = tokens.new_empty(batch, text_len + shard, stage.inner_dim)
+                receives.append((buffer, dist.irecv(buffer, src=self.previous_rank, group=self.group, tag=i)))
+        text_embedded = stage.context_embedder(context) if plan.is_first else None
+        sends, outputs = [], []
+        try:
+            for i, window in enumerate(windows):
+                self.window_state.window = window
+                layout = SequenceLayout(text_len, window.tokens, shards[i] * self.ulysses_degree)
+                rotary = stage.pos_embed(torch.cat([txt_ids, self._shard(img_ids, 0, window)]))
+                if plan.is_first:
+                    text, image = text_embedded, stage.x_embedder(self._shard(tokens, 1, window))
+                else:
+                    buffer, work = receives[i]
+                    work.wait()
+                    text, image = buffer.split([text_len, shards[i]], dim=1)
+                text, image = run_blocks(stage, image, text, temb, rotary, {"layout": layout})
+                if plan.is_last:
+                    outputs.append(project_output(stage, image, temb))
+                else:
+                    packed = torch.cat([text, image], dim=1).contiguous()
+                    sends.append((packed, dist.isend(packed, dst=self.next_rank, group=self.group, tag=i)))
+        finally:
+            self.window_state.window = None
+        for _, work in sends:
+            work.wait()
+        return self._whole_output(outputs, windows, shards, batch, tokens)
+
+    def _whole_output(self, outputs, windows, shards, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """The last stage's output for every patch, on every rank: broadcast, then Ulysses gather."""
+        if self.plan.is_last:
+            packed = torch.cat(outputs, dim=1).contiguous()
+        else:
+            packed = like.new_empty(batch, sum(shards), self.stage.out_channels)
+        dist.broadcast(packed, src=self.last_rank, group=self.group)
+        pieces = packed.split(shards, dim=1)
+        if self.ulysses_degree > 1:
+            gathered = [torch.empty_like(packed) for _ in range(self.ulysses_degree)]
+            dist.all_gather(gathered, packed, group=self.ulysses_group)
+            per_rank = [g.split(shards, dim=1) for g in gathered]
+            pieces = [torch.cat([part[i] for part in per_rank], dim=1) for i in range(len(windows))]
+        return torch.cat([piece[:, : window.tokens] for piece, window in zip(pieces, windows)], dim=1)

@@ -48,7 +48,8 @@ def test_data_parallel_needs_a_batch_of_its_degree_and_cfg_parallel_needs_cfg():
         cfg_config.check_request(batch_size=1, uses_cfg=False)
 
 
-def test_pipefusion_is_accepted_but_refused_at_model_check_until_implemented():
+def test_pipefusion_checks_the_model_depth():
     config = ParallelConfig(pipefusion_parallel_degree=2, devices=("cpu",) * 2)
-    with pytest.raises(ConfigError, match="PipeFusion is not implemented yet"):
-        config.check_model(num_heads=4, family="Flux")
+    config.check_model(num_heads=4, family="Flux", num_blocks=2)
+    with pytest.raises(ConfigError, match="more stages than this Flux model's 1 transformer blocks"):
+        config.check_model(num_heads=4, family="Flux", num_blocks=1)

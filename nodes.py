@@ -58,18 +58,22 @@ class ParallelLoader(io.ComfyNode):
                 io.Int.Input("ring_degree", default=1, min=1, max=64),
                 io.Boolean.Input("use_cfg_parallel", default=False, tooltip="conditional and unconditional branch on two worker groups (needs cfg > 1)"),
                 io.Int.Input("data_parallel_degree", default=1, min=1, max=64, tooltip="split the batch over this many worker groups"),
-                io.Int.Input("pipefusion_parallel_degree", default=1, min=1, max=64, tooltip="not implemented yet: keep 1"),
+                io.Int.Input("pipefusion_parallel_degree", default=1, min=1, max=64, tooltip="PipeFusion: the transformer's layers split over this many worker groups (each holds about 1/N of the weights); approximate after warmup_steps"),
                 io.String.Input("devices", default="auto", tooltip="auto (all GPUs the degrees need, or 2 CPU workers) or e.g. cuda:0,cuda:1"),
                 io.Combo.Input("attention_backend", options=list(ATTENTION_BACKENDS), default="auto"),
                 io.Boolean.Input("compile", default=False, tooltip="torch.compile the transformer blocks: the first prompt of each "
                                  "resolution compiles (tens of seconds), later ones run faster"),
+                # Optional and last, so workflows saved before they existed still load unchanged.
+                io.Int.Input("num_pipeline_patches", default=0, min=0, max=64, optional=True, tooltip="PipeFusion: image patches (bands of rows) flowing through the pipeline; 0: the pipefusion degree"),
+                io.Int.Input("warmup_steps", default=1, min=0, max=10000, optional=True, tooltip="PipeFusion: the first steps run exactly (whole image per stage); later steps reuse one-step-stale attention K/V of the other patches"),
             ],
             outputs=[XditModelType.Output()],
         )
 
     @classmethod
     def execute(cls, model_name, weight_dtype, ulysses_degree, ring_degree, use_cfg_parallel, data_parallel_degree,
-                pipefusion_parallel_degree, devices, attention_backend, compile=False) -> io.NodeOutput:
+                pipefusion_parallel_degree, devices, attention_backend, compile=False, num_pipeline_patches=0,
+                warmup_steps=1) -> io.NodeOutput:
         from .comfy_xdit.requests import ModelSpec
 
         bridge = _bridge()
@@ -77,6 +81,7 @@ class ParallelLoader(io.ComfyNode):
             ulysses_degree=ulysses_degree, ring_degree=ring_degree, use_cfg_parallel=use_cfg_parallel,
             data_parallel_degree=data_parallel_degree, pipefusion_parallel_degree=pipefusion_parallel_degree,
             attention_backend=attention_backend, devices=devices,
+            num_pipeline_patches=num_pipeline_patches or None, warmup_steps=warmup_steps,
         )
         if weight_dtype == "default":
             weight_dtype = "float32" if config.device_type == "cpu" else "bfloat16"

@@ -69,22 +69,20 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 # set-up
 
 
-def parse_degrees(text: str) -> tuple[int, int]:
-    """'u2' -> (2, 1), 'r2' -> (1, 2), 'u2r2' -> (2, 2), '1' -> (1, 1)."""
-    u = r = 1
+def parse_degrees(text: str) -> tuple[int, int, int]:
+    """'u2' -> (2, 1, 1), 'r2' -> (1, 2, 1), 'u2r2' -> (2, 2, 1), 'p2' (PipeFusion) -> (1, 1, 2), '1' -> (1, 1, 1)."""
+    degrees = {"u": 1, "r": 1, "p": 1}
     rest = text.strip().lower()
     if rest in ("1", "u1", "r1", "u1r1", ""):
-        return 1, 1
+        return 1, 1, 1
     import re
 
-    for key, value in re.findall(r"([ur])(\d+)", rest):
-        if key == "u":
-            u = int(value)
-        else:
-            r = int(value)
-    if "".join(f"{k}{v}" for k, v in re.findall(r"([ur])(\d+)", rest)) != rest:
-        raise SystemExit(f"cannot read degrees {text!r}; write e.g. u2, r2, u2r2")
-    return u, r
+    found = re.findall(r"([urp])(\d+)", rest)
+    for key, value in found:
+        degrees[key] = int(value)
+    if "".join(f"{k}{v}" for k, v in found) != rest:
+        raise SystemExit(f"cannot read degrees {text!r}; write e.g. u2, r2, u2r2, p2, p2u2")
+    return degrees["u"], degrees["r"], degrees["p"]
 
 
 def world() -> tuple[int, int, int]:
@@ -129,6 +127,23 @@ def init_weights(model: torch.nn.Module, device: torch.device, seed: int) -> Non
 def build_model(cls, config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
     with torch.device("meta"):
         model = cls(**config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    init_weights(model, device, seed)
+    return model.eval().requires_grad_(False)
+
+
+def build_stage(config: dict, degrees: tuple[int, int, int], device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    """This rank's PipeFusion stage of the transformer, with random weights (ranks are pipefusion-major
+    inside a data=cfg=1 mesh: rank // (ulysses * ring) is the stage)."""
+    from diffusers import FluxTransformer2DModel
+
+    from comfy_xdit.pipefusion.partition import plan_stages
+    from comfy_xdit.pipefusion.stage import cut_to_stage
+
+    u, r, p = degrees
+    plan = plan_stages(config, p)[(dist.get_rank() if dist.is_initialized() else 0) // (u * r)]
+    with torch.device("meta"):
+        model = cut_to_stage(FluxTransformer2DModel(**config), plan)
     model = model.to(dtype=dtype).to_empty(device=device)
     init_weights(model, device, seed)
     return model.eval().requires_grad_(False)
@@ -246,13 +261,14 @@ class OursLoop:
         from comfy_xdit.mesh import ParallelMesh
         from comfy_xdit.requests import FluxConditioning, ModelSpec
 
-        u, r = degrees
-        n = u * r
+        u, r, p = degrees
+        n = u * r * p
         if device.type == "cuda":
             devices = tuple(f"cuda:{i}" for i in range(n))
         else:
             devices = ("cpu",) * n
-        config = ParallelConfig(ulysses_degree=u, ring_degree=r, devices=devices)
+        config = ParallelConfig(ulysses_degree=u, ring_degree=r, pipefusion_parallel_degree=p, devices=devices,
+                                num_pipeline_patches=args.pipeline_patches, warmup_steps=args.pipefusion_warmup)
         self.mesh = ParallelMesh.build(config, device)
         self.engine = RankEngine(self.mesh)
         dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
@@ -290,7 +306,9 @@ def setup_xdit(args, config, device, dtype, degrees):
     from xfuser.core.distributed import get_runtime_state, init_distributed_environment, initialize_runtime_state
     from xfuser.model_executor.models.transformers.transformer_flux import xFuserFlux1Transformer2DWrapper
 
-    u, r = degrees
+    u, r, p = degrees
+    if p > 1:
+        raise SystemExit("xdit rows here are USP only (xfuser's Flux pipeline runs PipeFusion synchronously only)")
     init_distributed_environment()
     xargs = xFuserArgs(
         model="random-weights-flux-dev",
@@ -450,6 +468,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile-out", default=None, help="directory for per-rank profile summaries")
     p.add_argument("--json", default=None, help="append one JSON line per row here (rank 0)")
     p.add_argument("--tag", default="", help="free text stored with each row")
+    p.add_argument("--pipeline-patches", type=int, default=None, help="PipeFusion rows: patches M (default: the degree)")
+    p.add_argument("--pipefusion-warmup", type=int, default=1, help="PipeFusion rows: synchronous warmup steps")
     args = p.parse_args(argv)
 
     impls = [s.strip() for s in args.impl.split(",") if s.strip()]
@@ -473,9 +493,9 @@ def main(argv=None) -> int:
         if args.text_len == 512:
             args.text_len = 8
     degrees_list = [parse_degrees(d) for d in (args.degrees.split(",") if args.degrees else [f"u{world_size}"])]
-    for u, r in degrees_list:
-        if u * r != world_size:
-            raise SystemExit(f"degrees u{u}r{r} need {u * r} processes; this run has {world_size}")
+    for u, r, p in degrees_list:
+        if u * r * p != world_size:
+            raise SystemExit(f"degrees u{u}r{r}p{p} need {u * r * p} processes; this run has {world_size}")
     if "diffusers" in impls and world_size != 1:
         raise SystemExit("the diffusers baseline runs on one GPU: launch it without torchrun")
 
@@ -512,17 +532,19 @@ def main(argv=None) -> int:
     compiled_now = False
 
     def run_row(loop, impl, degrees, extra=None):
-        u, r = degrees
-        label = f"{impl} u{u}r{r}{' compiled' if compiled_now else ''}"
+        u, r, p = (*degrees, 1)[:3]
+        label = f"{impl} u{u}r{r}{f'p{p}' if p > 1 else ''}{' compiled' if compiled_now else ''}"
         if extra and extra.get("cond") == "device":
             label += " cond-on-device"
         log(f"-- {label}: warm-up + {args.runs} runs")
         row = time_loop(loop, args, device, label)
         row.update(
-            impl=impl, ulysses=u, ring=r, gpus=u * r, compiled=compiled_now, steps=args.steps,
-            tflop_per_loop=flops / 1e12, tflops_per_gpu=flops / row["median_s"] / (u * r) / 1e12,
+            impl=impl, ulysses=u, ring=r, pipefusion=p, gpus=u * r * p, compiled=compiled_now, steps=args.steps,
+            tflop_per_loop=flops / 1e12, tflops_per_gpu=flops / row["median_s"] / (u * r * p) / 1e12,
             env=env, tag=args.tag, **(extra or {}),
         )
+        if p > 1:
+            row.update(pipefusion_warmup=args.pipefusion_warmup, pipeline_patches=args.pipeline_patches or p)
         rows.append(row)
         log(f"   {label}: median {row['median_s']:.3f} s (runs {', '.join(f'{t:.3f}' for t in row['times'])}; "
             f"warm-up {row['warmup_s']:.1f} s), {row['tflops_per_gpu']:.0f} TFLOP/s per GPU, "
@@ -554,19 +576,26 @@ def main(argv=None) -> int:
         from diffusers import FluxTransformer2DModel
 
         t0 = time.perf_counter()
-        model = build_model(FluxTransformer2DModel, config, device, dtype, args.seed)
+        pipefusion = max(d[2] for d in degrees_list)
+        if pipefusion > 1:
+            # A PipeFusion rank builds only its stage (about 1/N of the weights), as the loader does.
+            if len(degrees_list) > 1 or impls != ["ours"]:
+                raise SystemExit("PipeFusion rows: one --degrees row per launch, --impl ours only")
+            model = build_stage(config, degrees_list[0], device, dtype, args.seed)
+        else:
+            model = build_model(FluxTransformer2DModel, config, device, dtype, args.seed)
         sync(device)
         params = sum(p.numel() for p in model.parameters())
         log(f"# model: {params / 1e9:.2f} B parameters built in {time.perf_counter() - t0:.1f} s")
         if args.compile and args.eager_baseline and "diffusers" in impls:
-            run_row(DiffusersLoop(model, args, inputs, device, dtype), "diffusers", (1, 1))
+            run_row(DiffusersLoop(model, args, inputs, device, dtype), "diffusers", (1, 1, 1))
         if args.compile:
             # Regional compilation, as diffusers recommends; ours with sequence parallelism has
             # collectives inside the attention processor, so graph breaks are allowed there.
             model.compile_repeated_blocks(fullgraph=world_size == 1)
             compiled_now = True
         if "diffusers" in impls:
-            run_row(DiffusersLoop(model, args, inputs, device, dtype), "diffusers", (1, 1))
+            run_row(DiffusersLoop(model, args, inputs, device, dtype), "diffusers", (1, 1, 1))
         if "ours" in impls:
             for degrees in degrees_list:
                 for cond in args.cond.split(","):

@@ -11,6 +11,8 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
                     (1 GPU, with a diffusers eager baseline in the same process; ours at
                     ulysses=2 and ring=2); median of 3.
   flux-usp-ring     ours and xDiT at ring=2, eager, again (a second sample of the noisy rows).
+  flux-pipefusion   ours at pipefusion=2 (layers split over 2 GPUs, 2 patches, 1 warmup step)
+                    beside ours at ulysses=2 and the 1-GPU baselines; eager.
 
 Writes to --out: results.jsonl (one row per line), table.md, group.log (every child's output),
 profiles.txt (with --profile-steps). Multi-GPU launches keep NVLink multicast off.
@@ -54,7 +56,15 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
             ("ours-r2", 2, ["--impl", "ours", "--degrees", "r2"]),
             ("xdit-r2", 2, ["--impl", "xdit", "--degrees", "r2"]),
         ]
-    raise SystemExit(f"unknown group {group!r}; choose flux-usp, flux-usp-compile or flux-usp-ring")
+    if group == "flux-pipefusion":
+        # PipeFusion=2 (M=2 patches, 1 warmup step) beside its baselines in the same run: peak
+        # memory per GPU is the point (each GPU holds about half the weights).
+        return [
+            ("1gpu", 1, ["--impl", "diffusers,ours"]),
+            ("ours-u2", 2, ["--impl", "ours", "--degrees", "u2"]),
+            ("ours-p2", 2, ["--impl", "ours", "--degrees", "p2"]),
+        ]
+    raise SystemExit(f"unknown group {group!r}; choose flux-usp, flux-usp-compile, flux-usp-ring or flux-pipefusion")
 
 
 def command(nproc: int, loop_args: list[str]) -> list[str]:
@@ -70,6 +80,7 @@ def row_name(row: dict) -> str:
     else:
         parts = [f"ulysses={row['ulysses']}"] if row["ulysses"] > 1 else []
         parts += [f"ring={row['ring']}"] if row["ring"] > 1 else []
+        parts += [f"pipefusion={row['pipefusion']} (warmup {row.get('pipefusion_warmup', 1)})"] if row.get("pipefusion", 1) > 1 else []
         how = f"{row['gpus']} GPUs, {' x '.join(parts)}"
     mode = "compiled" if row.get("compiled") else "eager"
     note = ", conditioning already on the GPU" if row.get("cond") == "device" else ""
@@ -87,7 +98,7 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         speed = f"{base['median_s'] / r['median_s']:.2f}x" if base else "-"
-        peer = xdit.get((r["ulysses"], r["ring"]))
+        peer = xdit.get((r["ulysses"], r["ring"])) if r.get("pipefusion", 1) == 1 else None
         ratio = f"{r['median_s'] / peer['median_s']:.3f}" if peer and r["impl"] != "xdit" and r["gpus"] > 1 and not r.get("compiled") else "-"
         runs = " / ".join(f"{t:.2f}" for t in r["times"])
         mem = max(r["peak_gib_per_rank"])

@@ -145,7 +145,8 @@ def resolve_devices(devices: str, degrees_product: int) -> tuple[tuple[str, ...]
 
 
 def make_config(*, ulysses_degree: int, ring_degree: int, use_cfg_parallel: bool, data_parallel_degree: int,
-                pipefusion_parallel_degree: int, attention_backend: str, devices: str) -> ParallelConfig:
+                pipefusion_parallel_degree: int, attention_backend: str, devices: str,
+                num_pipeline_patches: int | None = None, warmup_steps: int = 1) -> ParallelConfig:
     others = ring_degree * data_parallel_degree * pipefusion_parallel_degree * (2 if use_cfg_parallel else 1)
     if ulysses_degree == 0:  # 0: whatever the other degrees leave over of the devices
         count = len(resolve_devices(devices, others)[0]) if devices.strip().lower() != "auto" else None
@@ -161,7 +162,8 @@ def make_config(*, ulysses_degree: int, ring_degree: int, use_cfg_parallel: bool
         log.warning(note)
         degrees = dict(ulysses_degree=1, ring_degree=1, use_cfg_parallel=False, data_parallel_degree=1,
                        pipefusion_parallel_degree=1)
-    return ParallelConfig(attention_backend=attention_backend, devices=resolved, **degrees)
+    return ParallelConfig(attention_backend=attention_backend, devices=resolved, num_pipeline_patches=num_pipeline_patches,
+                          warmup_steps=warmup_steps, **degrees)
 
 
 def pool_for(config: ParallelConfig) -> WorkerPool:

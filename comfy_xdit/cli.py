@@ -18,7 +18,10 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("parallelism (the degrees multiply to the number of workers)")
     group.add_argument("--ulysses-degree", type=int, default=None, help="Ulysses sequence-parallel degree")
     group.add_argument("--ring-degree", type=int, default=1, help="Ring sequence-parallel degree")
-    group.add_argument("--pipefusion-parallel-degree", type=int, default=1, help="PipeFusion degree (not implemented yet)")
+    group.add_argument("--pipefusion-parallel-degree", type=int, default=1, help="PipeFusion degree: layers split over this many stages")
+    group.add_argument("--num-pipeline-patch", dest="num_pipeline_patches", type=int, default=None,
+                       help="PipeFusion patches (bands of token rows); default: the pipefusion degree")
+    group.add_argument("--warmup-steps", type=int, default=1, help="PipeFusion: steps run exactly before stale K/V is reused")
     group.add_argument("--use-cfg-parallel", action="store_true", help="conditional and unconditional branch on two groups")
     group.add_argument("--data-parallel-degree", type=int, default=1, help="split the batch over this many groups")
     group.add_argument("--attention-backend", default="auto", help="auto, sdpa, cudnn, flash, flash_attn, cpu_flash")
@@ -39,6 +42,8 @@ def config_from_flags(args: argparse.Namespace) -> ParallelConfig:
         pipefusion_parallel_degree=args.pipefusion_parallel_degree,
         use_cfg_parallel=args.use_cfg_parallel,
         data_parallel_degree=args.data_parallel_degree,
+        num_pipeline_patches=args.num_pipeline_patches,
+        warmup_steps=args.warmup_steps,
         attention_backend=args.attention_backend,
         devices=devices,
     )

@@ -66,6 +66,8 @@ class ParallelLoader(io.ComfyNode):
                 # Optional and last, so workflows saved before they existed still load unchanged.
                 io.Int.Input("num_pipeline_patches", default=0, min=0, max=64, optional=True, tooltip="PipeFusion: image patches (bands of rows) flowing through the pipeline; 0: the pipefusion degree"),
                 io.Int.Input("warmup_steps", default=1, min=0, max=10000, optional=True, tooltip="PipeFusion: the first steps run exactly (whole image per stage); later steps reuse one-step-stale attention K/V of the other patches"),
+                io.Boolean.Input("cuda_graphs", default=False, optional=True, tooltip="GPU workers: replay each step as a captured CUDA "
+                                 "graph (removes kernel-launch time; the first step of each shape captures)"),
             ],
             outputs=[XditModelType.Output()],
         )
@@ -73,7 +75,7 @@ class ParallelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model_name, weight_dtype, ulysses_degree, ring_degree, use_cfg_parallel, data_parallel_degree,
                 pipefusion_parallel_degree, devices, attention_backend, compile=False, num_pipeline_patches=0,
-                warmup_steps=1) -> io.NodeOutput:
+                warmup_steps=1, cuda_graphs=False) -> io.NodeOutput:
         from .comfy_xdit.requests import ModelSpec
 
         bridge = _bridge()
@@ -85,7 +87,8 @@ class ParallelLoader(io.ComfyNode):
         )
         if weight_dtype == "default":
             weight_dtype = "float32" if config.device_type == "cpu" else "bfloat16"
-        model = bridge.XditModel(ModelSpec(_model_path(model_name), "flux", weight_dtype, compile=compile), config)
+        model = bridge.XditModel(ModelSpec(_model_path(model_name), "flux", weight_dtype, compile=compile,
+                                                  cuda_graphs=cuda_graphs), config)
         bridge.load(model)
         return io.NodeOutput(model)
 

@@ -272,7 +272,8 @@ class OursLoop:
         self.mesh = ParallelMesh.build(config, device)
         self.engine = RankEngine(self.mesh)
         dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
-        self.engine.set_model(model, ModelSpec(path="<random weights>", family="flux", dtype=dtype_name))
+        self.engine.set_model(model, ModelSpec(path="<random weights>", family="flux", dtype=dtype_name,
+                                               cuda_graphs=args.cuda_graphs))
         cond_device = device if cond == "device" else torch.device("cpu")
         self.positive = FluxConditioning(inputs["context"].to(cond_device), inputs["pooled"].to(cond_device), 3.5)
         self.args = args
@@ -284,6 +285,22 @@ class OursLoop:
         latent = torch.zeros(1, 16, a.height // 8, a.width // 8)
         request = SampleRequest(latent=latent, positive=self.positive, negative=None, seed=a.seed, steps=steps, cfg=1.0)
         return self.engine.sample(request)
+
+    def graphs_against_eager(self, steps: int) -> float | None:
+        """With CUDA graphs: relative difference max|graphs - eager| / max|eager| of one loop."""
+        from comfy_xdit.cuda_graphs import CudaGraphForward
+
+        denoiser = self.engine._denoiser
+        graphed = getattr(denoiser, "forward", None)
+        if not isinstance(graphed, CudaGraphForward):
+            return None
+        with_graphs = self(steps)
+        denoiser.forward = graphed.forward
+        try:
+            eager = self(steps)
+        finally:
+            denoiser.forward = graphed
+        return float((with_graphs - eager).abs().max() / eager.abs().max())
 
 
 class FluxPipelineStub:
@@ -462,6 +479,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="a tiny Flux (1 + 2 blocks, width 64) for dry runs")
     p.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (diffusers, ours)")
+    p.add_argument("--cuda-graphs", action="store_true", help="ours: replay each forward as a captured CUDA graph")
     p.add_argument("--eager-baseline", action="store_true", help="with --compile: time diffusers eager first, in the same process")
     p.add_argument("--cond", default="cpu", help="comma list of cpu, device: where ours gets the conditioning (the pool hands over CPU tensors); one ours row per entry")
     p.add_argument("--profile-steps", type=int, default=0, help="after timing, profile a loop of this many steps")
@@ -533,13 +551,18 @@ def main(argv=None) -> int:
 
     def run_row(loop, impl, degrees, extra=None):
         u, r, p = (*degrees, 1)[:3]
-        label = f"{impl} u{u}r{r}{f'p{p}' if p > 1 else ''}{' compiled' if compiled_now else ''}"
+        graphs = impl == "ours" and args.cuda_graphs
+        label = f"{impl} u{u}r{r}{f'p{p}' if p > 1 else ''}{' compiled' if compiled_now else ''}{' cuda-graphs' if graphs else ''}"
         if extra and extra.get("cond") == "device":
             label += " cond-on-device"
         log(f"-- {label}: warm-up + {args.runs} runs")
         row = time_loop(loop, args, device, label)
+        if graphs:
+            row["graphs_vs_eager_rel"] = loop.graphs_against_eager(args.steps)
+            log(f"   {label}: CUDA graphs against eager, relative difference {row['graphs_vs_eager_rel']}")
         row.update(
-            impl=impl, ulysses=u, ring=r, pipefusion=p, gpus=u * r * p, compiled=compiled_now, steps=args.steps,
+            impl=impl, ulysses=u, ring=r, pipefusion=p, gpus=u * r * p, compiled=compiled_now, cuda_graphs=graphs,
+            steps=args.steps,
             tflop_per_loop=flops / 1e12, tflops_per_gpu=flops / row["median_s"] / (u * r * p) / 1e12,
             env=env, tag=args.tag, **(extra or {}),
         )

@@ -80,7 +80,17 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
             ("xdit-r4", 4, ["--impl", "xdit", "--degrees", "r4", "--runs", "3"]),
             ("xdit-u2r2", 4, ["--impl", "xdit", "--degrees", "u2r2", "--runs", "3"]),
         ]
-    raise SystemExit(f"unknown group {group!r}; choose flux-usp, flux-usp-compile, flux-usp-ring, flux-pipefusion or flux-4gpu")
+    if group == "flux-graphs":
+        # CUDA graphs (ours) beside the eager and compiled rows they are meant to beat.
+        return [
+            ("1gpu", 1, ["--impl", "diffusers,ours", "--compile", "--eager-baseline", "--runs", "3"]),
+            ("ours-1gpu-graphs", 1, ["--impl", "ours", "--cuda-graphs", "--runs", "3"]),
+            ("ours-4gpu-graphs", 4, ["--impl", "ours", "--degrees", "u4,r4,u2r2", "--cuda-graphs", "--runs", "3"]),
+            ("ours-4gpu-compiled-graphs", 4, ["--impl", "ours", "--degrees", "u4,u2r2", "--compile", "--cuda-graphs",
+                                              "--runs", "3"]),
+        ]
+    raise SystemExit(f"unknown group {group!r}; choose flux-usp, flux-usp-compile, flux-usp-ring, flux-pipefusion, "
+                     "flux-4gpu or flux-graphs")
 
 
 def command(nproc: int, loop_args: list[str]) -> list[str]:
@@ -99,6 +109,8 @@ def row_name(row: dict) -> str:
         parts += [f"pipefusion={row['pipefusion']} (warmup {row.get('pipefusion_warmup', 1)})"] if row.get("pipefusion", 1) > 1 else []
         how = f"{row['gpus']} GPUs, {' x '.join(parts)}"
     mode = "compiled" if row.get("compiled") else "eager"
+    if row.get("cuda_graphs"):
+        mode += " + CUDA graphs"
     note = ", conditioning already on the GPU" if row.get("cond") == "device" else ""
     return f"{who}, {how}, {mode}{note}"
 

@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--scheduler", default="simple")
     generate.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     generate.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (first job of a shape compiles)")
+    generate.add_argument("--cuda-graphs", action="store_true", help="GPU workers: replay each step as a captured CUDA graph")
     generate.add_argument("--output", type=Path, default=Path("output.latent"))
     add_parallel_flags(generate)
     generate.set_defaults(run=_generate)

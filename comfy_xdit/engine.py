@@ -87,8 +87,9 @@ class RankEngine:
             from .pipefusion.runner import PipeFusionFluxDenoiser
             from .pipefusion.stage import cut_to_stage
 
-            if spec.compile:
-                raise ConfigError("compile with pipefusion_parallel_degree > 1 is not supported yet; turn compile off")
+            if spec.compile or spec.cuda_graphs:
+                raise ConfigError("compile and cuda_graphs with pipefusion_parallel_degree > 1 are not supported yet; "
+                                  "turn them off")
             model = cut_to_stage(model, self._stage_plan(dict(config)))  # a whole model keeps only its stage
             self._denoiser = PipeFusionFluxDenoiser(model, self.mesh, dtype, has_guidance=bool(config.guidance_embeds))
         else:
@@ -99,6 +100,10 @@ class RankEngine:
             forward = flux.install_sequence_parallel(model, self.mesh, kernel)
             if spec.compile:
                 compile_repeated_blocks(model, self.mesh)
+            if spec.cuda_graphs and self.device.type == "cuda":
+                from .cuda_graphs import CudaGraphForward
+
+                forward = CudaGraphForward(forward)
             self._denoiser = flux.FluxDenoiser(forward, dtype, has_guidance=bool(config.guidance_embeds),
                                                controlled=flux.controlled_forward(model, self.mesh))
         # Flux-schnell (no guidance embedder) was distilled for an unshifted schedule.

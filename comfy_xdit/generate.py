@@ -64,7 +64,8 @@ def run_generate(args: argparse.Namespace, config: ParallelConfig) -> int:
     )
     with WorkerPool(config) as pool:
         started = time.perf_counter()
-        pool.load(ModelSpec(str(Path(args.model).resolve()), dtype=args.dtype, compile=args.compile))
+        pool.load(ModelSpec(str(Path(args.model).resolve()), dtype=args.dtype, compile=args.compile,
+                                 cuda_graphs=args.cuda_graphs))
         print(f"loaded {args.model} on {config.world_size} worker(s) in {time.perf_counter() - started:.1f} s ({config.describe_degrees()})")
         started = time.perf_counter()
         result = pool.sample(request, on_step=lambda step, total, _: print(f"\rstep {step}/{total}", end="", flush=True))

@@ -23,6 +23,9 @@ class ModelSpec:
     # torch.compile the model's repeated blocks (diffusers' regional compile). Part of the spec
     # because switching it rebuilds the model; the first job of each shape pays the compile.
     compile: bool = False
+    # Replay each step's forward as a captured CUDA graph (GPU workers only; ignored on CPU):
+    # removes the host's kernel-launch time, which dominates a step sharded over several GPUs.
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -12,14 +12,13 @@ from .attention.kernels import choose_lse_kernel
 from .config import ConfigError
 from .lora import LoraState, apply_loras
 from .mesh import ParallelMesh
-from .models import flux
+from .models import families, flux
 from .requests import DTYPES, ModelSpec, NoHooks, SampleRequest, StepHooks, VaeDecodeRequest, VaeWeights
 from .controlnets import ControlNetCache
 from .controlnets import prepare as prepare_controls
 from .sampling.ksampler import flow_sampling_for, rows_for_rank, run_ksampler
-from .sampling.schedules import FLUX_DEV_SHIFT, FLUX_SCHNELL_SHIFT
 
-SUPPORTED_FAMILIES = ("flux",)
+SUPPORTED_FAMILIES = tuple(families.FAMILIES)
 
 
 def compile_repeated_blocks(model: torch.nn.Module, mesh: ParallelMesh) -> None:
@@ -40,8 +39,9 @@ class RankEngine:
         self.mesh = mesh
         self.spec: ModelSpec | None = None
         self.model: torch.nn.Module | None = None
-        self._denoiser: flux.FluxDenoiser | None = None
-        self._default_shift = FLUX_DEV_SHIFT
+        self._denoiser = None  # the family's denoiser (FluxDenoiser, SD3Denoiser, PipeFusionFluxDenoiser)
+        self.family: families.ModelFamily | None = None
+        self._default_shift: float | None = None
         self.load_count = 0
         self.lora_state = LoraState()
         self.lora_apply_count = 0
@@ -57,14 +57,12 @@ class RankEngine:
         """Load the model unless the same spec is already loaded; returns whether it loaded."""
         if spec == self.spec and self.model is not None:
             return False
-        if spec.family not in SUPPORTED_FAMILIES:
-            raise ValueError(f"model family {spec.family!r} is not supported yet; supported: {', '.join(SUPPORTED_FAMILIES)}")
-        from .loading.flux import load_flux_transformer, read_flux_config
-
-        model_config = read_flux_config(spec.path)
+        family = families.get(spec.family)
+        self._check_family_supports(spec, family)
+        model_config = family.read_config(spec.path)
         # Refuse degrees the model cannot take before reading any weights.
-        self.mesh.config.check_model(num_heads=model_config["num_attention_heads"], family="Flux",
-                                     num_blocks=model_config["num_layers"] + model_config["num_single_layers"])
+        self.mesh.config.check_model(num_heads=model_config["num_attention_heads"], family=family.display_name,
+                                     num_blocks=_num_blocks(model_config))
         self.model = self._denoiser = None
         if self.mesh.size("pipefusion") > 1:
             from .pipefusion.stage import load_flux_stage
@@ -72,16 +70,18 @@ class RankEngine:
             # Only this stage's tensors are read from the file.
             model = load_flux_stage(spec.path, self._stage_plan(model_config), dtype=spec.torch_dtype, device=self.device).eval()
         else:
-            model = load_flux_transformer(spec.path, dtype=spec.torch_dtype, device=self.device).eval()
+            model = family.load(spec.path, dtype=spec.torch_dtype, device=self.device).eval()
         self.set_model(model, spec)
         self.load_count += 1
         return True
 
     def set_model(self, model: torch.nn.Module, spec: ModelSpec) -> None:
-        """Use an already-built diffusers Flux transformer (scripts, tests, benchmarks)."""
+        """Use an already-built diffusers transformer of ``spec.family`` (scripts, tests, benchmarks)."""
+        family = families.get(spec.family)
+        self._check_family_supports(spec, family)
         config = model.config
-        self.mesh.config.check_model(num_heads=config.num_attention_heads, family="Flux",
-                                     num_blocks=config.num_layers + config.num_single_layers)
+        self.mesh.config.check_model(num_heads=config.num_attention_heads, family=family.display_name,
+                                     num_blocks=_num_blocks(dict(config)))
         dtype = next(model.parameters()).dtype
         if self.mesh.size("pipefusion") > 1:
             from .pipefusion.runner import PipeFusionFluxDenoiser
@@ -97,19 +97,25 @@ class RankEngine:
             if self.mesh.size("ring") > 1:
                 kernel = choose_lse_kernel(self.mesh.config.attention_backend, self.device, dtype)
             self._lse_kernel = kernel
-            forward = flux.install_sequence_parallel(model, self.mesh, kernel)
+            self._denoiser = family.build_denoiser(model, self.mesh, kernel, dtype)
             if spec.compile:
                 compile_repeated_blocks(model, self.mesh)
             if spec.cuda_graphs and self.device.type == "cuda":
                 from .cuda_graphs import CudaGraphForward
 
-                forward = CudaGraphForward(forward)
-            self._denoiser = flux.FluxDenoiser(forward, dtype, has_guidance=bool(config.guidance_embeds),
-                                               controlled=flux.controlled_forward(model, self.mesh))
-        # Flux-schnell (no guidance embedder) was distilled for an unshifted schedule.
-        self._default_shift = FLUX_DEV_SHIFT if config.guidance_embeds else FLUX_SCHNELL_SHIFT
+                self._denoiser.forward = CudaGraphForward(self._denoiser.forward)
+        self._default_shift = family.default_shift(config)
+        self.family = family
         self.model, self.spec = model, spec
         self.lora_state.forget()  # a new base model carries no LoRA
+
+    def _check_family_supports(self, spec: ModelSpec, family: families.ModelFamily) -> None:
+        """Refuse, before any weight is read, what the family does not support yet."""
+        if spec.compile and "compile" not in family.methods:
+            raise ConfigError(f"torch.compile is not supported for {family.display_name} models yet; turn the loader's compile off")
+        if self.mesh.size("pipefusion") > 1 and "pipefusion" not in family.methods:
+            raise ConfigError(f"PipeFusion is not supported for {family.display_name} models yet; use ulysses_degree, "
+                              "ring_degree or use_cfg_parallel instead of pipefusion_parallel_degree")
 
     def _stage_plan(self, model_config: dict):
         from .pipefusion.partition import plan_stages
@@ -127,16 +133,17 @@ class RankEngine:
     def sample(self, request: SampleRequest, hooks: StepHooks | None = None) -> torch.Tensor:
         if self._denoiser is None:
             raise RuntimeError("no model is loaded; call load() first")
-        denoiser = self._denoiser
+        denoiser, family = self._denoiser, self.family
+        _check_request_fits(request, family)
         self.set_loras(request.loras)
         controls = self._job_controls(request, denoiser.dtype)
 
         def velocity(x, sigma, cond):
             active = [(job.control, job.tokens) for job in controls if job.active_at(sigma)]
-            return denoiser(x, sigma, cond.context, cond.pooled, cond.guidance, active).to(x.dtype)
+            return family.velocity(denoiser, x, sigma, cond, active).to(x.dtype)
 
         hooks = hooks or NoHooks()
-        if not isinstance(denoiser, flux.FluxDenoiser):  # PipeFusion: fresh caches, warmup counted in steps
+        if self.mesh.size("pipefusion") > 1:  # PipeFusion: fresh caches, warmup counted in steps
             if request.controlnets:
                 raise ConfigError("ControlNet with pipefusion_parallel_degree > 1 is not supported yet; "
                                   "use ulysses_degree / ring_degree for ControlNet workflows")
@@ -149,12 +156,13 @@ class RankEngine:
                 request,
                 velocity,
                 self.mesh,
-                latent_channels=flux.LATENT_CHANNELS,
+                latent_channels=family.latent.channels,
                 default_shift=self._default_shift,
-                to_model_space=flux.latent_to_model_space,
-                from_model_space=flux.latent_from_model_space,
+                to_model_space=family.latent.to_model_space,
+                from_model_space=family.latent.from_model_space,
                 hooks=hooks,
                 device=self.device,
+                make_sampling=family.sampling,
             )
 
     def _job_controls(self, request: SampleRequest, dtype: torch.dtype):
@@ -163,7 +171,7 @@ class RankEngine:
             return []
         latent = request.latent
         batch, (height, width) = latent.shape[0], latent.shape[-2:]
-        sampling = flow_sampling_for(request, self._default_shift, height, width)
+        sampling = flow_sampling_for(request, self._default_shift, height, width, self.family.sampling)
         return prepare_controls(request.controlnets, self.controlnets, dtype=dtype, batch=batch,
                                 rows=rows_for_rank(batch, self.mesh), latent_hw=(height, width), sampling=sampling,
                                 model_config=self.model.config)
@@ -197,3 +205,23 @@ class RankEngine:
         group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
         with torch.inference_mode():
             return decoder.decode_parallel(request.latent.to(self.device), group=group).float().cpu()
+
+
+def _num_blocks(model_config: dict) -> int:
+    """Transformer blocks of a model config (Flux: double + single; SD3: joint)."""
+    return model_config["num_layers"] + model_config.get("num_single_layers", 0)
+
+
+def _check_request_fits(request: SampleRequest, family: families.ModelFamily) -> None:
+    """Refuse a request made for another family, with what to change."""
+    for which, cond in (("positive", request.positive), ("negative", request.negative)):
+        if cond is not None and not isinstance(cond, family.conditioning):
+            raise ValueError(f"the {which} conditioning is a {type(cond).__name__}, but the loaded "
+                             f"{family.display_name} model takes {family.conditioning.__name__}")
+    if request.max_shift is not None and not family.resolution_shift:
+        raise ValueError(f"the resolution-dependent shift (ModelSamplingFlux) does not apply to {family.display_name}; "
+                         "use the model's default shift")
+    if request.loras and "lora" not in family.methods:
+        raise ValueError(f"LoRAs are not supported for {family.display_name} models yet; remove the Parallel LoRA Loader")
+    if request.controlnets and "controlnet" not in family.methods:
+        raise ValueError(f"ControlNets are not supported for {family.display_name} models yet; remove the ControlNet nodes")

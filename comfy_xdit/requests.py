@@ -69,12 +69,25 @@ class ControlNetRequest:
 
 
 @dataclass
+class SD3Conditioning:
+    """One prompt's conditioning in ComfyUI's SD3 / SD3.5 layout.
+
+    context: CLIP-L/G tokens (padded to 4096 wide) followed by T5 tokens [B or 1, T, 4096]
+    (77 + 256 = 333 for the stock encoders, any length works); pooled: CLIP-L + CLIP-G pooled
+    outputs [B or 1, 2048].
+    """
+
+    context: torch.Tensor
+    pooled: torch.Tensor
+
+
+@dataclass
 class SampleRequest:
     """One KSampler-equivalent call. Latents are ComfyUI's raw VAE latents [B, 16, H/8, W/8]."""
 
     latent: torch.Tensor
-    positive: FluxConditioning
-    negative: FluxConditioning | None
+    positive: FluxConditioning | SD3Conditioning  # the loaded model family's type
+    negative: FluxConditioning | SD3Conditioning | None
     seed: int
     steps: int
     cfg: float = 1.0

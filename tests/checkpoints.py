@@ -240,3 +240,131 @@ def write_stock_flux_file(
         return write_bfl_file(model, path, prefix=prefix)
     finally:
         del model
+
+
+# --- Stable Diffusion 3 / 3.5 ----------------------------------------------------------------------
+
+
+def make_sd3_diffusers_model(
+    num_layers: int = 2,
+    heads: int = 2,
+    head_dim: int = 16,
+    dual_attention_layers: tuple[int, ...] = (),
+    qk_norm: str | None = None,
+    joint_attention_dim: int = 32,
+    pooled_projection_dim: int = 24,
+    pos_embed_max_size: int = 16,
+    patch_size: int = 2,
+    seed: int = 0,
+):
+    """A tiny float32 SD3Transformer2DModel with every parameter random (norm scales around 1).
+
+    SD3.5-style with ``qk_norm="rms_norm"`` and ``dual_attention_layers`` (SD3.5 medium has
+    image-only attn2 in its first blocks). The positional table stays diffusers' sin-cos one
+    (a buffer, as in real checkpoints).
+    """
+    from diffusers import SD3Transformer2DModel
+
+    model = SD3Transformer2DModel(
+        sample_size=pos_embed_max_size,
+        patch_size=patch_size,
+        in_channels=16,
+        num_layers=num_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=joint_attention_dim,
+        caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=pooled_projection_dim,
+        out_channels=16,
+        pos_embed_max_size=pos_embed_max_size,
+        dual_attention_layers=dual_attention_layers,
+        qk_norm=qk_norm,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.ndim >= 2:
+                param.copy_(noise / param[0].numel() ** 0.5)
+            elif "norm" in name:
+                param.copy_(1 + 0.1 * noise)
+            else:
+                param.copy_(0.1 * noise)
+    return model.eval()
+
+
+def diffusers_to_sai_sd3_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stability AI's MMDiT key layout (what ComfyUI loads) from a diffusers SD3Transformer2DModel state dict.
+
+    Written independently of diffusers' converter (which the loader uses), so a round trip checks it.
+    """
+    sd = dict(state_dict)
+    out: dict[str, torch.Tensor] = {}
+
+    def move(target: str, source: str, swap: bool = False) -> None:
+        for kind in ("weight", "bias"):
+            tensor = sd.pop(f"{source}.{kind}")
+            out[f"{target}.{kind}"] = _swap_halves(tensor) if swap else tensor
+
+    def fuse(target: str, sources: list[str]) -> None:
+        for kind in ("weight", "bias"):
+            out[f"{target}.{kind}"] = torch.cat([sd.pop(f"{s}.{kind}") for s in sources], dim=0)
+
+    out["pos_embed"] = sd.pop("pos_embed.pos_embed")
+    move("x_embedder.proj", "pos_embed.proj")
+    move("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1")
+    move("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2")
+    move("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1")
+    move("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2")
+    move("context_embedder", "context_embedder")
+    blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")})
+    for i in blocks:
+        d, x, c = f"transformer_blocks.{i}", f"joint_blocks.{i}.x_block", f"joint_blocks.{i}.context_block"
+        last = i == blocks[-1]
+        fuse(f"{x}.attn.qkv", [f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"])
+        fuse(f"{c}.attn.qkv", [f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"])
+        for sai, diff in (("x_block.attn.ln_q", "attn.norm_q"), ("x_block.attn.ln_k", "attn.norm_k"),
+                          ("context_block.attn.ln_q", "attn.norm_added_q"), ("context_block.attn.ln_k", "attn.norm_added_k"),
+                          ("x_block.attn2.ln_q", "attn2.norm_q"), ("x_block.attn2.ln_k", "attn2.norm_k")):
+            if f"{d}.{diff}.weight" in sd:
+                out[f"joint_blocks.{i}.{sai}.weight"] = sd.pop(f"{d}.{diff}.weight")
+        move(f"{x}.attn.proj", f"{d}.attn.to_out.0")
+        if f"{d}.attn2.to_q.weight" in sd:
+            fuse(f"{x}.attn2.qkv", [f"{d}.attn2.to_q", f"{d}.attn2.to_k", f"{d}.attn2.to_v"])
+            move(f"{x}.attn2.proj", f"{d}.attn2.to_out.0")
+        move(f"{x}.adaLN_modulation.1", f"{d}.norm1.linear")
+        # The last block's text stream is pre-only: SAI's adaLN emits (shift, scale), diffusers' (scale, shift).
+        move(f"{c}.adaLN_modulation.1", f"{d}.norm1_context.linear", swap=last)
+        move(f"{x}.mlp.fc1", f"{d}.ff.net.0.proj")
+        move(f"{x}.mlp.fc2", f"{d}.ff.net.2")
+        if not last:
+            move(f"{c}.attn.proj", f"{d}.attn.to_add_out")
+            move(f"{c}.mlp.fc1", f"{d}.ff_context.net.0.proj")
+            move(f"{c}.mlp.fc2", f"{d}.ff_context.net.2")
+    move("final_layer.linear", "proj_out")
+    move("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
+    assert not sd, f"diffusers keys without an SAI home: {sorted(sd)[:5]}"
+    return out
+
+
+def write_sd3_file(model, path: str | Path, prefix: str = "", dtype: torch.dtype | None = None,
+                   extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the model as one SAI-layout safetensors file (prefix COMFY_PREFIX for a whole checkpoint's)."""
+    sd = diffusers_to_sai_sd3_state_dict(_contiguous(model.state_dict(), dtype))
+    sd = {prefix + k: v for k, v in sd.items()}
+    sd.update(extra or {})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def sd3_checkpoint_extras(seed: int = 0) -> dict[str, torch.Tensor]:
+    """What a whole SD3 checkpoint carries beside the transformer (a few keys of each part)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.randn(8, generator=g),
+        "text_encoders.clip_g.transformer.text_model.final_layer_norm.weight": torch.randn(8, generator=g),
+        "text_encoders.t5xxl.transformer.shared.weight": torch.randn(4, 8, generator=g),
+        "first_stage_model.decoder.conv_in.weight": torch.randn(8, 16, 3, 3, generator=g),
+    }

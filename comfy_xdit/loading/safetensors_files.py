@@ -154,3 +154,24 @@ class SafetensorsSource:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def find_layouts(keys, signatures: dict[str, tuple[str, ...]]) -> list[tuple[str, str]]:
+    """Every (layout, prefix) under which ``keys`` hold all of one layout's signature keys.
+
+    The prefix is what precedes the first signature key (``""`` or e.g. ``model.diffusion_model.``);
+    a layout matches only if every other signature key sits under the same prefix.
+    """
+    keys = set(keys)
+    found = []
+    for layout, signature in signatures.items():
+        anchor = signature[0]
+        for key in keys:
+            if not key.endswith(anchor):
+                continue
+            prefix = key[: -len(anchor)]
+            if prefix and not prefix.endswith("."):
+                continue
+            if all(prefix + name in keys for name in signature):
+                found.append((layout, prefix))
+    return found

@@ -7,6 +7,7 @@ tokens inside the model over the sequence-parallel groups. Every rank returns th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -16,9 +17,9 @@ from ..models.sharding import gather_along
 from ..requests import FluxConditioning, SampleRequest, SamplingCancelled, StepHooks
 from .noise import comfy_noise
 from .samplers import NoiseSource, get_sampler
-from .schedules import FlowSampling, resolution_shift, sigmas_for
+from .schedules import FlowSampling, ModelSampling, resolution_shift, sigmas_for
 
-# velocity(x_model_space, sigma, conditioning) -> v
+# velocity(x_model_space, sigma, conditioning) -> v; the conditioning is the family's type
 Velocity = Callable[[torch.Tensor, torch.Tensor, FluxConditioning], torch.Tensor]
 
 
@@ -46,12 +47,13 @@ def _rows_for_rank(batch: int, mesh: ParallelMesh) -> slice:
 rows_for_rank = _rows_for_rank  # the engine slices per-row job inputs (ControlNet hints) the same way
 
 
-def flow_sampling_for(request: SampleRequest, default_shift: float, height: int, width: int) -> FlowSampling:
+def flow_sampling_for(request: SampleRequest, default_shift: float, height: int, width: int,
+                      make_sampling: Callable[[float], ModelSampling] = FlowSampling) -> ModelSampling:
     """The job's model sampling: the model's constant shift, or ModelSamplingFlux's by resolution."""
     shift = default_shift
     if request.max_shift is not None:
         shift = resolution_shift(height, width, request.max_shift, request.base_shift if request.base_shift is not None else 0.5)
-    return FlowSampling(shift)
+    return make_sampling(shift)
 
 
 def _gather_batch(out: torch.Tensor, batch: int, mesh: ParallelMesh) -> torch.Tensor:
@@ -65,13 +67,13 @@ def _gather_batch(out: torch.Tensor, batch: int, mesh: ParallelMesh) -> torch.Te
     return torch.cat([part[:n] for part, n in zip(gathered, sizes)])
 
 
-def _slice_conditioning(cond: FluxConditioning, rows: slice, batch: int, device: torch.device) -> FluxConditioning:
+def _slice_conditioning(cond, rows: slice, batch: int, device: torch.device):
     # Moved to the device once per job: a host-to-device copy inside the step would make the
     # host wait for the GPU every step.
     def pick(t: torch.Tensor) -> torch.Tensor:
         return (t[rows] if t.shape[0] == batch and batch > 1 else t[:1]).to(device)
 
-    return FluxConditioning(pick(cond.context), pick(cond.pooled), cond.guidance)
+    return dataclasses.replace(cond, context=pick(cond.context), pooled=pick(cond.pooled))
 
 
 def run_ksampler(
@@ -85,6 +87,7 @@ def run_ksampler(
     from_model_space: Callable[[torch.Tensor], torch.Tensor],
     hooks: StepHooks,
     device: torch.device,
+    make_sampling: Callable[[float], ModelSampling] = FlowSampling,
 ) -> torch.Tensor:
     latent = widen_empty_latent(request.latent.float(), latent_channels)
     batch, _, height, width = latent.shape
@@ -92,7 +95,7 @@ def run_ksampler(
     mesh.config.check_request(batch_size=batch, uses_cfg=uses_cfg)
 
     noise = comfy_noise(tuple(latent.shape), request.seed, request.batch_index)
-    sampling = flow_sampling_for(request, default_shift, height, width)
+    sampling = flow_sampling_for(request, default_shift, height, width, make_sampling)
     sigmas = sigmas_for(sampling, request.scheduler, request.steps, request.denoise, request.sampler_name).to(device)
     sampler = get_sampler(request.sampler_name, sampling)
 

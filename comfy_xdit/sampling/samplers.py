@@ -21,7 +21,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .schedules import FlowSampling
+from .schedules import ModelSampling
 
 Denoise = Callable[[Tensor, Tensor], Tensor]
 AfterStep = Callable[[int, Tensor, Tensor], None]
@@ -126,11 +126,11 @@ def _sigma_of_half_log_snr(lam: Tensor) -> Tensor:
     return lam.neg().sigmoid()
 
 
-def _offset_first_sigma(sigmas: Tensor, sampling: FlowSampling) -> Tensor:
+def _offset_first_sigma(sigmas: Tensor, sampling: ModelSampling) -> Tensor:
     # sigma 1 has an infinite log-SNR; ComfyUI starts such schedules at the 0.01 % timestep instead.
     if len(sigmas) > 1 and sigmas[0] >= 1:
         sigmas = sigmas.clone()
-        sigmas[0] = sampling.sigma(1.0 - 1e-4)
+        sigmas[0] = sampling.percent_to_sigma(1e-4)
     return sigmas
 
 
@@ -373,7 +373,7 @@ def dpmpp_2s_ancestral(denoise: Denoise, x: Tensor, sigmas: Tensor, after_step: 
 
 def dpmpp_sde(
     denoise: Denoise, x: Tensor, sigmas: Tensor, after_step: AfterStep, noise: NoiseSource, *,
-    sampling: FlowSampling, tree_on_cpu: bool = True, r: float = 0.5,
+    sampling: ModelSampling, tree_on_cpu: bool = True, r: float = 0.5,
 ) -> Tensor:
     if len(sigmas) <= 1:
         return x
@@ -412,7 +412,7 @@ def dpmpp_sde(
 
 def dpmpp_2m_sde(
     denoise: Denoise, x: Tensor, sigmas: Tensor, after_step: AfterStep, noise: NoiseSource, *,
-    sampling: FlowSampling, tree_on_cpu: bool = True, solver: str = "midpoint",
+    sampling: ModelSampling, tree_on_cpu: bool = True, solver: str = "midpoint",
 ) -> Tensor:
     if len(sigmas) <= 1:
         return x
@@ -444,7 +444,7 @@ def dpmpp_2m_sde(
 
 def dpmpp_3m_sde(
     denoise: Denoise, x: Tensor, sigmas: Tensor, after_step: AfterStep, noise: NoiseSource, *,
-    sampling: FlowSampling, tree_on_cpu: bool = True,
+    sampling: ModelSampling, tree_on_cpu: bool = True,
 ) -> Tensor:
     if len(sigmas) <= 1:
         return x
@@ -508,7 +508,7 @@ SAMPLERS: dict[str, Sampler] = {
 _NEEDS_SAMPLING = {name for name in SAMPLERS if "sde" in name}
 
 
-def get_sampler(name: str, sampling: FlowSampling) -> Sampler:
+def get_sampler(name: str, sampling: ModelSampling) -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"sampler_name {name!r} is not supported; choose one of {', '.join(SAMPLERS)}")
     sampler = SAMPLERS[name]

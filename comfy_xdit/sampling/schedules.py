@@ -1,8 +1,15 @@
-"""ComfyUI's sigma schedules for flow models with Flux's time shift, reproduced number for number.
+"""ComfyUI's sigma schedules for flow models, reproduced number for number.
 
-ComfyUI tabulates the shifted sigma at 10,000 timesteps and most schedulers pick entries of that
-table, so the table is built the same way here (float32, t = k / 10000) rather than computed
-analytically; that keeps the schedules bit-compatible with KSampler's.
+Two model samplings, as ComfyUI defines them for flow (CONST) models:
+
+- ``FlowSampling``: Flux's ModelSamplingFlux, an exponential time shift tabulated at 10,000
+  timesteps; the model's timestep is sigma itself.
+- ``DiscreteFlowSampling``: SD3's ModelSamplingDiscreteFlow, sigma(t) = shift*t / (1 + (shift-1)*t)
+  tabulated at 1,000 timesteps; the model's timestep is sigma * multiplier (1000).
+
+Most schedulers pick entries of the table, so each table is built with ComfyUI's float32
+operations in ComfyUI's order rather than analytically; that keeps the schedules bit-compatible
+with KSampler's.
 """
 
 from __future__ import annotations
@@ -28,12 +35,18 @@ def resolution_shift(latent_height: int, latent_width: int, max_shift: float = 1
 
 @dataclass(frozen=True)
 class FlowSampling:
-    """Flux's ModelSamplingFlux: sigma(t) = e^shift / (e^shift + (1/t - 1))."""
+    """Flux's ModelSamplingFlux: sigma(t) = e^shift / (e^shift + (1/t - 1)); timestep = sigma."""
 
     shift: float
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return math.exp(self.shift) / (math.exp(self.shift) + (1 / t - 1) ** 1.0)
+
+    def timestep(self, sigma):
+        return sigma
+
+    def percent_to_sigma(self, percent: float) -> float:
+        return self.sigma(1.0 - percent)
 
     @property
     def table(self) -> torch.Tensor:
@@ -56,16 +69,57 @@ class FlowSampling:
         return float(self.table[-1])
 
 
-def simple(sampling: FlowSampling, steps: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class DiscreteFlowSampling:
+    """SD3's ModelSamplingDiscreteFlow: sigma(t) = shift*t / (1 + (shift-1)*t), t = timestep / multiplier."""
+
+    shift: float
+    multiplier: float = 1000.0
+    timesteps: int = 1000
+
+    def _shifted(self, t):
+        if self.shift == 1.0:
+            return t
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def sigma(self, timestep):
+        return self._shifted(timestep / self.multiplier)
+
+    def timestep(self, sigma):
+        # In float32, as ComfyUI multiplies its float32 sigmas.
+        return float(torch.tensor(sigma, dtype=torch.float32) * self.multiplier)
+
+    def percent_to_sigma(self, percent: float) -> float:
+        return self._shifted(1.0 - percent)
+
+    @property
+    def table(self) -> torch.Tensor:
+        # ComfyUI's order of float32 operations: k / timesteps, times multiplier, then sigma().
+        return self.sigma((torch.arange(1, self.timesteps + 1, 1) / self.timesteps) * self.multiplier)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.table[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.table[-1])
+
+
+# What a family's default sampling is built from: (shift) -> sampling.
+ModelSampling = FlowSampling | DiscreteFlowSampling
+
+
+def simple(sampling: ModelSampling, steps: int) -> torch.Tensor:
     table = sampling.table
     stride = len(table) / steps
     sigmas = [float(table[-(1 + int(i * stride))]) for i in range(steps)]
     return torch.FloatTensor(sigmas + [0.0])
 
 
-def normal(sampling: FlowSampling, steps: int, sgm: bool = False) -> torch.Tensor:
-    # The flow model's timestep is its sigma, so start/end are sigma_max/sigma_min.
-    start, end = sampling.sigma_max, sampling.sigma_min
+def normal(sampling: ModelSampling, steps: int, sgm: bool = False) -> torch.Tensor:
+    # Evenly spaced in the model's timestep (Flux: sigma itself; SD3: sigma * 1000).
+    start, end = sampling.timestep(sampling.sigma_max), sampling.timestep(sampling.sigma_min)
     append_zero = True
     if sgm:
         timesteps = torch.linspace(start, end, steps + 1)[:-1]
@@ -78,11 +132,11 @@ def normal(sampling: FlowSampling, steps: int, sgm: bool = False) -> torch.Tenso
     return torch.FloatTensor(sigmas + ([0.0] if append_zero else []))
 
 
-def sgm_uniform(sampling: FlowSampling, steps: int) -> torch.Tensor:
+def sgm_uniform(sampling: ModelSampling, steps: int) -> torch.Tensor:
     return normal(sampling, steps, sgm=True)
 
 
-def karras(sampling: FlowSampling, steps: int, rho: float = 7.0) -> torch.Tensor:
+def karras(sampling: ModelSampling, steps: int, rho: float = 7.0) -> torch.Tensor:
     ramp = torch.linspace(0, 1, steps)
     min_inv_rho = sampling.sigma_min ** (1 / rho)
     max_inv_rho = sampling.sigma_max ** (1 / rho)
@@ -90,7 +144,7 @@ def karras(sampling: FlowSampling, steps: int, rho: float = 7.0) -> torch.Tensor
     return torch.cat([sigmas, sigmas.new_zeros([1])])
 
 
-def beta(sampling: FlowSampling, steps: int, alpha: float = 0.6, beta_param: float = 0.6) -> torch.Tensor:
+def beta(sampling: ModelSampling, steps: int, alpha: float = 0.6, beta_param: float = 0.6) -> torch.Tensor:
     import numpy
     from scipy.stats import beta as beta_distribution
 
@@ -114,7 +168,7 @@ SCHEDULERS = {"simple": simple, "normal": normal, "sgm_uniform": sgm_uniform, "k
 DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
 
 
-def _schedule(sampling: FlowSampling, scheduler: str, steps: int, sampler_name: str | None) -> torch.Tensor:
+def _schedule(sampling: ModelSampling, scheduler: str, steps: int, sampler_name: str | None) -> torch.Tensor:
     if sampler_name in DISCARD_PENULTIMATE_SIGMA_SAMPLERS:
         sigmas = SCHEDULERS[scheduler](sampling, steps + 1)
         return torch.cat([sigmas[:-2], sigmas[-1:]])
@@ -122,7 +176,7 @@ def _schedule(sampling: FlowSampling, scheduler: str, steps: int, sampler_name: 
 
 
 def sigmas_for(
-    sampling: FlowSampling, scheduler: str, steps: int, denoise: float = 1.0, sampler_name: str | None = None
+    sampling: ModelSampling, scheduler: str, steps: int, denoise: float = 1.0, sampler_name: str | None = None
 ) -> torch.Tensor:
     """KSampler's sigmas: with denoise < 1 the schedule of steps/denoise steps, last steps+1 kept.
 

@@ -1,0 +1,278 @@
+"""Stable Diffusion 3 / 3.5 transformer checkpoints, loaded offline into diffusers' ``SD3Transformer2DModel``.
+
+Accepted: a single .safetensors file in Stability AI's original MMDiT layout (``joint_blocks``,
+``x_embedder``, ...) as ComfyUI users keep it: a whole checkpoint in models/checkpoints (the
+transformer under ``model.diffusion_model.``, text encoders and VAE beside it, which are
+ignored) or the transformer alone in models/diffusion_models (with or without that prefix); a
+single file in diffusers' key layout; and a diffusers folder (plain, sharded, or a pipeline
+folder with a ``transformer/`` subfolder).
+
+The key mapping is diffusers' own SD3 converter
+(``convert_sd3_transformer_checkpoint_to_diffusers``). It is first run on meta tensors with the
+header shapes, so a file that does not fit is refused before any weight is read; the config is
+inferred from shapes (no hub): SD3 medium (24 blocks x 24 heads), SD3.5 large (qk RMSNorm) and
+SD3.5 medium (qk RMSNorm, image-only ``attn2`` in its first blocks).
+
+The head width is 64 in every SD3 release (ComfyUI assumes the same); a file with qk norms
+states it through the norm's length, a file without takes 64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .flux import _FLOAT8_DTYPES, _FLOAT_DTYPE_CODES, _SCALE_SUFFIXES, _SCALED_FP8_MARKER, _as_load_dtype
+from .safetensors_files import CheckpointError, SafetensorsSource, find_layouts, find_weight_files
+
+SAI_LAYOUT = "sai"
+DIFFUSERS_LAYOUT = "diffusers"
+SD3_HEAD_DIM = 64
+# Only sets diffusers' default positional grid, which the file's pos_embed replaces.
+SD3_SAMPLE_SIZE = 128
+
+# Keys (after the prefix) that identify each layout of an SD3 transformer. Flux's diffusers layout
+# shares transformer_blocks and context_embedder but has x_embedder, never pos_embed.proj.
+SD3_SIGNATURES = {
+    SAI_LAYOUT: (
+        "joint_blocks.0.context_block.attn.qkv.weight",
+        "x_embedder.proj.weight",
+        "t_embedder.mlp.0.weight",
+        "y_embedder.mlp.0.weight",
+        "context_embedder.weight",
+        "final_layer.linear.weight",
+        "pos_embed",
+    ),
+    DIFFUSERS_LAYOUT: (
+        "transformer_blocks.0.attn.add_q_proj.weight",
+        "pos_embed.proj.weight",
+        "pos_embed.pos_embed",
+        "time_text_embed.text_embedder.linear_1.weight",
+        "context_embedder.weight",
+        "proj_out.weight",
+    ),
+}
+
+
+def find_sd3_layouts(keys: Iterable[str]) -> list[tuple[str, str]]:
+    """Every (layout, prefix) under which these keys hold a whole SD3 transformer's signature."""
+    return find_layouts(keys, SD3_SIGNATURES)
+
+
+def _detect_layout(keys: Iterable[str]) -> tuple[str, str]:
+    found = find_sd3_layouts(keys)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise CheckpointError(f"several SD3 transformers in one file (layout, prefix): {sorted(found)}")
+    raise CheckpointError(
+        "not a Stable Diffusion 3 / 3.5 transformer checkpoint: expected "
+        f"{' + '.join(SD3_SIGNATURES[SAI_LAYOUT][:3])} (Stability AI / ComfyUI layout) or "
+        f"{' + '.join(SD3_SIGNATURES[DIFFUSERS_LAYOUT][:3])} (diffusers layout)"
+    )
+
+
+def _block_indices(keys: Iterable[str], pattern: str) -> list[int]:
+    regex = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in keys if (m := regex.match(k))})
+
+
+def _count_blocks(keys: Iterable[str], pattern: str) -> int:
+    indices = _block_indices(keys, pattern)
+    count = indices[-1] + 1 if indices else 0
+    if indices != list(range(count)):
+        raise CheckpointError(f"block indices are not contiguous: {pattern} has {indices}")
+    return count
+
+
+def _infer_config(shape, keys: list[str], layout: str) -> dict:
+    """The diffusers config, from shapes in the headers only."""
+    if layout == SAI_LAYOUT:
+        patch, pooled, final, blocks = "x_embedder.proj.weight", "y_embedder.mlp.0.weight", "final_layer.linear.weight", r"joint_blocks\.(\d+)\."
+        norm_q = "joint_blocks.0.x_block.attn.ln_q.weight"
+        dual = _block_indices(keys, r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight$")
+        pos_embed = "pos_embed"
+    else:
+        patch, pooled, final, blocks = "pos_embed.proj.weight", "time_text_embed.text_embedder.linear_1.weight", "proj_out.weight", r"transformer_blocks\.(\d+)\."
+        norm_q = "transformer_blocks.0.attn.norm_q.weight"
+        dual = _block_indices(keys, r"transformer_blocks\.(\d+)\.attn2\.to_q\.weight$")
+        pos_embed = "pos_embed.pos_embed"
+    width, in_channels, patch_size, _ = shape(patch)
+    has_qk_norm = norm_q in keys
+    head_dim = shape(norm_q)[0] if has_qk_norm else SD3_HEAD_DIM
+    if width % head_dim:
+        raise CheckpointError(f"model width {width} is not a multiple of the head width {head_dim}")
+    caption_dim, context_dim = shape("context_embedder.weight")
+    if caption_dim != width:
+        raise CheckpointError(f"context_embedder projects to {caption_dim} but the model width is {width}")
+    positions = shape(pos_embed)[1]
+    grid = math.isqrt(positions)
+    if grid * grid != positions:
+        raise CheckpointError(f"{pos_embed} holds {positions} positions, not a square grid")
+    return {
+        "sample_size": SD3_SAMPLE_SIZE,
+        "patch_size": patch_size,
+        "in_channels": in_channels,
+        "num_layers": _count_blocks(keys, blocks),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": width // head_dim,
+        "joint_attention_dim": context_dim,
+        "caption_projection_dim": caption_dim,
+        "pooled_projection_dim": shape(pooled)[1],
+        "out_channels": shape(final)[0] // (patch_size * patch_size),
+        "pos_embed_max_size": grid,
+        "dual_attention_layers": tuple(dual),
+        "qk_norm": "rms_norm" if has_qk_norm else None,
+    }
+
+
+def _merge_folder_config(config: dict, config_path: Path) -> dict:
+    """Check a diffusers folder's config.json against the shapes; keep what shapes cannot tell."""
+    try:
+        stored = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{config_path}: unreadable config ({error})") from error
+    class_name = stored.get("_class_name")
+    if class_name not in (None, "SD3Transformer2DModel"):
+        raise CheckpointError(f"{config_path}: the folder holds a {class_name}, not an SD3Transformer2DModel")
+    merged = dict(config)
+    for name, inferred in config.items():
+        if name not in stored or stored[name] is None and inferred is None:
+            continue
+        value = tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
+        if name == "sample_size":
+            merged[name] = value
+        elif name in ("attention_head_dim", "num_attention_heads") and config["qk_norm"] is None:
+            merged[name] = value  # without qk norms the shapes only tell their product
+        elif value != inferred:
+            raise CheckpointError(f"{config_path}: {name} is {stored[name]!r} but the weights say {inferred!r}")
+    if merged["attention_head_dim"] * merged["num_attention_heads"] != config["attention_head_dim"] * config["num_attention_heads"]:
+        raise CheckpointError(f"{config_path}: heads x head width does not match the model width of the weights")
+    return merged
+
+
+def _meta_model(config: dict):
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        return SD3Transformer2DModel(**config)
+
+
+def _convert(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """diffusers' SD3 converter; returns (diffusers state dict, keys it left unused)."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    remaining = dict(state_dict)  # the converter pops what it uses
+    try:
+        converted = convert_sd3_transformer_checkpoint_to_diffusers(remaining)
+    except KeyError as error:
+        raise CheckpointError(f"does not match an SD3 transformer: key {error} is missing") from None
+    return converted, sorted(remaining)
+
+
+class SD3Checkpoint:
+    """An opened SD3 checkpoint: layout, config and key mapping checked, no weight read yet."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        files, config_path = find_weight_files(self.path)
+        self.source = SafetensorsSource(files)
+        try:
+            self.layout, self.prefix = _detect_layout(self.source.keys())
+            keys = [k[len(self.prefix):] for k in self.source.keys() if k.startswith(self.prefix)]
+            self.weight_keys = sorted(k for k in keys if not k.endswith(_SCALE_SUFFIXES) and k != _SCALED_FP8_MARKER)
+            shape = lambda name: self.source.shape(self.prefix + name)  # noqa: E731
+            config = _infer_config(shape, self.weight_keys, self.layout)
+            if config_path is not None:
+                config = _merge_folder_config(config, config_path)
+            self.config = config
+            self._validate()
+        except CheckpointError as error:
+            self.source.close()
+            raise CheckpointError(f"{self.path}: {error}") from None
+
+    def _validate(self) -> None:
+        for key in self.weight_keys:
+            code = self.source.dtype_name(self.prefix + key)
+            if code not in _FLOAT_DTYPE_CODES:
+                raise CheckpointError(
+                    f"tensor {self.prefix + key!r} is stored as {code}: quantized (bitsandbytes, int8, GGUF-style) "
+                    "checkpoints are not supported; use a bf16, fp16 or fp8 file"
+                )
+        # The whole mapping on meta tensors: key names and shapes, without reading any weight.
+        metas = {k: torch.empty(self.source.shape(self.prefix + k), device="meta") for k in self.weight_keys}
+        converted, unused = self._to_diffusers(metas)
+        expected = {k: tuple(v.shape) for k, v in _meta_model(self.config).state_dict().items()}
+        missing = sorted(set(expected) - set(converted))
+        unexpected = sorted(set(converted) - set(expected)) + unused
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])})")
+            raise CheckpointError(f"does not match an SD3 transformer ({self.layout} layout, prefix {self.prefix!r}): " + "; ".join(parts))
+        for key, tensor in converted.items():
+            if tuple(tensor.shape) != expected[key]:
+                raise CheckpointError(f"tensor {key!r} (diffusers name) has shape {tuple(tensor.shape)}, expected {expected[key]}")
+
+    def _to_diffusers(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        if self.layout == DIFFUSERS_LAYOUT:
+            return dict(state_dict), []
+        return _convert(state_dict)
+
+    def _read(self, name: str) -> torch.Tensor:
+        """One source tensor in float form, with a scaled-fp8 scale applied."""
+        key = self.prefix + name
+        tensor = self.source.get(key)
+        scale_key = key[: -len("weight")] + "scale_weight" if key.endswith(".weight") else None
+        if scale_key and scale_key in self.source:
+            tensor = tensor.float() * self.source.get(scale_key).float()
+        elif tensor.dtype in _FLOAT8_DTYPES:
+            tensor = tensor.float()
+        return tensor
+
+    def state_dict(self, dtype=torch.bfloat16, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        dtype = _as_load_dtype(dtype)
+        source = {k: self._read(k).to(dtype) for k in self.weight_keys}
+        converted, _ = self._to_diffusers(source)
+        # contiguous: the converter's chunks are views; each parameter gets its own storage.
+        return {k: v.to(device).contiguous() for k, v in converted.items()}
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> "SD3Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_sd3_config(path: str | Path) -> dict:
+    """The inferred ``SD3Transformer2DModel`` config, from headers only (for early validation)."""
+    with SD3Checkpoint(path) as checkpoint:
+        return dict(checkpoint.config)
+
+
+def sd3_transformer_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor]):
+    model = _meta_model(config)
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"weights do not fit SD3Transformer2DModel({config}): {error}") from error
+    left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left_on_meta:
+        raise CheckpointError(f"internal: tensors not loaded from the checkpoint: {left_on_meta[:5]}")
+    return model.eval()
+
+
+def load_sd3_transformer(path: str | Path, dtype=torch.bfloat16, device: str | torch.device = "cpu"):
+    """Load an SD3 / SD3.5 transformer from a single file or a diffusers folder, fully offline."""
+    with SD3Checkpoint(path) as checkpoint:
+        return sd3_transformer_from_state_dict(checkpoint.config, checkpoint.state_dict(dtype=dtype, device=device))

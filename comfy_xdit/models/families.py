@@ -1,0 +1,268 @@
+"""The model families the engine runs, as data: one entry per family, everything the engine,
+the bridge and the README need to know about it.
+
+An entry says how to recognise the family's checkpoints from their keys, how to load them
+(offline, single file or diffusers folder), how ComfyUI's LATENT maps to the model's space, which
+model sampling ComfyUI uses for it, which conditioning it takes, and which parallel methods it
+supports. The README's model table is generated from this registry (tools/make_model_table.py;
+tests/test_families.py checks that the README matches), so it cannot drift from the code.
+
+Heavy imports (diffusers) happen inside the functions, so reading the registry stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..loading.safetensors_files import CheckpointError, SafetensorsSource, find_layouts, find_weight_files
+from ..requests import FluxConditioning, SD3Conditioning
+from ..sampling.schedules import FLUX_DEV_SHIFT, FLUX_SCHNELL_SHIFT, DiscreteFlowSampling, FlowSampling
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """ComfyUI's latent format of a family: model space = (latent - shift) * scale."""
+
+    channels: int
+    scale: float
+    shift: float
+    # Linear latent -> RGB map for live previews (the published fit ComfyUI uses).
+    rgb_factors: tuple[tuple[float, float, float], ...]
+    rgb_bias: tuple[float, float, float]
+
+    def to_model_space(self, latent: torch.Tensor) -> torch.Tensor:
+        return (latent - self.shift) * self.scale
+
+    def from_model_space(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.scale + self.shift
+
+
+# Method names, in the README table's column order.
+METHODS = {
+    "ulysses": "Ulysses",
+    "ring": "Ring",
+    "cfg": "CFG parallel",
+    "data": "data parallel",
+    "pipefusion": "PipeFusion",
+    "cache": "cache",
+    "vae": "patch-parallel VAE",
+    "lora": "LoRA",
+    "compile": "torch.compile",
+}
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str  # ModelSpec.family
+    display_name: str  # in messages and the README
+    formats: str  # the checkpoint formats it loads, for the README
+    # (layout -> signature keys): a checkpoint belongs to the family if its keys hold one signature
+    key_signatures: dict[str, tuple[str, ...]]
+    diffusers_class: str  # a diffusers folder's config.json _class_name
+    read_config: Callable[[str], dict]  # headers only: refuses a bad file before any weight is read
+    load: Callable[..., torch.nn.Module]  # (path, dtype=, device=) -> diffusers model
+    latent: LatentFormat
+    sampling: Callable[[float], object]  # shift -> the ComfyUI model sampling (schedules.py)
+    default_shift: Callable[[object], float]  # model config -> shift
+    sampling_note: str  # for the README
+    build_denoiser: Callable[..., object]  # (model, mesh, lse_kernel, dtype) -> denoiser
+    velocity: Callable[..., torch.Tensor]  # (denoiser, x, sigma, conditioning, active controls) -> v
+    conditioning: type
+    # CONDITIONING extras the sampler uses; others are refused by name, except those in ignored_keys
+    conditioning_keys: frozenset[str]
+    ignored_keys: frozenset[str]
+    methods: frozenset[str]
+    resolution_shift: bool  # whether ModelSamplingFlux's resolution-dependent shift applies
+
+    def matches(self, keys) -> bool:
+        return bool(find_layouts(keys, self.key_signatures))
+
+
+# --- Flux.1 ---------------------------------------------------------------------------------------
+
+
+def _flux_read_config(path: str) -> dict:
+    from ..loading.flux import read_flux_config
+
+    return read_flux_config(path)
+
+
+def _flux_load(path: str, dtype, device):
+    from ..loading.flux import load_flux_transformer
+
+    return load_flux_transformer(path, dtype=dtype, device=device)
+
+
+def _flux_denoiser(model, mesh, lse_kernel, dtype):
+    from . import flux
+
+    forward = flux.install_sequence_parallel(model, mesh, lse_kernel)
+    return flux.FluxDenoiser(forward, dtype, has_guidance=bool(model.config.guidance_embeds),
+                             controlled=flux.controlled_forward(model, mesh))
+
+
+def _flux_velocity(denoiser, x, sigma, cond: FluxConditioning, controls=()):
+    return denoiser(x, sigma, cond.context, cond.pooled, cond.guidance, controls)
+
+
+def _flux_default_shift(config) -> float:
+    # Flux-schnell (no guidance embedder) was distilled for an unshifted schedule.
+    return FLUX_DEV_SHIFT if config.guidance_embeds else FLUX_SCHNELL_SHIFT
+
+
+FLUX = ModelFamily(
+    name="flux",
+    display_name="Flux.1 (dev, schnell)",
+    formats="single file (BFL layout, ComfyUI's `model.diffusion_model.` prefix or none; diffusers layout), diffusers folder",
+    key_signatures={
+        "bfl": ("img_in.weight", "txt_in.weight", "time_in.in_layer.weight", "vector_in.in_layer.weight", "final_layer.linear.weight"),
+        "diffusers": ("x_embedder.weight", "context_embedder.weight", "time_text_embed.timestep_embedder.linear_1.weight",
+                      "time_text_embed.text_embedder.linear_1.weight", "proj_out.weight"),
+    },
+    diffusers_class="FluxTransformer2DModel",
+    read_config=_flux_read_config,
+    load=_flux_load,
+    latent=LatentFormat(
+        channels=16, scale=0.3611, shift=0.1159,
+        rgb_factors=(
+            (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+            (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+            (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+            (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778),
+        ),
+        rgb_bias=(-0.0329, -0.0718, -0.0851),
+    ),
+    sampling=FlowSampling,
+    default_shift=_flux_default_shift,
+    sampling_note="ModelSamplingFlux: shift 1.15 (schnell 1.0) or resolution-dependent",
+    build_denoiser=_flux_denoiser,
+    velocity=_flux_velocity,
+    conditioning=FluxConditioning,
+    conditioning_keys=frozenset({"pooled_output", "guidance"}),
+    ignored_keys=frozenset(),
+    methods=frozenset({"ulysses", "ring", "cfg", "data", "vae", "lora", "compile"}),
+    resolution_shift=True,
+)
+
+
+# --- Stable Diffusion 3 / 3.5 ---------------------------------------------------------------------
+
+SD3_SHIFT = 3.0  # ComfyUI's SD3 model config (sampling_settings), for SD3 and SD3.5 alike
+SD3_TIMESTEP_MULTIPLIER = 1000.0
+
+
+def _sd3_read_config(path: str) -> dict:
+    from ..loading.sd3 import read_sd3_config
+
+    return read_sd3_config(path)
+
+
+def _sd3_load(path: str, dtype, device):
+    from ..loading.sd3 import load_sd3_transformer
+
+    return load_sd3_transformer(path, dtype=dtype, device=device)
+
+
+def _sd3_denoiser(model, mesh, lse_kernel, dtype):
+    from . import sd3
+
+    forward = sd3.install_sequence_parallel(model, mesh, lse_kernel)
+    return sd3.SD3Denoiser(forward, dtype, patch_size=model.config.patch_size, timestep_multiplier=SD3_TIMESTEP_MULTIPLIER)
+
+
+def _sd3_velocity(denoiser, x, sigma, cond: SD3Conditioning, controls=()):
+    # ControlNets are refused for SD3 before sampling (its methods have no "controlnet").
+    return denoiser(x, sigma, cond.context, cond.pooled)
+
+
+def _sd3_sampling(shift: float) -> DiscreteFlowSampling:
+    return DiscreteFlowSampling(shift, multiplier=SD3_TIMESTEP_MULTIPLIER)
+
+
+def _sd3_signatures() -> dict[str, tuple[str, ...]]:
+    from ..loading.sd3 import SD3_SIGNATURES
+
+    return SD3_SIGNATURES
+
+
+SD3 = ModelFamily(
+    name="sd3",
+    display_name="Stable Diffusion 3 / 3.5",
+    formats="single file (Stability AI layout: whole checkpoint with `model.diffusion_model.`, or transformer only; diffusers layout), diffusers folder",
+    key_signatures=_sd3_signatures(),
+    diffusers_class="SD3Transformer2DModel",
+    read_config=_sd3_read_config,
+    load=_sd3_load,
+    latent=LatentFormat(
+        channels=16, scale=1.5305, shift=0.0609,
+        rgb_factors=(
+            (-0.0922, -0.0175, 0.0749), (0.0311, 0.0633, 0.0954), (0.1994, 0.0927, 0.0458), (0.0856, 0.0339, 0.0902),
+            (0.0587, 0.0272, -0.0496), (-0.0006, 0.1104, 0.0309), (0.0978, 0.0306, 0.0427), (-0.0042, 0.1038, 0.1358),
+            (-0.0194, 0.0020, 0.0669), (-0.0488, 0.0130, -0.0268), (0.0922, 0.0988, 0.0951), (-0.0278, 0.0524, -0.0542),
+            (0.0332, 0.0456, 0.0895), (-0.0069, -0.0030, -0.0810), (-0.0596, -0.0465, -0.0293), (-0.1448, -0.1463, -0.1189),
+        ),
+        rgb_bias=(0.2394, 0.2135, 0.1925),
+    ),
+    sampling=_sd3_sampling,
+    default_shift=lambda config: SD3_SHIFT,
+    sampling_note="ModelSamplingDiscreteFlow: shift 3.0, timestep = sigma x 1000",
+    build_denoiser=_sd3_denoiser,
+    velocity=_sd3_velocity,
+    conditioning=SD3Conditioning,
+    conditioning_keys=frozenset({"pooled_output"}),
+    # Stock SD3 ignores a FluxGuidance value too (its model has no guidance input).
+    ignored_keys=frozenset({"guidance"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data", "vae"}),
+    resolution_shift=False,
+)
+
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3)}
+
+
+def get(name: str) -> ModelFamily:
+    if name not in FAMILIES:
+        raise ValueError(f"model family {name!r} is not supported; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def detect(path: str | Path) -> ModelFamily:
+    """The family of a checkpoint (single file or diffusers folder), from its headers only."""
+    files, config_path = find_weight_files(path)
+    if config_path is not None:
+        try:
+            class_name = json.loads(Path(config_path).read_text()).get("_class_name")
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{config_path}: unreadable config ({error})") from error
+        for family in FAMILIES.values():
+            if class_name == family.diffusers_class:
+                return family
+    with SafetensorsSource(files) as source:
+        keys = source.keys()
+    matches = [family for family in FAMILIES.values() if family.matches(keys)]
+    if len(matches) == 1:
+        return matches[0]
+    names = ", ".join(family.display_name for family in FAMILIES.values())
+    if matches:
+        raise CheckpointError(f"{path}: holds transformers of several families ({', '.join(f.name for f in matches)}); use a file with one model")
+    raise CheckpointError(
+        f"{path}: not a checkpoint of a supported model family ({names}): none of their transformer keys were "
+        "found. Pick the model's DiT file (a whole SD3 checkpoint or a diffusion model file), not a VAE, text encoder or LoRA"
+    )
+
+
+def markdown_table() -> str:
+    """The README's model table, from the registry."""
+    lines = [
+        "| family | checkpoint formats | ComfyUI sampling | " + " | ".join(METHODS.values()) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in METHODS) + " |",
+    ]
+    for family in FAMILIES.values():
+        marks = " | ".join("yes" if method in family.methods else "-" for method in METHODS)
+        lines.append(f"| {family.display_name} | {family.formats} | {family.sampling_note} | {marks} |")
+    return "\n".join(lines)

@@ -40,7 +40,7 @@ def _model_path(name: str) -> str:
 
 
 class ParallelLoader(io.ComfyNode):
-    """Load a Flux DiT once into a persistent multi-GPU worker pool (reused across prompts)."""
+    """Load a DiT (Flux.1, Stable Diffusion 3 / 3.5; detected from the file) once into a persistent multi-GPU worker pool."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -52,7 +52,7 @@ class ParallelLoader(io.ComfyNode):
             category=CATEGORY,
             description=cls.__doc__,
             inputs=[
-                io.Combo.Input("model_name", options=_model_files(), tooltip="a Flux.1 .safetensors from diffusion_models (unet) or checkpoints"),
+                io.Combo.Input("model_name", options=_model_files(), tooltip="a Flux.1 or SD3/SD3.5 .safetensors from diffusion_models (unet) or checkpoints; the family is detected from the file"),
                 io.Combo.Input("weight_dtype", options=DTYPES, default="default", tooltip="default: bfloat16 on GPUs, float32 on CPU workers"),
                 io.Int.Input("ulysses_degree", default=0, min=0, max=64, tooltip="0: all workers the other degrees leave"),
                 io.Int.Input("ring_degree", default=1, min=1, max=64),
@@ -87,8 +87,9 @@ class ParallelLoader(io.ComfyNode):
         )
         if weight_dtype == "default":
             weight_dtype = "float32" if config.device_type == "cpu" else "bfloat16"
-        model = bridge.XditModel(ModelSpec(_model_path(model_name), "flux", weight_dtype, compile=compile,
-                                                  cuda_graphs=cuda_graphs), config)
+        path = _model_path(model_name)
+        model = bridge.XditModel(ModelSpec(path, bridge.detect_family(path), weight_dtype, compile=compile,
+                                           cuda_graphs=cuda_graphs), config)
         bridge.load(model)
         return io.NodeOutput(model)
 
@@ -119,10 +120,7 @@ class ParallelLoraLoader(io.ComfyNode):
         import folder_paths
 
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        from .comfy_xdit.loading import read_flux_config
-        from .comfy_xdit.lora import check_loras
-
-        check_loras([(path, strength_model)], read_flux_config(model.spec.path))  # refuse a foreign LoRA here
+        _bridge().check_lora(model, path, strength_model)  # refuse a foreign LoRA here
         return io.NodeOutput(model.with_lora(path, strength_model) if strength_model != 0 else model)
 
 
@@ -218,11 +216,11 @@ class ParallelSampler(io.ComfyNode):
                 io.Latent.Input("latent_image"),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
                 io.Int.Input("steps", default=20, min=1, max=10000),
-                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Flux-dev: 1 (guidance comes from the conditioning)"),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Flux-dev: 1 (guidance comes from the conditioning); SD3/SD3.5: about 4-5"),
                 io.Combo.Input("sampler_name", options=list(SAMPLERS), default="euler"),
                 io.Combo.Input("scheduler", options=list(SCHEDULERS), default="simple"),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
-                io.Combo.Input("shift", options=SHIFT_MODES, default=SHIFT_MODES[0], tooltip="resolution: what ModelSamplingFlux does"),
+                io.Combo.Input("shift", options=SHIFT_MODES, default=SHIFT_MODES[0], tooltip="resolution: what ModelSamplingFlux does (Flux only; SD3 uses its default shift 3.0)"),
                 io.Float.Input("max_shift", default=1.15, min=0.0, max=100.0, step=0.01),
                 io.Float.Input("base_shift", default=0.5, min=0.0, max=100.0, step=0.01),
             ],

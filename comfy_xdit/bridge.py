@@ -18,7 +18,8 @@ import torch
 
 from .config import ConfigError, ParallelConfig, default_devices
 from .pool import PoolRegistry, WorkerPool
-from .requests import ControlNetRequest, FluxConditioning, ModelSpec, SampleRequest, VaeDecodeRequest, VaeWeights
+from .models import families
+from .requests import ControlNetRequest, FluxConditioning, ModelSpec, SampleRequest, SD3Conditioning, VaeDecodeRequest, VaeWeights
 
 log = logging.getLogger("comfy_xdit")
 
@@ -27,9 +28,8 @@ _VAE_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.W
 _STATUS_LOCK = threading.Lock()
 _LAST_RUN: dict = {}
 
-# Conditioning keys the parallel sampler understands; any other key names a ComfyUI feature it
-# does not implement, which is refused rather than silently ignored.
-SUPPORTED_CONDITIONING_KEYS = {"pooled_output", "guidance"}
+# Conditioning keys the parallel sampler understands are each family's (models/families.py); any
+# other key names a ComfyUI feature it does not implement, which is refused rather than ignored.
 CONDITIONING_FEATURES = {
     "area": "ConditioningSetArea",
     "strength": "ConditioningSetAreaStrength",
@@ -190,15 +190,20 @@ def load(model: XditModel) -> WorkerPool:
 
     Everything that can be refused from the file headers is refused here, before any GPU work.
     """
-    from .loading import read_flux_config
     from .lora import check_loras
 
-    model_config = read_flux_config(model.spec.path)
-    model.config.check_model(num_heads=model_config["num_attention_heads"], family="Flux")
+    family = families.get(model.spec.family)
+    model_config = family.read_config(model.spec.path)
+    model.config.check_model(num_heads=model_config["num_attention_heads"], family=family.display_name)
     if model.loras:
+        _check_family_takes_loras(family)
         check_loras(model.loras, model_config)
     if model.controlnets:
         from .loading.flux_controlnet import check_controlnet_fits, read_controlnet_info
+
+        if "controlnet" not in family.methods:
+            raise ValueError(f"Parallel ControlNet does not support {family.display_name} models yet; "
+                             "remove the ControlNet nodes or use the stock ones with KSampler")
 
         for use in model.controlnets:
             check_controlnet_fits(use.controlnet.path, model_config)
@@ -209,10 +214,31 @@ def load(model: XditModel) -> WorkerPool:
     return pool
 
 
+def detect_family(path: str) -> str:
+    """The model family of a checkpoint file or folder, from its headers (refuses other files clearly)."""
+    return families.detect(path).name
+
+
+def _check_family_takes_loras(family: families.ModelFamily) -> None:
+    if "lora" not in family.methods:
+        raise ValueError(f"Parallel LoRA Loader does not support {family.display_name} models yet; "
+                         "remove the LoRA node or use the stock loader and KSampler")
+
+
+def check_lora(model: XditModel, path: str, strength: float) -> None:
+    """Refuse a LoRA that does not fit the model (another architecture, or a family without LoRA support)."""
+    from .lora import check_loras
+
+    family = families.get(model.spec.family)
+    _check_family_takes_loras(family)
+    check_loras([(path, strength)], family.read_config(model.spec.path))
+
+
 # --- conditioning and latents ----------------------------------------------------------------
 
 
-def flux_conditioning(conditioning, which: str) -> FluxConditioning:
+def _conditioning_entry(conditioning, which: str, family: families.ModelFamily):
+    """The one (tokens, extras) entry of a CONDITIONING, checked for what the family's sampler can use."""
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError(f"{which}: expected CONDITIONING from a text encoder node")
     if len(conditioning) > 1:
@@ -221,18 +247,32 @@ def flux_conditioning(conditioning, which: str) -> FluxConditioning:
             "supported by ParallelSampler yet; use one text encoder output"
         )
     tensor, extras = conditioning[0]
-    unsupported = sorted(set(extras) - SUPPORTED_CONDITIONING_KEYS)
+    unsupported = sorted(set(extras) - family.conditioning_keys - family.ignored_keys)
     if unsupported:
         names = ", ".join(f"'{k}' ({CONDITIONING_FEATURES.get(k, 'unknown feature')})" for k in unsupported)
         raise ValueError(f"{which}: ParallelSampler does not implement conditioning feature(s) {names}; "
                          "remove those nodes or use the stock KSampler")
     pooled = extras.get("pooled_output")
     if pooled is None:
-        raise ValueError(f"{which}: the conditioning has no pooled output; Flux needs a CLIP-L + T5 text encoder")
+        raise ValueError(f"{which}: the conditioning has no pooled output; {family.display_name} needs the "
+                         f"{family.text_encoders} text encoders")
     for name, value in (("text tokens", tensor), ("pooled output", pooled)):
         if not torch.isfinite(value).all():
             raise ValueError(f"{which}: the {name} contain NaN or infinity")
-    return FluxConditioning(tensor.float().cpu(), pooled.float().cpu(), extras.get("guidance"))
+    return tensor.float().cpu(), pooled.float().cpu(), extras
+
+
+def flux_conditioning(conditioning, which: str) -> FluxConditioning:
+    tokens, pooled, extras = _conditioning_entry(conditioning, which, families.FLUX)
+    return FluxConditioning(tokens, pooled, extras.get("guidance"))
+
+
+def sd3_conditioning(conditioning, which: str) -> SD3Conditioning:
+    tokens, pooled, _ = _conditioning_entry(conditioning, which, families.SD3)
+    return SD3Conditioning(tokens, pooled)
+
+
+CONDITIONING_READERS = {"flux": flux_conditioning, "sd3": sd3_conditioning}
 
 
 def check_latent(latent: dict) -> None:
@@ -254,10 +294,15 @@ def sample(model: XditModel, *, positive, negative, latent: dict, seed: int, ste
     import comfy.utils
 
     check_latent(latent)
+    family = families.get(model.spec.family)
+    if max_shift is not None and not family.resolution_shift:
+        raise ValueError(f"the resolution shift (ModelSamplingFlux) does not apply to {family.display_name}; "
+                         "set the sampler's shift to 'model default'")
+    read = CONDITIONING_READERS[family.name]
     request = SampleRequest(
         latent=latent["samples"].float().cpu(),
-        positive=flux_conditioning(positive, "positive"),
-        negative=flux_conditioning(negative, "negative") if cfg != 1.0 else None,
+        positive=read(positive, "positive"),
+        negative=read(negative, "negative") if cfg != 1.0 else None,
         seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
         batch_index=latent.get("batch_index"), max_shift=max_shift, base_shift=base_shift,
         preview_every=1, loras=model.loras,
@@ -271,7 +316,7 @@ def sample(model: XditModel, *, positive, negative, latent: dict, seed: int, ste
     progress = comfy.utils.ProgressBar(steps, node_id=node_id)
 
     def on_step(step: int, total: int, preview) -> None:
-        image = _preview_image(preview) if preview is not None else None
+        image = _preview_image(preview, family) if preview is not None else None
         progress.update_absolute(step, total, image)
         _publish_progress(pool, step, total)
         # Raising here makes the pool stop every rank after this step before re-raising.
@@ -284,12 +329,13 @@ def sample(model: XditModel, *, positive, negative, latent: dict, seed: int, ste
     return out
 
 
-def _preview_image(latent: torch.Tensor):
+def _preview_image(latent: torch.Tensor, family: families.ModelFamily):
     from PIL import Image
 
     from .preview import latent_to_rgb
 
-    return ("JPEG", Image.fromarray(latent_to_rgb(latent[0]).numpy()), 512)
+    rgb = latent_to_rgb(latent[0], family.latent.rgb_factors, family.latent.rgb_bias)
+    return ("JPEG", Image.fromarray(rgb.numpy()), 512)
 
 
 def vae_decode(vae, latent: dict) -> torch.Tensor:

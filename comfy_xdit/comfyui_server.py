@@ -51,7 +51,7 @@ class ComfyServer:
         self.log_path = base / "comfyui.log"
         self.process: subprocess.Popen | None = None
         self.client_id = uuid.uuid4().hex
-        for folder in ("custom_nodes", "models/diffusion_models", "models/loras", "models/vae", "output", "input"):
+        for folder in ("custom_nodes", "models/diffusion_models", "models/checkpoints", "models/loras", "models/vae", "output", "input"):
             (base / folder).mkdir(parents=True, exist_ok=True)
         for name, target in (("comfy_xdit", REPO), ("xdit_demo_nodes", DEMO_NODES)):
             link = base / "custom_nodes" / name
@@ -137,18 +137,26 @@ def error_message(entry: dict) -> str:
     return ""
 
 
-TEXT_ENCODERS = ("CLIPTextEncode", "CLIPTextEncodeFlux")
+TEXT_ENCODERS = ("CLIPTextEncode", "CLIPTextEncodeFlux", "CLIPTextEncodeSD3")
+CLIP_LOADERS = ("DualCLIPLoader", "CLIPLoader", "TripleCLIPLoader")
 
 
 def with_demo_conditioning(graph: dict, context_dim: int, pooled_dim: int) -> dict:
-    """A shipped API workflow with its text encoders swapped for the demo conditioning node."""
+    """A shipped API workflow with its text encoders swapped for the demo conditioning node.
+
+    The workflow's CLIP loader says which layout to emit: TripleCLIPLoader is SD3's, others Flux's.
+    """
     graph = json.loads(json.dumps(graph))
+    sd3 = any(node["class_type"] == "TripleCLIPLoader" for node in graph.values())
     for node_id, node in list(graph.items()):
         if node["class_type"] in TEXT_ENCODERS:
             seed = int(node_id)
-            graph[node_id] = {"class_type": "XditTestFluxConditioning", "inputs": {
-                "seed": seed, "tokens": 7 + seed, "context_dim": context_dim, "pooled_dim": pooled_dim, "guidance": 3.5}}
-        elif node["class_type"] in ("DualCLIPLoader", "CLIPLoader"):
+            inputs = {"seed": seed, "tokens": 7 + seed, "context_dim": context_dim, "pooled_dim": pooled_dim}
+            if sd3:
+                graph[node_id] = {"class_type": "XditTestSD3Conditioning", "inputs": inputs}
+            else:
+                graph[node_id] = {"class_type": "XditTestFluxConditioning", "inputs": {**inputs, "guidance": 3.5}}
+        elif node["class_type"] in CLIP_LOADERS:
             del graph[node_id]
     return graph
 

@@ -134,7 +134,7 @@ class RankEngine:
         if self._denoiser is None:
             raise RuntimeError("no model is loaded; call load() first")
         denoiser, family = self._denoiser, self.family
-        _check_request_fits(request, family)
+        _check_request_fits(request, family, self.model.config)
         self.set_loras(request.loras)
         controls = self._job_controls(request, denoiser.dtype)
 
@@ -212,12 +212,20 @@ def _num_blocks(model_config: dict) -> int:
     return model_config["num_layers"] + model_config.get("num_single_layers", 0)
 
 
-def _check_request_fits(request: SampleRequest, family: families.ModelFamily) -> None:
-    """Refuse a request made for another family, with what to change."""
+def _check_request_fits(request: SampleRequest, family: families.ModelFamily, config) -> None:
+    """Refuse a request made for another model, with what to change."""
     for which, cond in (("positive", request.positive), ("negative", request.negative)):
-        if cond is not None and not isinstance(cond, family.conditioning):
+        if cond is None:
+            continue
+        if not isinstance(cond, family.conditioning):
             raise ValueError(f"the {which} conditioning is a {type(cond).__name__}, but the loaded "
                              f"{family.display_name} model takes {family.conditioning.__name__}")
+        for name, tensor, width in (("text tokens", cond.context, config.joint_attention_dim),
+                                    ("pooled output", cond.pooled, config.pooled_projection_dim)):
+            if tensor.shape[-1] != width:
+                raise ValueError(f"the {which} conditioning's {name} are {tensor.shape[-1]} wide but this "
+                                 f"{family.display_name} model takes {width}: encode the prompt with the model's own "
+                                 f"text encoders ({family.text_encoders})")
     if request.max_shift is not None and not family.resolution_shift:
         raise ValueError(f"the resolution-dependent shift (ModelSamplingFlux) does not apply to {family.display_name}; "
                          "use the model's default shift")

@@ -1,4 +1,4 @@
-"""Latent previews: a fixed linear map from Flux's 16 latent channels to RGB.
+"""Latent previews: a fixed linear map from a family's 16 latent channels to RGB (Flux's by default).
 
 The factors and bias are the published Flux latent-to-RGB fit ComfyUI uses for its live
 previews; a real image needs the VAE, a glance at composition does not.
@@ -31,10 +31,10 @@ FLUX_LATENT_RGB_FACTORS = [
 FLUX_LATENT_RGB_BIAS = [-0.0329, -0.0718, -0.0851]
 
 
-def latent_to_rgb(latent: torch.Tensor) -> torch.Tensor:
-    """[16, H, W] raw Flux latent -> [H, W, 3] uint8."""
-    factors = torch.tensor(FLUX_LATENT_RGB_FACTORS, dtype=torch.float32)
-    bias = torch.tensor(FLUX_LATENT_RGB_BIAS, dtype=torch.float32)
+def latent_to_rgb(latent: torch.Tensor, factors=FLUX_LATENT_RGB_FACTORS, bias=FLUX_LATENT_RGB_BIAS) -> torch.Tensor:
+    """[C, H, W] raw latent -> [H, W, 3] uint8 (Flux's factors unless a family's are given)."""
+    factors = torch.tensor(factors, dtype=torch.float32)
+    bias = torch.tensor(bias, dtype=torch.float32)
     rgb = torch.einsum("chw,cr->hwr", latent.float(), factors) + bias
     return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 

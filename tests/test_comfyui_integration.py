@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from checkpoints import make_flux_diffusers_model, write_bfl_file
+from checkpoints import (make_flux_diffusers_model, make_sd3_diffusers_model, sd3_checkpoint_extras, write_bfl_file,
+                         write_sd3_file)
 from comfy_xdit.comfyui_server import COMFYUI, ComfyServer, error_message, status_str, with_demo_conditioning
 from comfy_xdit.comfyui_server import shipped_workflow as load_workflow
 from controlnet_files import make_flux_controlnet, write_instantx_file, write_sd15_controlnet_file
@@ -38,6 +39,11 @@ def server(tmp_path_factory):
     model = make_flux_diffusers_model(num_layers=1, num_single_layers=1, heads=4, head_dim=16, seed=0,
                                       joint_attention_dim=CONTEXT_DIM, pooled_projection_dim=POOLED_DIM)
     write_bfl_file(model, models / "diffusion_models" / "tiny_flux.safetensors", prefix="model.diffusion_model.")
+    # A whole SD3.5-style checkpoint (transformer under model.diffusion_model., encoders and VAE beside it).
+    sd3 = make_sd3_diffusers_model(num_layers=2, heads=2, head_dim=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+                                   joint_attention_dim=CONTEXT_DIM, pooled_projection_dim=POOLED_DIM, pos_embed_max_size=8, seed=5)
+    write_sd3_file(sd3, models / "checkpoints" / "tiny_sd35.safetensors", prefix="model.diffusion_model.",
+                   extra=sd3_checkpoint_extras())
     write_peft_lora(random_flux_lora(model, seed=1, dtype=torch.float32), models / "loras" / "tiny_lora.safetensors")
     write_sd15_lora(models / "loras" / "sd15_lora.safetensors")
     # With an encoder: the ControlNet workflow VAE-encodes its control image with it.
@@ -153,7 +159,7 @@ def test_a_file_that_is_not_a_dit_is_refused_clearly(server):
     node_of(graph, "ParallelLoader")["inputs"]["model_name"] = "not_a_dit.safetensors"
     entry = server.run(graph)
     assert status_str(entry) == "error"
-    assert "not a Flux.1 transformer checkpoint" in error_message(entry)
+    assert "not a checkpoint of a supported model family" in error_message(entry)
 
 
 def test_unimplemented_conditioning_features_are_refused_by_name(server):
@@ -264,3 +270,62 @@ def test_a_non_flux_controlnet_is_refused_by_name_and_the_server_keeps_serving(s
     assert status_str(entry) == "error"
     assert "UNet ControlNet for SD1.5/SDXL" in error_message(entry) and "not a Flux ControlNet" in error_message(entry)
     assert status_str(server.run(controlnet_latent_graph(0.5))) == "success"
+
+
+# --- Stable Diffusion 3 / 3.5 (kept last: they replace the Flux pool above) ------------------------
+
+
+def sd3_workflow(**loader) -> dict:
+    graph = with_demo_conditioning(load_workflow("sd3_txt2img_parallel"), CONTEXT_DIM, POOLED_DIM)
+    for node in graph.values():
+        cls = node["class_type"]
+        if cls == "ParallelLoader":
+            node["inputs"].update(model_name="checkpoints/tiny_sd35.safetensors", devices="cpu,cpu", **loader)
+        elif cls == "ParallelSampler":
+            node["inputs"].update(steps=3)
+        elif cls == "EmptySD3LatentImage":
+            node["inputs"].update(width=64, height=48)
+        elif cls == "VAELoader":
+            node["inputs"]["vae_name"] = "tiny_ae.safetensors"
+    return graph
+
+
+def test_sd3_workflow_runs_with_cfg_parallel_on_two_workers(server):
+    graph = sd3_workflow()
+    assert node_of(graph, "XditTestSD3Conditioning")
+    entry = server.run(graph)
+    assert status_str(entry) == "success", error_message(entry) + server.log()[-2000:]
+    images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    assert Image.open(server.base / "output" / images[0].get("subfolder", "") / images[0]["filename"]).size == (64, 48)
+    pool = pool_status(server)
+    assert len(pool["workers"]) == 2 and pool["model"]["family"] == "sd3"
+
+
+def test_sd3_two_workers_give_the_latents_of_one(server):
+    def latent_graph(devices: str, **loader) -> dict:
+        graph = sd3_workflow(**loader)
+        node_of(graph, "ParallelLoader")["inputs"]["devices"] = devices
+        node_of(graph, "ParallelSampler")["inputs"]["seed"] = 11
+        sampler_id = next(k for k, n in graph.items() if n["class_type"] == "ParallelSampler")
+        for node_id in [k for k, n in graph.items() if n["class_type"] in ("VAELoader", "ParallelVAEDecode", "SaveImage")]:
+            del graph[node_id]
+        graph["90"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler_id, 0], "filename_prefix": f"sd3_{devices}"}}
+        return graph
+
+    two = server.run(latent_graph("cpu,cpu"))
+    one = server.run(latent_graph("cpu", use_cfg_parallel=False))
+    assert status_str(two) == status_str(one) == "success", error_message(two) + error_message(one)
+    a, b = saved_latent(server, two), saved_latent(server, one)
+    assert a.shape == (1, 16, 6, 8)
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+
+
+def test_flux_conditioning_into_sd3_is_refused_with_what_to_change(server):
+    graph = sd3_workflow()
+    for node in graph.values():
+        if node["class_type"] == "XditTestSD3Conditioning":
+            node["class_type"] = "XditTestFluxConditioning"
+            node["inputs"].update(pooled_dim=768, guidance=3.5)
+    entry = server.run(graph)
+    assert status_str(entry) == "error"
+    assert "pooled output are 768 wide but this Stable Diffusion 3 / 3.5 model takes 24" in error_message(entry)

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # class -> (widget names in the order the node shows them, linked inputs, outputs)
 NODE_TYPES = {
     "DualCLIPLoader": (["clip_name1", "clip_name2", "type", "device"], [], [("CLIP", "CLIP")]),
+    "TripleCLIPLoader": (["clip_name1", "clip_name2", "clip_name3"], [], [("CLIP", "CLIP")]),
     "CLIPTextEncode": (["text"], [("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
     "FluxGuidance": (["guidance"], [("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
     "EmptySD3LatentImage": (["width", "height", "batch_size"], [], [("LATENT", "LATENT")]),
@@ -100,11 +101,31 @@ def with_controlnet() -> dict:
     return graph
 
 
+def sd3_text_to_image() -> dict:
+    """SD3.5 txt2img as ComfyUI's SD3 examples build it (TripleCLIPLoader, cfg 4.5, dpmpp_2m + sgm_uniform,
+    28 steps), with the MODEL nodes and the decode swapped for ours. SD3 needs cfg, so the loader puts the
+    conditional and unconditional branch on two worker groups and gives the rest of the devices to Ulysses."""
+    return {
+        "1": ("TripleCLIPLoader", dict(clip_name1="clip_l.safetensors", clip_name2="clip_g.safetensors",
+                                       clip_name3="t5xxl_fp16.safetensors"), {}),
+        "2": ("CLIPTextEncode", dict(text="a red fox in fresh snow, morning light, photograph"), {"clip": ("1", 0)}),
+        "4": ("CLIPTextEncode", dict(text=""), {"clip": ("1", 0)}),
+        "5": ("EmptySD3LatentImage", dict(width=1024, height=1024, batch_size=1), {}),
+        "6": ("ParallelLoader", dict(LOADER, model_name="checkpoints/sd3.5_medium.safetensors", use_cfg_parallel=True), {}),
+        "7": ("ParallelSampler", dict(SAMPLER, steps=28, cfg=4.5, sampler_name="dpmpp_2m", scheduler="sgm_uniform"),
+              {"model": ("6", 0), "positive": ("2", 0), "negative": ("4", 0), "latent_image": ("5", 0)}),
+        "8": ("VAELoader", dict(vae_name="sd3_vae.safetensors"), {}),
+        "9": ("ParallelVAEDecode", {}, {"samples": ("7", 0), "vae": ("8", 0)}),
+        "10": ("SaveImage", dict(filename_prefix="xdit_sd3"), {"images": ("9", 0)}),
+    }
+
+
 WORKFLOWS = {
     "flux_txt2img_parallel": text_to_image(),
     "flux_lora_parallel": with_lora(),
     "flux_img2img_parallel": image_to_image(),
     "flux_controlnet_parallel": with_controlnet(),
+    "sd3_txt2img_parallel": sd3_text_to_image(),
 }
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..loading.safetensors_files import CheckpointError, SafetensorsSource, find_layouts, find_weight_files
+from ..preview import FLUX_LATENT_RGB_BIAS, FLUX_LATENT_RGB_FACTORS
 from ..requests import FluxConditioning, SD3Conditioning
 from ..sampling.schedules import FLUX_DEV_SHIFT, FLUX_SCHNELL_SHIFT, DiscreteFlowSampling, FlowSampling
 
@@ -73,6 +74,7 @@ class ModelFamily:
     build_denoiser: Callable[..., object]  # (model, mesh, lse_kernel, dtype) -> denoiser
     velocity: Callable[..., torch.Tensor]  # (denoiser, x, sigma, conditioning, active controls) -> v
     conditioning: type
+    text_encoders: str  # what makes its CONDITIONING in ComfyUI, for messages
     # CONDITIONING extras the sampler uses; others are refused by name, except those in ignored_keys
     conditioning_keys: frozenset[str]
     ignored_keys: frozenset[str]
@@ -129,13 +131,7 @@ FLUX = ModelFamily(
     load=_flux_load,
     latent=LatentFormat(
         channels=16, scale=0.3611, shift=0.1159,
-        rgb_factors=(
-            (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
-            (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
-            (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
-            (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778),
-        ),
-        rgb_bias=(-0.0329, -0.0718, -0.0851),
+        rgb_factors=tuple(map(tuple, FLUX_LATENT_RGB_FACTORS)), rgb_bias=tuple(FLUX_LATENT_RGB_BIAS),
     ),
     sampling=FlowSampling,
     default_shift=_flux_default_shift,
@@ -143,6 +139,7 @@ FLUX = ModelFamily(
     build_denoiser=_flux_denoiser,
     velocity=_flux_velocity,
     conditioning=FluxConditioning,
+    text_encoders="CLIP-L + T5-XXL (DualCLIPLoader, type flux)",
     conditioning_keys=frozenset({"pooled_output", "guidance"}),
     ignored_keys=frozenset(),
     methods=frozenset({"ulysses", "ring", "cfg", "data", "vae", "lora", "compile"}),
@@ -214,6 +211,7 @@ SD3 = ModelFamily(
     build_denoiser=_sd3_denoiser,
     velocity=_sd3_velocity,
     conditioning=SD3Conditioning,
+    text_encoders="CLIP-L + CLIP-G (+ T5-XXL) (TripleCLIPLoader, or the checkpoint's CLIP)",
     conditioning_keys=frozenset({"pooled_output"}),
     # Stock SD3 ignores a FluxGuidance value too (its model has no guidance input).
     ignored_keys=frozenset({"guidance"}),

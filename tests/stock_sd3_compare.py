@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""One worker of comfy_xdit against stock ComfyUI's KSampler on SD3 / SD3.5 files (a few cases).
+
+Like tests/stock_ksampler_compare.py (which covers every sampler x scheduler on Flux), in its own
+process because it imports ComfyUI's top-level modules. ComfyUI's MMDiT pins the width to 64 per
+block (heads = blocks = width / 64), so a file both sides load has 64-wide heads and as many
+heads as blocks: 2 here (width 128), with SD3's real text widths (context 4096, pooled 2048).
+
+Two files, each loaded by both sides from the same path, float32:
+- SD3 medium-style transformer-only file in models/diffusion_models (no prefix): stock UNETLoader;
+- SD3.5 medium-style whole checkpoint (qk RMSNorm, image-only attn2 in block 0; transformer under
+  ``model.diffusion_model.`` beside text-encoder and VAE keys) in models/checkpoints: stock
+  ``load_checkpoint_guess_config``, what CheckpointLoaderSimple calls (encoders and VAE not built).
+
+Each case: our RankEngine on one CPU worker vs ``nodes.common_ksampler`` (what KSampler calls),
+same seed, conditioning and latent; the JSON result holds each case's relative error.
+
+    python tests/stock_sd3_compare.py --workdir /tmp/sd3c --out /tmp/sd3c/result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from stock_ksampler_compare import DEFAULT_COMFYUI, import_comfyui, relative_error  # noqa: E402
+
+TEXT_TOKENS = 40
+LATENT_HW = (12, 16)  # 6 x 8 image tokens: not square, so rows and columns cannot be confused
+ARCHITECTURES = {
+    "sd3-medium-style": dict(num_layers=2, heads=2, head_dim=64, pos_embed_max_size=16),
+    "sd3.5-medium-style": dict(num_layers=2, heads=2, head_dim=64, pos_embed_max_size=16,
+                               dual_attention_layers=(0,), qk_norm="rms_norm"),
+}
+# The SD3 medium-style model (no qk norm) is the touchier one in float32: one forward of it is
+# 1.3e-6..3.7e-6 (relative) from a float64 reference on either side, stock and ours alike, and cfg
+# amplifies that. Measured: dpmpp_2m/sgm_uniform, 4 steps, cfg 3: stock 1.1e-5 and ours 1.4e-5 from
+# our float64 run, 1.2e-5 from each other: float32 rounding, not semantics. So its cfg case is the
+# short euler one (cfg 3: 5e-6); the SD3.5-style model (5e-7 per forward) takes cfg 4.5.
+CASES = [
+    # SD3's recipe in ComfyUI's examples: dpmpp_2m + sgm_uniform.
+    dict(file="unet", sampler="dpmpp_2m", scheduler="sgm_uniform", steps=4, cfg=1.0, batch=1, denoise=1.0, latent="empty"),
+    dict(file="unet", sampler="euler", scheduler="simple", steps=3, cfg=3.0, batch=2, denoise=1.0, latent="empty4"),
+    # An SDE sampler moves a first sigma of 1 through the model sampling; karras uses its sigma range.
+    dict(file="unet", sampler="dpmpp_2m_sde", scheduler="karras", steps=3, cfg=1.0, batch=2, denoise=0.6, latent="image"),
+    dict(file="checkpoint", sampler="euler", scheduler="normal", steps=3, cfg=4.5, batch=1, denoise=1.0, latent="empty",
+         negative_tokens=TEXT_TOKENS // 2),
+    dict(file="checkpoint", sampler="heun", scheduler="beta", steps=3, cfg=4.5, batch=1, denoise=0.6, latent="image"),
+    # An odd latent size: both pad to the 2x2 patch (circular) and crop back.
+    dict(file="checkpoint", sampler="euler_ancestral", scheduler="simple", steps=3, cfg=4.5, batch=1, denoise=1.0,
+         latent="empty", latent_hw=(11, 13)),
+]
+
+
+def conditioning(seed: int, tokens: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((1, tokens, 4096), generator=g), torch.randn((1, 2048), generator=g)
+
+
+def make_latent(case: dict, seed: int):
+    import torch
+
+    b, (h, w) = case["batch"], case.get("latent_hw", LATENT_HW)
+    if case["latent"] == "empty4":
+        return torch.zeros((b, 4, h, w))  # stock EmptyLatentImage
+    if case["latent"] == "empty":
+        return torch.zeros((b, 16, h, w))  # EmptySD3LatentImage
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((b, 16, h, w), generator=g) * 1.2 + 0.05
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--comfyui", type=Path, default=DEFAULT_COMFYUI)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    nodes, folder_paths, comfy = import_comfyui(args.comfyui)
+    import comfy.sd
+
+    from checkpoints import COMFY_PREFIX, make_sd3_diffusers_model, sd3_checkpoint_extras, write_sd3_file
+    from comfy_xdit.config import ParallelConfig
+    from comfy_xdit.engine import RankEngine
+    from comfy_xdit.mesh import ParallelMesh
+    from comfy_xdit.requests import ModelSpec, SampleRequest, SD3Conditioning
+
+    workdir = args.workdir.resolve()
+    unet_dir, checkpoint_dir = workdir / "diffusion_models", workdir / "checkpoints"
+    files = {
+        "unet": write_sd3_file(make_sd3_diffusers_model(**ARCHITECTURES["sd3-medium-style"], joint_attention_dim=4096,
+                                                        pooled_projection_dim=2048, seed=0), unet_dir / "sd3_tiny.safetensors"),
+        "checkpoint": write_sd3_file(make_sd3_diffusers_model(**ARCHITECTURES["sd3.5-medium-style"], joint_attention_dim=4096,
+                                                              pooled_projection_dim=2048, seed=1),
+                                     checkpoint_dir / "sd35_tiny.safetensors", prefix=COMFY_PREFIX, extra=sd3_checkpoint_extras()),
+    }
+    folder_paths.add_model_folder_path("diffusion_models", str(unet_dir))
+    stock_models = {
+        "unet": nodes.UNETLoader().load_unet(files["unet"].name, "default")[0],
+        "checkpoint": comfy.sd.load_checkpoint_guess_config(str(files["checkpoint"]), output_vae=False, output_clip=False)[0],
+    }
+    stock_info = {}
+    for name, model in stock_models.items():
+        sampling = model.get_model_object("model_sampling")
+        stock_info[name] = {
+            "model_class": type(model.model).__name__,
+            "weight_dtype": str(next(model.model.diffusion_model.parameters()).dtype),
+            "manual_cast_dtype": str(model.model.manual_cast_dtype),
+            "shift": float(sampling.shift), "multiplier": float(sampling.multiplier),
+            "latent_format": type(model.model.latent_format).__name__,
+            "x_block_self_attn_layers": sorted(getattr(model.model.diffusion_model, "x_block_self_attn_layers", []) or []),
+        }
+    engines = {}
+    for name, path in files.items():
+        engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu")))
+        engine.load(ModelSpec(str(path), family="sd3", dtype="float32"))
+        engines[name] = engine
+
+    positive_context, positive_pooled = conditioning(1, TEXT_TOKENS)
+    results = []
+    for index, case in enumerate(CASES):
+        case = dict(case, seed=2000 + index)
+        case["name"] = "{file}: {sampler}/{scheduler} cfg {cfg} batch {batch} denoise {denoise} {latent}".format(**case)
+        negative_context, negative_pooled = conditioning(2, case.get("negative_tokens", TEXT_TOKENS))
+        latent = make_latent(case, case["seed"] + 7)
+        try:
+            stock = nodes.common_ksampler(
+                stock_models[case["file"]], case["seed"], case["steps"], case["cfg"], case["sampler"], case["scheduler"],
+                [[positive_context.clone(), {"pooled_output": positive_pooled.clone()}]],
+                [[negative_context.clone(), {"pooled_output": negative_pooled.clone()}]],
+                {"samples": latent.clone()}, denoise=case["denoise"])[0]["samples"]
+            ours = engines[case["file"]].sample(SampleRequest(
+                latent=latent.clone(),
+                positive=SD3Conditioning(positive_context.clone(), positive_pooled.clone()),
+                negative=SD3Conditioning(negative_context.clone(), negative_pooled.clone()),
+                seed=case["seed"], steps=case["steps"], cfg=case["cfg"], sampler_name=case["sampler"],
+                scheduler=case["scheduler"], denoise=case["denoise"]))
+            case["rel_error"], case["abs_error"] = relative_error(ours, stock)
+            case["stock_max"] = stock.abs().max().item()
+        except Exception as error:  # noqa: BLE001 - recorded per case; the test lists them
+            case["rel_error"] = math.inf
+            case["error"] = f"{type(error).__name__}: {error}"
+            case["traceback"] = traceback.format_exc(limit=6)
+        print(f"{'ok  ' if case['rel_error'] < 1e-5 else 'FAIL'} {case['name']:<80} rel {case['rel_error']:.2e}"
+              + (f"  {case['error']}" if "error" in case else ""), file=sys.stderr, flush=True)
+        results.append(case)
+
+    result = {"stock": stock_info, "cases": results, "total_s": time.perf_counter() - started}
+    text = json.dumps(result, indent=1, default=str)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+    sys.exit(main())

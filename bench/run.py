@@ -16,6 +16,8 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
                     the three USP degrees, eager; median of 3.
   flux-pipefusion   ours at pipefusion=2 (layers split over 2 GPUs, 2 patches, 1 warmup step)
                     beside ours at ulysses=2 and the 1-GPU baselines; eager.
+  sd3-medium        SD3-medium 1024x1024, 28 steps, cfg 4.5, eager (bench/sd3_loop.py): diffusers
+                    1 GPU, ours 1 GPU, ours with cfg parallel on 2 GPUs and at ulysses=2.
 
 Writes to --out: results.jsonl (one row per line), table.md, group.log (every child's output),
 profiles.txt (with --profile-steps). Multi-GPU launches keep NVLink multicast off.
@@ -35,6 +37,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LOOP = HERE / "flux_loop.py"
+SD3_LOOP = HERE / "sd3_loop.py"
+# Groups timed by another loop script than flux_loop.py.
+GROUP_LOOPS = {"sd3-medium": SD3_LOOP}
 
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -89,14 +94,20 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
             ("ours-4gpu-compiled-graphs", 4, ["--impl", "ours", "--degrees", "u4,u2r2", "--compile", "--cuda-graphs",
                                               "--runs", "3"]),
         ]
+    if group == "sd3-medium":
+        return [
+            ("sd3-1gpu", 1, ["--impl", "diffusers,ours"]),
+            ("sd3-ours-cfg2", 2, ["--impl", "ours", "--degrees", "c2"]),
+            ("sd3-ours-u2", 2, ["--impl", "ours", "--degrees", "u2"]),
+        ]
     raise SystemExit(f"unknown group {group!r}; choose flux-usp, flux-usp-compile, flux-usp-ring, flux-pipefusion, "
-                     "flux-4gpu or flux-graphs")
+                     "flux-4gpu, flux-graphs or sd3-medium")
 
 
-def command(nproc: int, loop_args: list[str]) -> list[str]:
+def command(nproc: int, loop_args: list[str], loop: Path = LOOP) -> list[str]:
     if nproc == 1:
-        return [sys.executable, str(LOOP), *loop_args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(LOOP), *loop_args]
+        return [sys.executable, str(loop), *loop_args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(loop), *loop_args]
 
 
 def row_name(row: dict) -> str:
@@ -104,7 +115,8 @@ def row_name(row: dict) -> str:
     if row["gpus"] == 1:
         how = "1 GPU"
     else:
-        parts = [f"ulysses={row['ulysses']}"] if row["ulysses"] > 1 else []
+        parts = ["cfg parallel"] if row.get("cfg_parallel") else []
+        parts += [f"ulysses={row['ulysses']}"] if row["ulysses"] > 1 else []
         parts += [f"ring={row['ring']}"] if row["ring"] > 1 else []
         parts += [f"pipefusion={row['pipefusion']} (warmup {row.get('pipefusion_warmup', 1)})"] if row.get("pipefusion", 1) > 1 else []
         how = f"{row['gpus']} GPUs, {' x '.join(parts)}"
@@ -112,11 +124,14 @@ def row_name(row: dict) -> str:
     if row.get("cuda_graphs"):
         mode += " + CUDA graphs"
     note = ", conditioning already on the GPU" if row.get("cond") == "device" else ""
-    return f"{who}, {how}, {mode}{note}"
+    model = "SD3-medium: " if row.get("model") == "sd3-medium" else ""
+    return f"{model}{who}, {how}, {mode}{note}"
 
 
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["impl"] == "diffusers" and not r.get("compiled")), None)
+    if len({r.get("model") for r in rows}) > 1:
+        raise SystemExit("one table per model: run the sd3-medium group on its own")
     xdit = {(r["ulysses"], r["ring"]): r for r in rows if r["impl"] == "xdit" and not r.get("compiled")}
     order = {"diffusers": 0, "ours": 1, "xdit": 2}
     rows = sorted(rows, key=lambda r: (r.get("compiled", False), r["gpus"], r["ring"], order[r["impl"]] if r["gpus"] == 1 else -order[r["impl"]]))
@@ -168,10 +183,10 @@ def main(argv=None) -> int:
     failures = []
     before = sum(1 for _ in open(results)) if results.exists() else 0
     with open(log_path, "a") as log:
-        for name, nproc, loop_args in [x for g in args.group.split(",") for x in launches(g)]:
+        for group, name, nproc, loop_args in [(g, *x) for g in args.group.split(",") for x in launches(g)]:
             if only and name not in only:
                 continue
-            cmd = command(nproc, common + loop_args)  # a launch's own arguments win
+            cmd = command(nproc, common + loop_args, GROUP_LOOPS.get(group, LOOP))  # a launch's own arguments win
             header = f"\n### {name}: {' '.join(cmd)}  ({time.perf_counter() - started:.0f} s into the group)\n"
             print(header, flush=True)
             log.write(header)

@@ -1,0 +1,42 @@
+"""The family registry: the README's model table is generated from it, and every entry is whole."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comfy_xdit.models import families
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_model_table_is_generated_from_the_registry():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "make_model_table.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert families.markdown_table() in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", list(families.FAMILIES))
+def test_every_family_entry_is_complete(name):
+    family = families.get(name)
+    assert family.name == name
+    assert set(family.methods) <= set(families.METHODS)
+    assert family.latent.channels == len(family.latent.rgb_factors)
+    assert family.conditioning_keys and "pooled_output" in family.conditioning_keys
+    sampling = family.sampling(1.0)
+    assert float(sampling.table[-1]) == pytest.approx(1.0)
+
+
+def test_sd3_latent_format_is_comfyuis():
+    # comfy/latent_formats.py SD3: scale_factor 1.5305, shift_factor 0.0609.
+    assert (families.SD3.latent.scale, families.SD3.latent.shift) == (1.5305, 0.0609)
+    assert (families.FLUX.latent.scale, families.FLUX.latent.shift) == (0.3611, 0.1159)
+
+
+def test_an_unknown_family_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="model family 'pixart' is not supported; supported: flux, sd3"):
+        families.get("pixart")

@@ -53,6 +53,7 @@ METHODS = {
     "cache": "cache",
     "vae": "patch-parallel VAE",
     "lora": "LoRA",
+    "controlnet": "ControlNet",
     "compile": "torch.compile",
 }
 
@@ -142,7 +143,7 @@ FLUX = ModelFamily(
     text_encoders="CLIP-L + T5-XXL (DualCLIPLoader, type flux)",
     conditioning_keys=frozenset({"pooled_output", "guidance"}),
     ignored_keys=frozenset(),
-    methods=frozenset({"ulysses", "ring", "cfg", "data", "vae", "lora", "compile"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data", "pipefusion", "vae", "lora", "controlnet", "compile"}),
     resolution_shift=True,
 )
 

@@ -13,6 +13,7 @@ CATEGORY = "comfy_xdit"
 DTYPES = ["default", "bfloat16", "float16", "float32"]
 SHIFT_MODES = ["model default", "resolution (ModelSamplingFlux)"]
 CHECKPOINT_PREFIX = "checkpoints/"
+CACHE_CHOICES = ["none", "fbcache", "teacache"]
 
 
 def _bridge():
@@ -223,6 +224,11 @@ class ParallelSampler(io.ComfyNode):
                 io.Combo.Input("shift", options=SHIFT_MODES, default=SHIFT_MODES[0], tooltip="resolution: what ModelSamplingFlux does (Flux only; SD3 uses its default shift 3.0)"),
                 io.Float.Input("max_shift", default=1.15, min=0.0, max=100.0, step=0.01),
                 io.Float.Input("base_shift", default=0.5, min=0.0, max=100.0, step=0.01),
+                io.Combo.Input("cache", options=CACHE_CHOICES, default="none", optional=True,
+                               tooltip="skip most of the model on steps where it barely changes: fbcache (First-Block-Cache) "
+                               "or teacache; the same decision on every worker"),
+                io.Float.Input("cache_threshold", default=0.0, min=0.0, max=10.0, step=0.01, optional=True,
+                               tooltip="0: the published default (fbcache 0.08, teacache 0.4); higher skips more steps"),
             ],
             outputs=[io.Latent.Output()],
             hidden=[io.Hidden.unique_id],
@@ -230,7 +236,9 @@ class ParallelSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
-                shift, max_shift, base_shift) -> io.NodeOutput:
+                shift, max_shift, base_shift, cache="none", cache_threshold=0.0) -> io.NodeOutput:
+        from .comfy_xdit.caching.settings import settings_from_choice
+
         if denoise <= 0:
             raise ValueError("denoise must be above 0; use a value in (0, 1]")
         resolution_shift = shift == SHIFT_MODES[1]
@@ -238,7 +246,7 @@ class ParallelSampler(io.ComfyNode):
             model, positive=positive, negative=negative, latent=latent_image, seed=seed, steps=steps, cfg=cfg,
             sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
             max_shift=max_shift if resolution_shift else None, base_shift=base_shift if resolution_shift else None,
-            node_id=cls.hidden.unique_id,
+            node_id=cls.hidden.unique_id, cache=settings_from_choice(cache, cache_threshold),
         )
         return io.NodeOutput(latent)
 

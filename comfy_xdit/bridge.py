@@ -289,7 +289,7 @@ def check_latent(latent: dict) -> None:
 
 def sample(model: XditModel, *, positive, negative, latent: dict, seed: int, steps: int, cfg: float,
            sampler_name: str, scheduler: str, denoise: float, max_shift: float | None, base_shift: float | None,
-           node_id: str | None = None) -> dict:
+           node_id: str | None = None, cache=None) -> dict:
     import comfy.model_management
     import comfy.utils
 
@@ -305,7 +305,7 @@ def sample(model: XditModel, *, positive, negative, latent: dict, seed: int, ste
         negative=read(negative, "negative") if cfg != 1.0 else None,
         seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
         batch_index=latent.get("batch_index"), max_shift=max_shift, base_shift=base_shift,
-        preview_every=1, loras=model.loras,
+        preview_every=1, loras=model.loras, cache=cache,
         controlnets=tuple(
             ControlNetRequest(use.controlnet.path, controlnet_hint(use, tuple(latent["samples"].shape[-2:])),
                               use.strength, use.start_percent, use.end_percent, use.mode)

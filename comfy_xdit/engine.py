@@ -6,9 +6,12 @@ The pool creates one RankEngine per worker process; scripts and tests may create
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .attention.kernels import choose_lse_kernel
+from .caching.job import cache_job_for
 from .config import ConfigError
 from .lora import LoraState, apply_loras
 from .mesh import ParallelMesh
@@ -47,6 +50,7 @@ class RankEngine:
         self.lora_apply_count = 0
         self._vae_decoders: dict[str, object] = {}  # fingerprint -> VAEDecoder, most recent last
         self._lse_kernel = None
+        self.last_cache_record = []  # the step cache's decisions in the last job (CacheDecision per model call)
         self.controlnets = ControlNetCache(mesh.device, lambda: flux.sequence_parallel_attention(self.mesh, self._lse_kernel))
 
     @property
@@ -135,12 +139,17 @@ class RankEngine:
             raise RuntimeError("no model is loaded; call load() first")
         denoiser, family = self._denoiser, self.family
         _check_request_fits(request, family, self.model.config)
+        cache = cache_job_for(request, self.model, self.mesh, self._default_shift)  # refuses before any work
+        if cache and self.spec.cuda_graphs and self.device.type == "cuda":
+            raise ConfigError("a step cache decides on the host at every step, which a captured CUDA graph cannot; "
+                              "set the cache to none or turn the loader's cuda_graphs off")
         self.set_loras(request.loras)
         controls = self._job_controls(request, denoiser.dtype)
 
         def velocity(x, sigma, cond):
             active = [(job.control, job.tokens) for job in controls if job.active_at(sigma)]
-            return family.velocity(denoiser, x, sigma, cond, active).to(x.dtype)
+            with cache.call(cond, sigma) if cache else contextlib.nullcontext():
+                return family.velocity(denoiser, x, sigma, cond, active).to(x.dtype)
 
         hooks = hooks or NoHooks()
         if self.mesh.size("pipefusion") > 1:  # PipeFusion: fresh caches, warmup counted in steps
@@ -151,7 +160,8 @@ class RankEngine:
             denoiser.start_job()
             hooks = denoiser.count_steps(hooks)
 
-        with torch.inference_mode():
+        self.last_cache_record = cache.record if cache else []
+        with torch.inference_mode(), cache or contextlib.nullcontext():
             return run_ksampler(
                 request,
                 velocity,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .caching.settings import settings_from_choice
 from .config import ParallelConfig
 from .requests import FluxConditioning, ModelSpec, SampleRequest
 
@@ -61,6 +62,7 @@ def run_generate(args: argparse.Namespace, config: ParallelConfig) -> int:
     request = SampleRequest(
         latent, positive, negative, seed=args.seed, steps=args.steps, cfg=args.cfg,
         sampler_name=args.sampler, scheduler=args.scheduler,
+        cache=settings_from_choice(args.cache, args.cache_threshold),
     )
     with WorkerPool(config) as pool:
         started = time.perf_counter()

@@ -10,6 +10,8 @@ from typing import Protocol
 
 import torch
 
+from .caching.settings import CacheSettings
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -105,6 +107,8 @@ class SampleRequest:
     # ControlNets for this job, in the order they were applied (for positive and negative alike,
     # as ComfyUI's ControlNetApplyAdvanced does).
     controlnets: tuple[ControlNetRequest, ...] = ()
+    # First-Block-Cache or TeaCache for this job (None: every step runs the whole model).
+    cache: CacheSettings | None = None
     extra: dict = field(default_factory=dict)
 
 

@@ -1,0 +1,90 @@
+"""One sampling job's step cache: hooks in for the job, a cache state per branch, the skip record.
+
+A branch is one conditioning the sampler calls the model with (positive, negative): with one
+worker both are called every step and each keeps its own cache; with cfg parallel each cfg rank
+only ever calls one of them. Branches are told apart by the conditioning object the sampler
+passes (the same object every step of a job) and named in the order they first appear, so
+"branch0" is the positive on one worker and each cfg rank's own branch under cfg parallel.
+
+The step of a call comes from its sigma and the job's schedule: step i covers sigmas in
+(sigmas[i+1], sigmas[i]], so samplers with several model calls per step (heun, dpm_2) give all
+of them the same step index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import hooks
+from .decision import ReducedRelativeL1
+from .settings import CacheSettings
+
+
+class CacheJob:
+    def __init__(self, model: torch.nn.Module, settings: CacheSettings, metric: ReducedRelativeL1, sigmas: torch.Tensor,
+                 modulated_input=hooks.flux_modulated_input):
+        self.model, self.settings, self.metric = model, settings, metric
+        self.sigmas = [float(s) for s in sigmas]
+        self.steps = len(self.sigmas) - 1
+        self.modulated_input = modulated_input
+        self.record: list[hooks.CacheDecision] = []
+        self._branches: dict[int, tuple[object, str]] = {}
+
+    def __enter__(self) -> "CacheJob":
+        hooks.install(self.model, self.settings, self.metric, self.record, self.modulated_input)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        hooks.remove(self.model)
+
+    def step_of(self, sigma) -> int:
+        sigma = float(sigma)
+        # A small tolerance: a sampler may hand back a schedule sigma through float arithmetic.
+        step = sum(1 for s in self.sigmas[1:] if s >= sigma - 1e-7)
+        return min(step, self.steps - 1)
+
+    def branch_of(self, conditioning) -> str:
+        key = id(conditioning)
+        if key not in self._branches:  # keep the object so its id is not reused within the job
+            self._branches[key] = (conditioning, f"branch{len(self._branches)}")
+        return self._branches[key][1]
+
+    @contextlib.contextmanager
+    def call(self, conditioning, sigma):
+        """Around one model call: selects the branch's cache state and tells the hooks the step."""
+        with self.model.cache_context(self.branch_of(conditioning), step_index=self.step_of(sigma), num_inference_steps=self.steps):
+            yield
+
+    def summary(self) -> dict:
+        """Per branch: the steps whose blocks ran and the steps that reused the cache."""
+        out: dict[str, dict[str, list[int]]] = {}
+        for d in self.record:
+            entry = out.setdefault(d.branch, {"computed": [], "skipped": []})
+            entry["computed" if d.computed else "skipped"].append(d.step)
+        return out
+
+
+def cache_job_for(request, model: torch.nn.Module, mesh, default_shift: float) -> CacheJob | None:
+    """The request's cache for this rank, or None; refuses combinations it cannot keep exact."""
+    from ..config import ConfigError
+
+    settings: CacheSettings | None = getattr(request, "cache", None)
+    if settings is None:
+        return None
+    if request.controlnets:
+        # diffusers adds each ControlNet residual after its block even when the block is skipped,
+        # so a skipped step would add them on top of a cached residual that already holds them.
+        raise ConfigError("the step cache does not work with ControlNets yet: set the sampler's cache to none, "
+                         "or remove the ControlNet")
+    if mesh.size("pipefusion") > 1:
+        raise ConfigError("the step cache does not work with PipeFusion: set the sampler's cache to none, or use "
+                         "Ulysses/Ring sequence parallelism (pipefusion_parallel_degree 1)")
+    from ..sampling.ksampler import flow_sampling_for
+    from ..sampling.schedules import sigmas_for
+
+    height, width = request.latent.shape[-2:]
+    sampling = flow_sampling_for(request, default_shift, height, width)
+    sigmas = sigmas_for(sampling, request.scheduler, request.steps, request.denoise, request.sampler_name)
+    return CacheJob(model, settings, ReducedRelativeL1.for_mesh(mesh), sigmas)

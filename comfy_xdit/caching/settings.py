@@ -1,0 +1,72 @@
+"""What a sampling request asks of the step cache, and the published defaults it falls back on.
+
+Random weights cannot calibrate quality, so every default here is a published value for
+Flux.1-dev (sources in the README's cache section):
+
+- First-Block-Cache: residual_diff_threshold 0.08, ParaAttention's default for FLUX models
+  (28 steps: 26.36 s -> 17.01 s, 1.55x, on an L20).
+- TeaCache: rel_l1_thresh 0.4 (TeaCache4FLUX: 0.25 ~1.5x, 0.4 ~1.8x, 0.6 ~2.0x, 0.8 ~2.25x;
+  ComfyUI-TeaCache recommends 0.4 for FLUX) with TeaCache4FLUX's rescale polynomial.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FBCACHE = "fbcache"
+TEACACHE = "teacache"
+KINDS = (FBCACHE, TEACACHE)
+
+DEFAULT_THRESHOLDS = {FBCACHE: 0.08, TEACACHE: 0.4}
+
+# TeaCache4FLUX (ali-vilab/TeaCache, TeaCache4FLUX/teacache_flux.py): the polynomial, highest power
+# first, that maps the relative L1 change of the first block's modulated input to an estimate of
+# the relative change of the model output.
+TEACACHE_FLUX_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """kind: "fbcache" or "teacache". threshold: None takes the published default; 0 never skips.
+
+    computed_steps: force which steps run the whole model (every other step reuses the cache).
+    The metric is still computed and reduced, so a forced run costs what a real one does; the
+    benchmark uses it because random weights do not produce a realistic skip pattern.
+    """
+
+    kind: str
+    threshold: float | None = None
+    computed_steps: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"cache {self.kind!r} is not supported; choose one of {', '.join(KINDS)} (or no cache)")
+        if self.threshold is not None and self.threshold < 0:
+            raise ValueError(f"the cache threshold must be 0 or more (0 never skips), got {self.threshold}")
+        if self.computed_steps is not None and 0 not in self.computed_steps:
+            raise ValueError("computed_steps must include step 0: the first step has nothing cached to reuse")
+
+    @property
+    def effective_threshold(self) -> float:
+        return DEFAULT_THRESHOLDS[self.kind] if self.threshold is None else float(self.threshold)
+
+    def describe(self) -> str:
+        forced = f", forced computed steps {list(self.computed_steps)}" if self.computed_steps is not None else ""
+        return f"{self.kind} (threshold {self.effective_threshold:g}{forced})"
+
+
+def settings_from_choice(kind: str, threshold: float) -> CacheSettings | None:
+    """The node's and the CLI's inputs: kind "none" is off; threshold 0 takes the published default."""
+    if kind in ("none", "", None):
+        return None
+    return CacheSettings(kind, None if threshold == 0 else threshold)
+
+
+def spread_computed_steps(steps: int, speedup: float) -> tuple[int, ...]:
+    """A skip pattern with the published speedup: round(steps / speedup) computed steps, the first
+    and last among them, the rest spread evenly. Not a recorded trace: a stand-in of the right
+    density for timing, since random weights skip either everything or nothing."""
+    computed = max(2, min(steps, round(steps / speedup)))
+    if steps <= 2:
+        return tuple(range(steps))
+    return tuple(sorted({round(i * (steps - 1) / (computed - 1)) for i in range(computed)}))

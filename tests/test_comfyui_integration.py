@@ -146,6 +146,22 @@ def test_two_workers_give_the_latents_of_one(server):
     assert float((a - b).abs().max() / b.abs().max()) < 1e-4
 
 
+def test_sampler_cache_skips_steps_and_two_workers_give_the_latents_of_one(server):
+    # A threshold this tiny random model crosses rarely, so the cache skips steps (the latents
+    # differ from the uncached ones) and the 2-worker pool must skip the same ones as 1 worker.
+    def graph(devices: str, cache: str) -> dict:
+        g = save_latent_graph(devices, 11)
+        node_of(g, "ParallelSampler")["inputs"].update(cache=cache, cache_threshold=1.0)
+        return g
+
+    two, one, none = (server.run(graph(d, c)) for d, c in (("cpu,cpu", "fbcache"), ("cpu", "fbcache"), ("cpu", "none")))
+    for entry in (two, one, none):
+        assert status_str(entry) == "success", error_message(entry)
+    a, b, uncached = (saved_latent(server, e) for e in (two, one, none))
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+    assert float((b - uncached).abs().max() / uncached.abs().max()) > 1e-3
+
+
 def test_wrong_degrees_are_a_node_error_and_the_server_keeps_serving(server):
     graph = shipped_workflow("flux_txt2img_parallel", ulysses_degree=3)
     entry = server.run(graph)

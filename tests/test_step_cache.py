@@ -154,3 +154,18 @@ def test_a_rank_local_decision_would_have_diverged(parallel):
         assert any(abs(mine[i][4] - theirs[i][4]) > 0.01 * mine[i][3] for i in measured)
         diverging += sum((mine[i][4] > threshold) != (theirs[i][4] > threshold) for i in measured)
     assert diverging >= 1
+
+
+def test_pipefusion_and_controlnet_are_refused_with_what_to_change():
+    from comfy_xdit.caching.job import cache_job_for
+    from comfy_xdit.config import ConfigError
+    from comfy_xdit.requests import ControlNetRequest
+
+    cached = request(1, CacheSettings("fbcache"))
+    pipefusion = ParallelMesh(ParallelConfig(devices=("cpu", "cpu"), pipefusion_parallel_degree=2), None, None, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="does not work with PipeFusion: set the sampler's cache to none"):
+        cache_job_for(cached, None, pipefusion, 1.15)
+    one = ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu"))
+    cached.controlnets = (ControlNetRequest("control.safetensors", torch.zeros(1, 16, 10, 14)),)
+    with pytest.raises(ConfigError, match="does not work with ControlNets yet: set the sampler's cache to none"):
+        cache_job_for(cached, None, one, 1.15)

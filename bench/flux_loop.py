@@ -255,7 +255,7 @@ class OursLoop:
     """RankEngine.sample with a KSampler request (euler, simple, cfg 1: one forward per step).
     The conditioning stays on the CPU, as the worker pool hands it over."""
 
-    def __init__(self, model, args, inputs, device, dtype, degrees, cond="cpu"):
+    def __init__(self, model, args, inputs, device, dtype, degrees, cond="cpu", cache=None):
         from comfy_xdit.config import ParallelConfig
         from comfy_xdit.engine import RankEngine
         from comfy_xdit.mesh import ParallelMesh
@@ -277,14 +277,36 @@ class OursLoop:
         cond_device = device if cond == "device" else torch.device("cpu")
         self.positive = FluxConditioning(inputs["context"].to(cond_device), inputs["pooled"].to(cond_device), 3.5)
         self.args = args
+        self.cache = cache  # CacheSettings or None
+        self.last = None  # the latents of the last loop
 
     def __call__(self, steps: int) -> torch.Tensor:
         from comfy_xdit.requests import SampleRequest
 
         a = self.args
         latent = torch.zeros(1, 16, a.height // 8, a.width // 8)
-        request = SampleRequest(latent=latent, positive=self.positive, negative=None, seed=a.seed, steps=steps, cfg=1.0)
-        return self.engine.sample(request)
+        request = SampleRequest(latent=latent, positive=self.positive, negative=None, seed=a.seed, steps=steps, cfg=1.0,
+                                cache=self.cache)
+        self.last = self.engine.sample(request)
+        return self.last
+
+
+CACHE_ROWS = ("none", "fbcache", "teacache", "fbcache-forced", "teacache-forced")
+
+
+def cache_settings(name: str, steps: int):
+    """A --cache entry: none, the cache at its published default threshold, or "-forced": the
+    published speedup's density of computed steps (random weights skip all or nothing)."""
+    from comfy_xdit.caching.settings import PUBLISHED_SPEEDUPS, CacheSettings, spread_computed_steps
+
+    if name == "none":
+        return None
+    kind, _, forced = name.partition("-")
+    if name not in CACHE_ROWS:
+        raise SystemExit(f"--cache takes {', '.join(CACHE_ROWS)}; got {name!r}")
+    if forced:
+        return CacheSettings(kind, computed_steps=spread_computed_steps(steps, PUBLISHED_SPEEDUPS[kind]))
+    return CacheSettings(kind)
 
     def graphs_against_eager(self, steps: int) -> float | None:
         """With CUDA graphs: relative difference max|graphs - eager| / max|eager| of one loop."""
@@ -488,6 +510,8 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="", help="free text stored with each row")
     p.add_argument("--pipeline-patches", type=int, default=None, help="PipeFusion rows: patches M (default: the degree)")
     p.add_argument("--pipefusion-warmup", type=int, default=1, help="PipeFusion rows: synchronous warmup steps")
+    p.add_argument("--cache", default=None, help="ours rows with step caches, comma list of " + ", ".join(CACHE_ROWS) +
+                   " (give none first: the others' latents are compared with it)")
     args = p.parse_args(argv)
 
     impls = [s.strip() for s in args.impl.split(",") if s.strip()]
@@ -549,12 +573,14 @@ def main(argv=None) -> int:
 
     compiled_now = False
 
-    def run_row(loop, impl, degrees, extra=None):
+    def run_row(loop, impl, degrees, extra=None, after=None):
         u, r, p = (*degrees, 1)[:3]
         graphs = impl == "ours" and args.cuda_graphs
         label = f"{impl} u{u}r{r}{f'p{p}' if p > 1 else ''}{' compiled' if compiled_now else ''}{' cuda-graphs' if graphs else ''}"
         if extra and extra.get("cond") == "device":
             label += " cond-on-device"
+        if extra and extra.get("cache"):
+            label += f" cache={extra['cache']}"
         log(f"-- {label}: warm-up + {args.runs} runs")
         row = time_loop(loop, args, device, label)
         if graphs:
@@ -568,6 +594,8 @@ def main(argv=None) -> int:
         )
         if p > 1:
             row.update(pipefusion_warmup=args.pipefusion_warmup, pipeline_patches=args.pipeline_patches or p)
+        if after is not None:
+            row.update(after())
         rows.append(row)
         log(f"   {label}: median {row['median_s']:.3f} s (runs {', '.join(f'{t:.3f}' for t in row['times'])}; "
             f"warm-up {row['warmup_s']:.1f} s), {row['tflops_per_gpu']:.0f} TFLOP/s per GPU, "
@@ -619,7 +647,10 @@ def main(argv=None) -> int:
             compiled_now = True
         if "diffusers" in impls:
             run_row(DiffusersLoop(model, args, inputs, device, dtype), "diffusers", (1, 1, 1))
-        if "ours" in impls:
+        if "ours" in impls and args.cache:
+            for degrees in degrees_list:
+                run_cache_rows(run_row, model, args, inputs, device, dtype, degrees)
+        elif "ours" in impls:
             for degrees in degrees_list:
                 for cond in args.cond.split(","):
                     if cond not in ("cpu", "device"):
@@ -630,6 +661,27 @@ def main(argv=None) -> int:
         barrier(device)
         dist.destroy_process_group()
     return 0
+
+
+def run_cache_rows(run_row, model, args, inputs, device, dtype, degrees) -> None:
+    """One ours row per --cache entry at these degrees: time, computed/skipped steps, and the
+    final latents' relative error against the no-cache row (a consistency check: random weights
+    say nothing about image quality)."""
+    reference = None
+    for name in args.cache.split(","):
+        loop = OursLoop(model, args, inputs, device, dtype, degrees, cache=cache_settings(name.strip(), args.steps))
+
+        def after(name=name, loop=loop):
+            nonlocal reference
+            record = loop.engine.last_cache_record
+            extra = {"cache": name, "computed_calls": sum(d.computed for d in record), "skipped_calls": sum(not d.computed for d in record)}
+            if name == "none":
+                reference = loop.last.float()
+            elif reference is not None:
+                extra["rel_error_vs_none"] = float((loop.last.float() - reference).abs().max() / reference.abs().max())
+            return extra
+
+        run_row(loop, "ours", degrees, {"cond": "cpu", "cache": name}, after)
 
 
 if __name__ == "__main__":

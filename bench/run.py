@@ -14,6 +14,10 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
   flux-4gpu         4 GPUs: diffusers 1 GPU eager and compiled; ours at ulysses=4, ring=4,
                     ulysses=2 x ring=2 (eager and compiled) and pipefusion=2 x ulysses=2; xDiT at
                     the three USP degrees, eager; median of 3.
+  flux-cache        ours with First-Block-Cache and TeaCache at their published default thresholds
+                    and with skip patterns forced to the published speedups' density, on 1 GPU and
+                    at ulysses=2; each beside ours without cache; relative error of the final
+                    latents against no cache (consistency only: random weights); median of 3.
   flux-pipefusion   ours at pipefusion=2 (layers split over 2 GPUs, 2 patches, 1 warmup step)
                     beside ours at ulysses=2 and the 1-GPU baselines; eager.
   sd3-medium        SD3-medium 1024x1024, 28 steps, cfg 4.5, eager (bench/sd3_loop.py): diffusers
@@ -42,6 +46,10 @@ SD3_LOOP = HERE / "sd3_loop.py"
 GROUP_LOOPS = {"sd3-medium": SD3_LOOP}
 
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+GROUPS = ("flux-usp", "flux-usp-compile", "flux-usp-ring", "flux-pipefusion", "flux-4gpu", "flux-graphs", "flux-cache",
+          "sd3-medium")
 
 
 def launches(group: str) -> list[tuple[str, int, list[str]]]:
@@ -100,8 +108,13 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
             ("sd3-ours-cfg2", 2, ["--impl", "ours", "--degrees", "c2"]),
             ("sd3-ours-u2", 2, ["--impl", "ours", "--degrees", "u2"]),
         ]
-    raise SystemExit(f"unknown group {group!r}; choose flux-usp, flux-usp-compile, flux-usp-ring, flux-pipefusion, "
-                     "flux-4gpu, flux-graphs or sd3-medium")
+    if group == "flux-cache":
+        caches = "none,fbcache,teacache,fbcache-forced,teacache-forced"
+        return [
+            ("cache-1gpu", 1, ["--impl", "ours", "--cache", caches, "--runs", "3"]),
+            ("cache-u2", 2, ["--impl", "ours", "--degrees", "u2", "--cache", caches, "--runs", "3"]),
+        ]
+    raise SystemExit(f"unknown group {group!r}; choose one of: " + ", ".join(GROUPS))
 
 
 def command(nproc: int, loop_args: list[str], loop: Path = LOOP) -> list[str]:
@@ -148,6 +161,33 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {row_name(r)} | {r['median_s']:.3f} | {runs} | {speed} | {ratio} | {r['tflops_per_gpu']:.0f} | {mem:.1f} |"
         )
+    return "\n".join(lines)
+
+
+CACHE_NAMES = {
+    "none": "no cache",
+    "fbcache": "First-Block-Cache, threshold 0.08 (published default)",
+    "teacache": "TeaCache, threshold 0.4 (published default)",
+    "fbcache-forced": "First-Block-Cache, forced pattern (1.55x density)",
+    "teacache-forced": "TeaCache, forced pattern (1.8x density)",
+}
+
+
+def cache_table(rows: list[dict]) -> str:
+    """Cache rows: speedup against ours without cache at the same degrees, and the latents' error."""
+    base = {(r["ulysses"], r["ring"]): r for r in rows if r.get("cache") == "none"}
+    lines = [
+        "| run | cache | computed / skipped calls | s (median) | runs | speedup vs no cache, same GPUs | rel. error vs no cache |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["gpus"], list(CACHE_NAMES).index(r["cache"]) if r["cache"] in CACHE_NAMES else 99)):
+        ref = base.get((r["ulysses"], r["ring"]))
+        speed = f"{ref['median_s'] / r['median_s']:.2f}x" if ref else "-"
+        error = f"{r['rel_error_vs_none']:.2e}" if "rel_error_vs_none" in r else "-"
+        runs = " / ".join(f"{t:.2f}" for t in r["times"])
+        how = "1 GPU" if r["gpus"] == 1 else f"{r['gpus']} GPUs, ulysses={r['ulysses']}"
+        lines.append(f"| ours, {how}, eager | {CACHE_NAMES.get(r['cache'], r['cache'])} | {r['computed_calls']} / {r['skipped_calls']} "
+                     f"| {r['median_s']:.3f} | {runs} | {speed} | {error} |")
     return "\n".join(lines)
 
 
@@ -210,7 +250,7 @@ def main(argv=None) -> int:
                 failures.append(f"{name} (exit {rc})")
 
     rows = [json.loads(line) for i, line in enumerate(open(results)) if i >= before] if results.exists() else []
-    text = table(rows) if rows else "(no rows)"
+    text = (cache_table(rows) if all("cache" in r for r in rows) else table(rows)) if rows else "(no rows)"
     env_row = rows[0]["env"] if rows else {}
     xfuser_version = next((r["env"].get("xfuser") for r in rows if r["impl"] == "xdit"), None)
     head = (

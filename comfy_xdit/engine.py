@@ -139,7 +139,7 @@ class RankEngine:
             raise RuntimeError("no model is loaded; call load() first")
         denoiser, family = self._denoiser, self.family
         _check_request_fits(request, family, self.model.config)
-        cache = cache_job_for(request, self.model, self.mesh, self._default_shift)  # refuses before any work
+        cache = cache_job_for(request, self.model, self.mesh, self._default_shift, self.spec.family)  # refuses before any work
         if cache and self.spec.cuda_graphs and self.device.type == "cuda":
             raise ConfigError("a step cache decides on the host at every step, which a captured CUDA graph cannot; "
                               "set the cache to none or turn the loader's cuda_graphs off")

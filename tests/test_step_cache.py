@@ -156,7 +156,7 @@ def test_a_rank_local_decision_would_have_diverged(parallel):
     assert diverging >= 1
 
 
-def test_pipefusion_and_controlnet_are_refused_with_what_to_change():
+def test_pipefusion_controlnet_and_other_families_are_refused_with_what_to_change():
     from comfy_xdit.caching.job import cache_job_for
     from comfy_xdit.config import ConfigError
     from comfy_xdit.requests import ControlNetRequest
@@ -169,3 +169,5 @@ def test_pipefusion_and_controlnet_are_refused_with_what_to_change():
     cached.controlnets = (ControlNetRequest("control.safetensors", torch.zeros(1, 16, 10, 14)),)
     with pytest.raises(ConfigError, match="does not work with ControlNets yet: set the sampler's cache to none"):
         cache_job_for(cached, None, one, 1.15)
+    with pytest.raises(ConfigError, match="teacache step cache is not available for sd3 models"):
+        cache_job_for(request(1, CacheSettings("teacache")), None, one, 1.15, family="sd3")

@@ -66,13 +66,23 @@ class CacheJob:
         return out
 
 
-def cache_job_for(request, model: torch.nn.Module, mesh, default_shift: float) -> CacheJob | None:
+# The caches each model family has been built and tested for. TeaCache needs the family's own
+# published rescale coefficients and modulated-input function; First-Block-Cache needs blocks
+# that diffusers' block registry knows.
+SUPPORTED = {"flux": ("fbcache", "teacache")}
+
+
+def cache_job_for(request, model: torch.nn.Module, mesh, default_shift: float, family: str = "flux") -> CacheJob | None:
     """The request's cache for this rank, or None; refuses combinations it cannot keep exact."""
     from ..config import ConfigError
 
     settings: CacheSettings | None = getattr(request, "cache", None)
     if settings is None:
         return None
+    if settings.kind not in SUPPORTED.get(family, ()):
+        offered = ", ".join(SUPPORTED.get(family, ())) or "none yet"
+        raise ConfigError(f"the {settings.kind} step cache is not available for {family} models (available: {offered}); "
+                          "set the sampler's cache to none")
     if request.controlnets:
         # diffusers adds each ControlNet residual after its block even when the block is skipped,
         # so a skipped step would add them on top of a cached residual that already holds them.

@@ -177,7 +177,7 @@ def _free_comfy_memory_on(config: ParallelConfig) -> None:
         return
     import comfy.model_management as mm
 
-    for name in config.devices:
+    for name in config.node_devices(0):
         device = torch.device(name)
         free = torch.cuda.mem_get_info(device)[0]
         total = torch.cuda.get_device_properties(device).total_memory

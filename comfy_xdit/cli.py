@@ -29,8 +29,42 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--workers", type=int, default=None, help="how many workers when --devices is not given")
 
 
+def add_backend_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("where the workers run (README: several machines)")
+    group.add_argument("--backend", choices=["local", "ray"], default="local",
+                       help="local: worker processes on this machine (and other machines' `comfy-xdit worker` "
+                            "agents with --nnodes); ray: Ray actors on a Ray cluster")
+    group.add_argument("--ray-address", default="auto", help="auto (this machine's Ray cluster), ray://HOST:10001, or local")
+    group.add_argument("--placement", choices=["pack", "spread"], default="pack",
+                       help="Ray: every worker on one node (pack) or spread over nodes")
+    group.add_argument("--nnodes", type=int, default=1, help="local backend: how many machines, each with --devices' devices")
+    group.add_argument("--master-addr", default=None, help="with --nnodes > 1: this machine's address as the others reach it")
+    group.add_argument("--master-port", type=int, default=29500, help="with --nnodes > 1: the rendezvous port here")
+
+
+def backend_from_flags(args: argparse.Namespace):
+    from .pool.backends import Backend
+    from .pool.multinode import Cluster
+
+    defaults = {"backend": "local", "ray_address": "auto", "placement": "pack", "nnodes": 1, "master_addr": None,
+                "master_port": 29500}
+    args = argparse.Namespace(**{**defaults, **vars(args)})  # callers that build their own Namespace
+    cluster = None
+    if args.nnodes > 1:
+        if args.backend == "ray":
+            raise ConfigError("--nnodes is for the local backend; a Ray pool spans nodes by itself (--placement spread)")
+        if not args.master_addr:
+            raise ConfigError("--nnodes > 1 needs --master-addr: this machine's address as the other nodes reach it")
+        cluster = Cluster(args.master_addr, args.master_port)
+    return Backend(args.backend, ray_address=args.ray_address, placement=args.placement, cluster=cluster)
+
+
 def config_from_flags(args: argparse.Namespace) -> ParallelConfig:
     devices = tuple(args.devices.split(",")) if args.devices else default_devices(args.workers)
+    if getattr(args, "nnodes", 1) > 1:
+        from .pool.multinode import multi_node_devices
+
+        devices = multi_node_devices(devices, args.nnodes)
     ulysses = args.ulysses_degree
     if ulysses is None:
         # Whatever the other degrees leave over goes to Ulysses, the cheapest exact method.
@@ -70,6 +104,12 @@ def _generate(args: argparse.Namespace) -> int:
     from .generate import run_generate
 
     return run_generate(args, config_from_flags(args))
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .pool.multinode import run_agent
+
+    return run_agent(args.master_addr, args.master_port, args.node_rank, args.nnodes, args.nproc_per_node)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -116,7 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="0: the published default (fbcache 0.08, teacache 0.4); higher skips more")
     generate.add_argument("--output", type=Path, default=Path("output.latent"))
     add_parallel_flags(generate)
+    add_backend_flags(generate)
     generate.set_defaults(run=_generate)
+
+    worker = commands.add_parser(
+        "worker", help="serve another machine's pool: run on every extra machine of a multi-node pool (no Ray)")
+    worker.add_argument("--master-addr", required=True, help="the pool host's address (its --master-addr)")
+    worker.add_argument("--master-port", type=int, default=29500, help="the pool host's --master-port")
+    worker.add_argument("--node-rank", type=int, required=True, help="this machine's number, 1..nnodes-1 (the pool host is 0)")
+    worker.add_argument("--nnodes", type=int, required=True, help="how many machines in all, the pool host included")
+    worker.add_argument("--nproc-per-node", type=int, required=True, help="workers on this machine (as many as on the host)")
+    worker.set_defaults(run=_worker)
 
     bench = commands.add_parser("bench", help="GPU benchmarks (source checkout): comfy-xdit bench --group NAME")
     bench.add_argument("--group", required=True)

@@ -57,7 +57,7 @@ class ParallelConfig:
             )
         if not self.devices:
             raise ConfigError("devices is empty; give one device per worker, for example ('cuda:0', 'cuda:1')")
-        kinds = {d.split(":")[0] for d in self.devices}
+        kinds = {split_node(d)[1].split(":")[0] for d in self.devices}
         if len(kinds) > 1:
             raise ConfigError(f"devices mix kinds {sorted(kinds)}; use only GPUs or only CPU workers")
         if kinds == {"cuda"} and len(set(self.devices)) != len(self.devices):
@@ -98,7 +98,16 @@ class ParallelConfig:
 
     @property
     def device_type(self) -> str:
-        return self.devices[0].split(":")[0]
+        return split_node(self.devices[0])[1].split(":")[0]
+
+    @property
+    def nnodes(self) -> int:
+        """How many hosts the workers span (devices of node K > 0 are written 'K/cuda:0')."""
+        return 1 + max(split_node(d)[0] for d in self.devices)
+
+    def node_devices(self, node: int = 0) -> tuple[str, ...]:
+        """The devices of one host, without their node prefix (node 0: the pool's own host)."""
+        return tuple(local for n, local in map(split_node, self.devices) if n == node)
 
     def describe_degrees(self) -> str:
         return (
@@ -135,6 +144,16 @@ class ParallelConfig:
                 "use_cfg_parallel needs classifier-free guidance (cfg > 1 with a negative prompt); "
                 "turn use_cfg_parallel off or raise cfg above 1"
             )
+
+
+def split_node(device: str) -> tuple[int, str]:
+    """'cuda:1' -> (0, 'cuda:1'); '2/cuda:1', a GPU of node 2 in a multi-node pool -> (2, 'cuda:1')."""
+    node, sep, local = device.rpartition("/")
+    if not sep:
+        return 0, device
+    if not node.isdigit():
+        raise ConfigError(f"device {device!r}: a node prefix is a node number, as in '1/cuda:0'")
+    return int(node), local
 
 
 def default_devices(count: int | None = None) -> tuple[str, ...]:

@@ -50,7 +50,6 @@ def read_conditioning(path: str | None, random_seed: int | None, guidance: float
 def run_generate(args: argparse.Namespace, config: ParallelConfig) -> int:
     from safetensors.torch import save_file
 
-    from .pool import WorkerPool
     from .preview import save_latent_preview
 
     if args.height % 16 or args.width % 16:
@@ -64,7 +63,9 @@ def run_generate(args: argparse.Namespace, config: ParallelConfig) -> int:
         sampler_name=args.sampler, scheduler=args.scheduler,
         cache=settings_from_choice(args.cache, args.cache_threshold),
     )
-    with WorkerPool(config) as pool:
+    from .cli import backend_from_flags
+
+    with backend_from_flags(args).create(config) as pool:
         started = time.perf_counter()
         pool.load(ModelSpec(str(Path(args.model).resolve()), dtype=args.dtype, compile=args.compile,
                                  cuda_graphs=args.cuda_graphs))

@@ -32,10 +32,12 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, ParallelConfig
+from ..config import ConfigError, ParallelConfig, split_node
 from ..requests import ModelSpec, SampleRequest, SamplingCancelled, VaeDecodeRequest, VaeWeights
 from . import protocol, shm
-from .processes import Acceptor, Launcher, Reaper, WorkerProcess, cpu_count, free_port, terminate, wait_for_exit
+from .multinode import Cluster, HostStore, cluster_key
+from .processes import (Acceptor, Launcher, Reaper, RemoteWorker, WorkerProcess, cpu_count, free_port, terminate,
+                        wait_for_exit)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ def check_devices(config: ParallelConfig) -> None:
     if not torch.cuda.is_available():
         raise ConfigError(f"devices {list(config.devices)} are GPUs but CUDA is not available here; use CPU devices")
     count = torch.cuda.device_count()
-    for device in config.devices:
+    for device in config.node_devices(0):  # other nodes' GPUs are their agents' to check
         index = torch.device(device).index
         if index is not None and index >= count:
             raise ConfigError(f"device {device} does not exist: {count} GPU(s) are visible (cuda:0..cuda:{count - 1})")
@@ -155,10 +157,11 @@ class WorkerPool:
         start_timeout_s: float = 180.0,
         worker_env: dict[str, str] | None = None,
         log_dir: str | os.PathLike | None = None,
+        cluster: Cluster | None = None,
     ):
         if not isinstance(config, ParallelConfig):
             raise ConfigError(f"WorkerPool needs a ParallelConfig, got {type(config).__name__}")
-        check_devices(config)
+        self._check_devices(config)
         self.config = config
         self.job_timeout_s = float(job_timeout_s)
         self.load_timeout_s = float(load_timeout_s)
@@ -166,6 +169,13 @@ class WorkerPool:
         self._worker_env = dict(worker_env or {})
         self._log_dir = Path(log_dir) if log_dir is not None else None
         self._own_log_dir = log_dir is None
+        # Several hosts: node 0 (here) keeps the store the other nodes' agents watch.
+        if config.nnodes > 1 and cluster is None:
+            raise ConfigError(f"devices {list(config.devices)} span {config.nnodes} nodes: give cluster=Cluster(master_addr, "
+                              "master_port) and run `comfy-xdit worker` on the other nodes")
+        self.cluster = cluster
+        self._cluster_key = cluster_key() if cluster is not None else None
+        self._store: HostStore | None = None
 
         self._job_lock = threading.RLock()  # one job (or start) at a time
         self._state_lock = threading.Lock()  # what status() reads
@@ -189,6 +199,9 @@ class WorkerPool:
         self._last_job: dict | None = None
         self._last_error: str | None = None
         self._marks: dict[str, float] = {}  # clock points of the running sample job
+
+    def _check_devices(self, config: ParallelConfig) -> None:
+        check_devices(config)
 
     # lifecycle
 
@@ -228,7 +241,7 @@ class WorkerPool:
             workers = self._workers
             if idle and was_running:
                 self._shutdown_politely(workers)
-            terminate(workers)
+            self._terminate(workers)
         finally:
             if idle:
                 self._job_lock.release()
@@ -240,6 +253,9 @@ class WorkerPool:
             self._reaper = None
         if self._own_log_dir and self._log_dir is not None:
             shutil.rmtree(self._log_dir, ignore_errors=True)
+        if self._store is not None:  # the other nodes' agents stop
+            self._store.close(self.config.nnodes)
+            self._store = None
 
     def _shutdown_politely(self, workers: list[WorkerProcess]) -> None:
         for w in workers:
@@ -250,7 +266,8 @@ class WorkerPool:
                 pass
         wait_for_exit(workers, time.monotonic() + SHUTDOWN_GRACE_S)
 
-    def _worker_environment(self, rank: int, device: str, port: int, authkey: bytes) -> dict[str, str]:
+    def _worker_environment(self, rank: int, device: str, port: int, authkey: bytes,
+                            store: str | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self._worker_env)
         env.update(
@@ -268,6 +285,9 @@ class WorkerPool:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if store is not None:  # a multi-node pool: the ranks meet in the host's TCP store
+            env[protocol.ENV_STORE] = store
+            env["LOCAL_WORLD_SIZE"] = str(len(self.config.node_devices(0)))
         # The worker must import this very engine, whatever the caller's sys.path was.
         env["PYTHONPATH"] = os.pathsep.join([str(_IMPORT_ROOT), *filter(None, [env.get("PYTHONPATH")])])
         if self.config.device_type == "cpu" and "OMP_NUM_THREADS" not in env:
@@ -277,7 +297,7 @@ class WorkerPool:
 
     def _spawn(self) -> None:
         if self._workers:
-            terminate(self._workers)
+            self._terminate(self._workers)
         self._generation += 1
         self._loaded_spec = None
         self._vae_fingerprints = set()  # fresh workers hold no VAE
@@ -291,13 +311,23 @@ class WorkerPool:
             resource_tracker.ensure_running()  # now, not inside the first job
 
         world_size = self.config.world_size
-        authkey = os.urandom(32)
-        listener = Listener(("127.0.0.1", 0), backlog=world_size + 1, authkey=authkey)
+        cluster = self.cluster
+        authkey = self._cluster_key or os.urandom(32)
+        # Other nodes' workers connect from outside: listen on every interface (authenticated).
+        listener = Listener(("0.0.0.0" if cluster else "127.0.0.1", 0), backlog=world_size + 1, authkey=authkey)
         acceptor = Acceptor(listener, world_size)
         acceptor.start()
+        control = f"{cluster.master_addr if cluster else '127.0.0.1'}:{listener.address[1]}"
         port = free_port()
-        command = [sys.executable, "-m", f"{WORKER_PACKAGE}.worker", "--control", f"127.0.0.1:{listener.address[1]}"]
-        workers: list[WorkerProcess] = []
+        store_prefix = None
+        if cluster is not None:
+            if self._store is None:
+                self._store = HostStore(cluster)
+            plan = {"world_size": world_size, "nnodes": self.config.nnodes, "devices": list(self.config.devices),
+                    "control": control, "host_package": HOST_PACKAGE}
+            store_prefix = f"{cluster.master_addr}:{cluster.master_port}:{self._store.publish(self._generation, plan)}"
+        command = [sys.executable, "-m", f"{WORKER_PACKAGE}.worker", "--control", control]
+        workers: list = []
         if self._reaper is None:
             self._reaper = Reaper()
             self._reaper.log_dir = self._log_dir if self._own_log_dir else None
@@ -305,11 +335,15 @@ class WorkerPool:
             atexit.register(self._reaper.reap)
         try:
             for rank, device in enumerate(self.config.devices):
+                node, device = split_node(device)
+                if node != 0:  # started by that node's agent; known here once it connects
+                    workers.append(RemoteWorker(rank, device, node))
+                    continue
                 log_path = self._log_dir / f"worker-{rank}.run{self._generation}.log"
                 with open(log_path, "wb") as log_file:
                     process = Launcher.shared().popen(
                         command,
-                        env=self._worker_environment(rank, device, port, authkey),
+                        env=self._worker_environment(rank, device, port, authkey, store_prefix),
                         stdin=subprocess.DEVNULL,
                         stdout=log_file,
                         stderr=subprocess.STDOUT,
@@ -322,7 +356,7 @@ class WorkerPool:
             self._workers = workers
             self._handshake(acceptor, workers)
         except BaseException as exc:
-            terminate(workers)
+            self._terminate(workers)
             with self._state_lock:
                 if self._state != "closed":
                     self._state = "broken"
@@ -333,7 +367,7 @@ class WorkerPool:
             listener.close()
         with self._state_lock:
             if self._state == "closed":  # closed from another thread meanwhile
-                terminate(workers)
+                self._terminate(workers)
                 raise PoolError("the pool was closed while it started")
             self._state = "running"
             self._last_error = None
@@ -383,7 +417,7 @@ class WorkerPool:
         except (EOFError, OSError):
             hello = None
         ours = isinstance(hello, protocol.Hello) and 0 <= hello.rank < len(workers)
-        if not ours or workers[hello.rank].process.pid != hello.pid or workers[hello.rank].channel is not None:
+        if not ours or not workers[hello.rank].accepts(hello) or workers[hello.rank].channel is not None:
             channel.close()  # authenticated, yet not one of the workers we started: ignore it
             return
         workers[hello.rank].channel = channel
@@ -398,7 +432,7 @@ class WorkerPool:
 
     def _break(self, reason: str) -> None:
         """Kill every worker and mark the pool broken; the next call starts fresh workers."""
-        terminate(self._workers)
+        self._terminate(self._workers)
         with self._state_lock:
             if self._state != "closed":
                 self._state = "broken"
@@ -493,15 +527,7 @@ class WorkerPool:
         spill = None
         self._current = {"job": job_id, "kind": kind, "step": 0, "total": 0, "step_seconds": []}
         try:
-            if kind in RESULT_JOBS:
-                estimate = _result_bytes_estimate(kind, payload)
-                payload, _ = self._arenas.pack(payload)
-                output, capacity = self._arenas.reserve_output(estimate)
-                spill = shm.segment_name(self._token, job_id, "r") if shm.SHM_SUPPORTED else None
-                # The arenas' names go with every job: a worker unmaps those the host replaced.
-                job = protocol.Job(job_id, kind, payload, self._arenas.inputs.name, output, capacity, spill)
-            else:
-                job = protocol.Job(job_id, kind, payload)
+            job, spill = self._make_job(job_id, kind, payload)
             data = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
             self._marks["packed"] = time.monotonic()
             for w in self._workers:
@@ -516,7 +542,7 @@ class WorkerPool:
             outcome = self._judge(job_id, kind, replies)
             result = None
             if outcome is None and kind in RESULT_JOBS:
-                result = self._arenas.take(replies[0].value)
+                result = self._take_result(replies[0].value)
                 spill = None  # taken and unlinked, or never made
                 self._marks["taken"] = time.monotonic()
             return replies, result, callback_error or outcome
@@ -528,6 +554,23 @@ class WorkerPool:
             with self._state_lock:
                 self._last_steps = self._current["step_seconds"]
                 self._current = None
+
+    def _make_job(self, job_id: int, kind: str, payload: Any) -> tuple[protocol.Job, str | None]:
+        """The job message (large tensors placed in the input arena) and its one-off result segment's name."""
+        if kind not in RESULT_JOBS:
+            return protocol.Job(job_id, kind, payload), None
+        estimate = _result_bytes_estimate(kind, payload)
+        payload, _ = self._arenas.pack(payload)
+        output, capacity = self._arenas.reserve_output(estimate)
+        spill = shm.segment_name(self._token, job_id, "r") if shm.SHM_SUPPORTED else None
+        # The arenas' names go with every job: a worker unmaps those the host replaced.
+        return protocol.Job(job_id, kind, payload, self._arenas.inputs.name, output, capacity, spill), spill
+
+    def _take_result(self, value: Any) -> torch.Tensor:
+        return self._arenas.take(value)
+
+    def _terminate(self, workers: list) -> None:
+        terminate(workers)
 
     def _collect(self, job_id: int, silence_s: float, on_step: OnStep | None, cancel_event: threading.Event | None):
         by_connection = {w.channel.connection: w for w in self._workers}
@@ -629,12 +672,9 @@ class WorkerPool:
 
     def _raise_dead(self, worker: WorkerProcess):
         if self._state == "closed":
-            terminate(self._workers)
+            self._terminate(self._workers)
             raise PoolError("the worker pool was closed while a job was running")
-        try:
-            worker.process.wait(timeout=2.0)  # its connection closed: give the exit status a moment
-        except subprocess.TimeoutExpired:
-            pass
+        worker.wait(2.0)  # its connection closed: give the exit status a moment
         time.sleep(0.2)  # let other casualties and the log's last lines land
         dead = [w for w in self._workers if w.exit_status() is not None] or [worker]
         what = "; ".join(f"{w.label()} {w.exit_status() or 'closed its control connection'}" for w in dead)
@@ -740,14 +780,14 @@ class WorkerPool:
         status["workers"] = [
             {
                 "rank": w.rank,
-                "pid": w.process.pid,
+                "pid": w.pid,
                 "device": w.device,
-                "alive": w.process.poll() is None,
+                "alive": w.alive(),
                 "exit": w.exit_status(),
-                "log": str(w.log_path),
+                "log": str(w.log_path) if getattr(w, "log_path", None) else None,
                 **{k: v for k, v in w.info.items() if k not in ("pid", "device")},
             }
             for w in workers
         ]
-        status["pids"] = [w.process.pid for w in workers]
+        status["pids"] = [w.pid for w in workers]
         return status

@@ -49,12 +49,25 @@ def describe_exit(code: int) -> str:
 
 @dataclass
 class WorkerProcess:
+    """A worker process this host started (the host can signal it, wait for it and read its log)."""
+
     rank: int
     device: str
     process: subprocess.Popen
     log_path: Path
     channel: protocol.Channel | None = None
     info: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def accepts(self, hello: protocol.Hello) -> bool:
+        """Whether a connection that introduced itself with ``hello`` is this worker's."""
+        return hello.pid == self.process.pid
 
     def label(self) -> str:
         return f"worker rank {self.rank} (pid {self.process.pid}, {self.device})"
@@ -65,6 +78,58 @@ class WorkerProcess:
 
     def log_excerpt(self) -> str:
         return f"last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+
+    def signal(self, sig: int) -> None:
+        signal_group(self, sig)
+
+    def wait(self, timeout: float) -> None:
+        try:
+            self.process.wait(timeout=max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@dataclass
+class RemoteWorker:
+    """A rank another host started (a multi-node agent): known only by its control connection.
+
+    The host cannot signal it; closing the connection is what stops it (a worker exits when
+    its host's connection ends), and a closed connection is how its death shows here.
+    """
+
+    rank: int
+    device: str
+    node: int
+    channel: protocol.Channel | None = None
+    info: dict = field(default_factory=dict)
+    gone: str | None = None  # why its connection ended, once it did
+
+    @property
+    def pid(self) -> int | None:
+        return self.info.get("pid")
+
+    def alive(self) -> bool:
+        return self.gone is None
+
+    def accepts(self, hello: protocol.Hello) -> bool:
+        return True  # it authenticated with the cluster key and named a rank of another node
+
+    def label(self) -> str:
+        return f"worker rank {self.rank} (node {self.node}, pid {self.pid}, {self.device})"
+
+    def exit_status(self) -> str | None:
+        return self.gone
+
+    def log_excerpt(self) -> str:
+        return f"its log is on node {self.node}, in the output of `comfy-xdit worker --node-rank {self.node}`"
+
+    def signal(self, sig: int) -> None:
+        if sig == signal.SIGKILL and self.channel is not None:
+            self.channel.close()  # the remote worker exits when its connection ends
+            self.gone = self.gone or "was disconnected by the host"
+
+    def wait(self, timeout: float) -> None:
+        pass
 
 
 def signal_group(worker: WorkerProcess, sig: int) -> None:
@@ -85,26 +150,20 @@ def signal_group(worker: WorkerProcess, sig: int) -> None:
 def wait_for_exit(workers, deadline: float) -> None:
     """Give every worker until ``deadline`` (a monotonic time) to exit; returns either way."""
     for w in workers:
-        try:
-            w.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
+        w.wait(deadline - time.monotonic())
 
 
-def terminate(workers: list[WorkerProcess], grace_s: float = TERM_GRACE_S) -> None:
+def terminate(workers, grace_s: float = TERM_GRACE_S) -> None:
     """SIGTERM, then SIGKILL what is left; every worker is reaped on return."""
     for w in workers:
-        signal_group(w, signal.SIGTERM)
+        w.signal(signal.SIGTERM)
         if hasattr(signal, "SIGCONT"):
-            signal_group(w, signal.SIGCONT)  # a stopped worker acts on SIGTERM only once resumed
+            w.signal(signal.SIGCONT)  # a stopped worker acts on SIGTERM only once resumed
     wait_for_exit(workers, time.monotonic() + grace_s)
     for w in workers:
-        signal_group(w, signal.SIGKILL)
+        w.signal(signal.SIGKILL)
     for w in workers:
-        try:
-            w.process.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            pass
+        w.wait(5.0)
         if w.channel is not None:
             w.channel.close()
 

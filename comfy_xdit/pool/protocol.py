@@ -28,6 +28,8 @@ ENV_PARENT_PID = "COMFY_XDIT_PARENT_PID"
 ENV_DEVICE = "COMFY_XDIT_DEVICE"
 ENV_HOST_PACKAGE = "COMFY_XDIT_HOST_PACKAGE"
 ENV_NUM_THREADS = "COMFY_XDIT_NUM_THREADS"
+# HOST:PORT:PREFIX of a multi-node pool's TCP store, where the ranks rendezvous instead of env://.
+ENV_STORE = "COMFY_XDIT_STORE"
 
 # Job id of the start-up handshake, for errors raised before the first job.
 STARTUP = -1

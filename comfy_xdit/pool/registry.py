@@ -6,7 +6,8 @@ import threading
 from typing import Any
 
 from ..config import ParallelConfig
-from .host import WorkerPool, check_devices
+from .backends import LOCAL, Backend
+from .host import WorkerPool
 
 
 class PoolRegistry:
@@ -19,22 +20,25 @@ class PoolRegistry:
 
     def __init__(self, **pool_options: Any):
         self._pool_options = pool_options
-        self._pools: dict[tuple[str, ...], WorkerPool] = {}
+        self._pools: dict[tuple, WorkerPool] = {}  # by (backend, devices)
         self._last_used: WorkerPool | None = None
         self._lock = threading.Lock()
 
-    def get(self, config: ParallelConfig) -> WorkerPool:
+    def get(self, config: ParallelConfig, backend: Backend = LOCAL) -> WorkerPool:
+        key = (backend, config.devices)
         with self._lock:
-            pool = self._pools.get(config.devices)
+            pool = self._pools.get(key)
             if pool is not None and (pool.config != config or pool.status()["state"] == "closed"):
                 pool.close()
-                del self._pools[config.devices]
+                del self._pools[key]
                 pool = None
             if pool is None:
-                check_devices(config)
-                for devices in [d for d in self._pools if set(d) & set(config.devices)]:
-                    self._pools.pop(devices).close()  # the new pool needs those devices
-                pool = self._pools[config.devices] = WorkerPool(config, **self._pool_options)
+                pool = backend.create(config, **self._pool_options)  # refuses bad devices before any start
+                if backend.shares_local_devices:
+                    mine = set(config.node_devices(0))
+                    for other in [k for k in self._pools if k[0].shares_local_devices and set(k[1]) & mine]:
+                        self._pools.pop(other).close()  # the new pool needs those devices
+                self._pools[key] = pool
             self._last_used = pool
             return pool.start()
 

@@ -69,6 +69,11 @@ class ParallelLoader(io.ComfyNode):
                 io.Int.Input("warmup_steps", default=1, min=0, max=10000, optional=True, tooltip="PipeFusion: the first steps run exactly (whole image per stage); later steps reuse one-step-stale attention K/V of the other patches"),
                 io.Boolean.Input("cuda_graphs", default=False, optional=True, tooltip="GPU workers: replay each step as a captured CUDA "
                                  "graph (removes kernel-launch time; the first step of each shape captures)"),
+                io.Combo.Input("backend", options=["local", "ray"], default="local", optional=True,
+                               tooltip="local: worker processes on this machine; ray: Ray actors on a Ray cluster (pip install ray)"),
+                io.String.Input("address", default="auto", optional=True,
+                                tooltip="ray: auto (this machine's Ray cluster), ray://HOST:10001 or local. local: auto for one "
+                                        "machine, or HOST:PORT to be node 0 of several machines (README: several machines)"),
             ],
             outputs=[XditModelType.Output()],
         )
@@ -76,21 +81,22 @@ class ParallelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model_name, weight_dtype, ulysses_degree, ring_degree, use_cfg_parallel, data_parallel_degree,
                 pipefusion_parallel_degree, devices, attention_backend, compile=False, num_pipeline_patches=0,
-                warmup_steps=1, cuda_graphs=False) -> io.NodeOutput:
+                warmup_steps=1, cuda_graphs=False, backend="local", address="auto") -> io.NodeOutput:
         from .comfy_xdit.requests import ModelSpec
 
         bridge = _bridge()
+        pool_backend = bridge.make_backend(backend, address)
         config = bridge.make_config(
             ulysses_degree=ulysses_degree, ring_degree=ring_degree, use_cfg_parallel=use_cfg_parallel,
             data_parallel_degree=data_parallel_degree, pipefusion_parallel_degree=pipefusion_parallel_degree,
-            attention_backend=attention_backend, devices=devices,
+            attention_backend=attention_backend, devices=devices, backend=pool_backend,
             num_pipeline_patches=num_pipeline_patches or None, warmup_steps=warmup_steps,
         )
         if weight_dtype == "default":
             weight_dtype = "float32" if config.device_type == "cpu" else "bfloat16"
         path = _model_path(model_name)
         model = bridge.XditModel(ModelSpec(path, bridge.detect_family(path), weight_dtype, compile=compile,
-                                           cuda_graphs=cuda_graphs), config)
+                                           cuda_graphs=cuda_graphs), config, backend=pool_backend)
         bridge.load(model)
         return io.NodeOutput(model)
 

@@ -19,6 +19,7 @@ import torch
 from .config import ConfigError, ParallelConfig, default_devices
 from .pool import PoolRegistry, WorkerPool
 from .models import families
+from .pool.backends import LOCAL, Backend
 from .requests import ControlNetRequest, FluxConditioning, ModelSpec, SampleRequest, SD3Conditioning, VaeDecodeRequest, VaeWeights
 
 log = logging.getLogger("comfy_xdit")
@@ -58,6 +59,7 @@ class XditModel:
     loras: tuple[tuple[str, float], ...] = ()
     # Applied ControlNets in order; they hold images, so they take no part in comparisons.
     controlnets: tuple["ControlNetUse", ...] = dataclasses.field(default=(), compare=False)
+    backend: Backend = LOCAL  # where the pool's workers run
 
     def with_lora(self, path: str, strength: float) -> "XditModel":
         return dataclasses.replace(self, loras=(*self.loras, (path, float(strength))))
@@ -144,10 +146,42 @@ def resolve_devices(devices: str, degrees_product: int) -> tuple[tuple[str, ...]
     )
 
 
+def make_backend(backend: str, address: str) -> Backend:
+    """ParallelLoader's backend and address inputs: Ray's address, or a multi-node pool's HOST:PORT."""
+    address = address.strip()
+    if backend == "ray":
+        return Backend("ray", ray_address=address or "auto")
+    if address and address.lower() != "auto":
+        from .pool.multinode import Cluster
+
+        host, sep, port = address.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ConfigError(f"address {address!r}: the local backend takes HOST:PORT (this machine's address as the "
+                              "other nodes reach it, and the rendezvous port), or auto for one machine")
+        return Backend("local", cluster=Cluster(host, int(port)))
+    return LOCAL
+
+
+def ray_devices(devices: str, count: int | None, backend: Backend) -> str:
+    """'auto' on Ray: one GPU actor per worker when the cluster has GPUs, else CPU actors (count: 0 = all GPUs)."""
+    if devices.strip().lower() != "auto":
+        return devices
+    from .pool.ray_pool import connect
+
+    ray, _ = connect(backend.ray_address)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if count is None:
+        count = gpus or 2
+    return ",".join([f"cuda:{i}" for i in range(count)] if gpus else ["cpu"] * count)
+
+
 def make_config(*, ulysses_degree: int, ring_degree: int, use_cfg_parallel: bool, data_parallel_degree: int,
                 pipefusion_parallel_degree: int, attention_backend: str, devices: str,
-                num_pipeline_patches: int | None = None, warmup_steps: int = 1) -> ParallelConfig:
+                num_pipeline_patches: int | None = None, warmup_steps: int = 1,
+                backend: Backend = LOCAL) -> ParallelConfig:
     others = ring_degree * data_parallel_degree * pipefusion_parallel_degree * (2 if use_cfg_parallel else 1)
+    if backend.kind == "ray":  # Ray places the workers: the devices only say how many and of which kind
+        devices = ray_devices(devices, None if ulysses_degree == 0 else ulysses_degree * others, backend)
     if ulysses_degree == 0:  # 0: whatever the other degrees leave over of the devices
         count = len(resolve_devices(devices, others)[0]) if devices.strip().lower() != "auto" else None
         if count is None:
@@ -166,9 +200,10 @@ def make_config(*, ulysses_degree: int, ring_degree: int, use_cfg_parallel: bool
                           warmup_steps=warmup_steps, **degrees)
 
 
-def pool_for(config: ParallelConfig) -> WorkerPool:
-    _free_comfy_memory_on(config)
-    return REGISTRY.get(config)
+def pool_for(config: ParallelConfig, backend: Backend = LOCAL) -> WorkerPool:
+    if backend.shares_local_devices:
+        _free_comfy_memory_on(config)
+    return REGISTRY.get(config, backend)
 
 
 def _free_comfy_memory_on(config: ParallelConfig) -> None:
@@ -209,7 +244,7 @@ def load(model: XditModel) -> WorkerPool:
             check_controlnet_fits(use.controlnet.path, model_config)
             heads = read_controlnet_info(use.controlnet.path)["config"]["num_attention_heads"]
             model.config.check_model(num_heads=heads, family="Flux ControlNet")
-    pool = pool_for(model.config)
+    pool = pool_for(model.config, model.backend)
     pool.load(model.spec)
     return pool
 

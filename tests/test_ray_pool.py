@@ -143,3 +143,30 @@ def test_a_pool_that_cannot_be_placed_says_what_the_cluster_lacks(ray_cluster):
             pool.start()
     finally:
         pool.close()
+
+
+def test_the_loader_inputs_choose_the_backend_and_ray_auto_devices_follow_the_cluster(ray_cluster):
+    from comfy_xdit import bridge
+    from comfy_xdit.cli import backend_from_flags, build_parser, config_from_flags
+    from comfy_xdit.config import ConfigError
+    from comfy_xdit.pool.backends import LOCAL, Backend
+    from comfy_xdit.pool.multinode import Cluster
+
+    assert bridge.make_backend("local", "auto") is LOCAL
+    assert bridge.make_backend("local", "10.0.0.1:29500") == Backend("local", cluster=Cluster("10.0.0.1", 29500))
+    assert bridge.make_backend("ray", "") == Backend("ray", ray_address="auto")
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        bridge.make_backend("local", "10.0.0.1")
+    # This cluster has no GPU: 'auto' gives CPU actors, as many as the degrees (0: two).
+    on_ray = Backend("ray", ray_address=None)
+    config = bridge.make_config(ulysses_degree=0, ring_degree=1, use_cfg_parallel=False, data_parallel_degree=1,
+                                pipefusion_parallel_degree=1, attention_backend="auto", devices="auto", backend=on_ray)
+    assert config.devices == ("cpu", "cpu") and config.ulysses_degree == 2
+
+    args = build_parser().parse_args(["generate", "--model", "x", "--backend", "ray", "--ray-address", "ray://h:10001",
+                                      "--placement", "spread", "--devices", "cpu,cpu"])
+    assert backend_from_flags(args) == Backend("ray", ray_address="ray://h:10001", placement="spread")
+    args = build_parser().parse_args(["generate", "--model", "x", "--nnodes", "2", "--master-addr", "10.0.0.1",
+                                      "--devices", "cuda:0,cuda:1"])
+    assert backend_from_flags(args).cluster == Cluster("10.0.0.1", 29500)
+    assert config_from_flags(args).devices == ("cuda:0", "cuda:1", "1/cuda:0", "1/cuda:1")

@@ -113,6 +113,21 @@ def test_cancel_stops_every_ray_rank_after_the_same_step(pool, reference):
     assert relative_error(pool.sample(make_request()), reference) <= TOLERANCE
 
 
+def test_vae_load_and_patch_parallel_decode_on_ray_match_one_rank(pool):
+    from comfy_xdit.requests import VaeDecodeRequest, VaeWeights
+    from comfy_xdit.vae import build_decoder, decoder_state_dict, state_dict_fingerprint
+    from vae_files import make_ldm_vae_state_dict
+
+    state = decoder_state_dict(make_ldm_vae_state_dict(seed=0, ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16))
+    vae = VaeWeights(state_dict_fingerprint(state), state, "float32")
+    latent = torch.randn(1, 16, 12, 8, generator=torch.Generator().manual_seed(0))
+    assert pool.load_vae(vae) is True and pool.has_vae(vae.fingerprint)
+    image = pool.decode(VaeDecodeRequest(vae.fingerprint, latent))
+    with torch.inference_mode():
+        alone = build_decoder(state, dtype=torch.float32, device=torch.device("cpu")).decode(latent).float()
+    assert image.shape == alone.shape and float((image - alone).abs().max()) <= 1e-4
+
+
 def test_an_actor_killed_mid_job_names_its_rank_and_the_next_job_gets_fresh_actors(pool, reference):
     old_pids = pool.status()["pids"]
     killed = []

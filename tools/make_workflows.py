@@ -27,8 +27,7 @@ NODE_TYPES = {
     "SaveImage": (["filename_prefix"], [("images", "IMAGE")], []),
     "ParallelLoader": (
         ["model_name", "weight_dtype", "ulysses_degree", "ring_degree", "use_cfg_parallel", "data_parallel_degree",
-         "pipefusion_parallel_degree", "devices", "attention_backend", "compile", "backend", "address"], [],
-        [("XDIT_MODEL", "XDIT_MODEL")]),
+         "pipefusion_parallel_degree", "devices", "attention_backend", "compile"], [], [("XDIT_MODEL", "XDIT_MODEL")]),
     "ParallelLoraLoader": (["lora_name", "strength_model"], [("model", "XDIT_MODEL")], [("XDIT_MODEL", "XDIT_MODEL")]),
     "ParallelSampler": (
         ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise", "shift", "max_shift",
@@ -46,7 +45,7 @@ UI_ONLY_WIDGETS = {"control_after_generate", "upload"}
 
 LOADER = dict(model_name="flux1-dev.safetensors", weight_dtype="default", ulysses_degree=0, ring_degree=1,
               use_cfg_parallel=False, data_parallel_degree=1, pipefusion_parallel_degree=1, devices="auto",
-              attention_backend="auto", compile=False, backend="local", address="auto")
+              attention_backend="auto", compile=False)
 SAMPLER = dict(seed=0, control_after_generate="randomize", steps=20, cfg=1.0, sampler_name="euler", scheduler="simple",
                denoise=1.0, shift="model default", max_shift=1.15, base_shift=0.5)
 

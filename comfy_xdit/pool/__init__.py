@@ -1,6 +1,13 @@
-"""The persistent worker pool: one process per device, started once, kept warm across jobs."""
+"""The persistent worker pool: one worker per device, started once, kept warm across jobs.
 
+Workers are local processes (``WorkerPool``; with a ``Cluster``, also other hosts' agents) or
+Ray actors (``RayWorkerPool``); ``Backend`` picks one.
+"""
+
+from .backends import Backend
 from .host import PoolError, WorkerPool
+from .multinode import Cluster
+from .ray_pool import RayWorkerPool
 from .registry import PoolRegistry
 
-__all__ = ["PoolError", "PoolRegistry", "WorkerPool"]
+__all__ = ["Backend", "Cluster", "PoolError", "PoolRegistry", "RayWorkerPool", "WorkerPool"]

@@ -9,6 +9,10 @@ While it waits, the host watches every worker: a dead worker, a silent pool (a h
 that disagree about how a job ended break the pool: it kills the workers and raises PoolError
 naming the rank, its exit status and the end of its log. The next call starts a fresh pool and
 reloads the model, so a caller (a ComfyUI node) only ever sees one failed job.
+
+With a ``Cluster`` the pool spans hosts: ranks of other nodes are started by those nodes'
+agents (``multinode.py``) and known here only by their control connections. ``RayWorkerPool``
+(``ray_pool.py``) reuses all of the job handling with Ray actors as the ranks.
 """
 
 from __future__ import annotations

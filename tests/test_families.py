@@ -40,3 +40,11 @@ def test_sd3_latent_format_is_comfyuis():
 def test_an_unknown_family_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="model family 'pixart' is not supported; supported: flux, sd3"):
         families.get("pixart")
+
+
+@pytest.mark.parametrize("name", list(families.FAMILIES))
+def test_the_cache_column_says_what_the_step_cache_accepts(name):
+    from comfy_xdit.caching.job import SUPPORTED
+
+    assert ("cache" in families.get(name).methods) == bool(SUPPORTED.get(name)), (
+        f"{name}: the registry's 'cache' method and caching.job.SUPPORTED disagree")

@@ -143,7 +143,7 @@ FLUX = ModelFamily(
     text_encoders="CLIP-L + T5-XXL (DualCLIPLoader, type flux)",
     conditioning_keys=frozenset({"pooled_output", "guidance"}),
     ignored_keys=frozenset(),
-    methods=frozenset({"ulysses", "ring", "cfg", "data", "pipefusion", "vae", "lora", "controlnet", "compile"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data", "pipefusion", "vae", "lora", "controlnet", "compile", "cache"}),
     resolution_shift=True,
 )
 

@@ -156,6 +156,22 @@ def split_node(device: str) -> tuple[int, str]:
     return int(node), local
 
 
+def check_local_devices_exist(devices: tuple[str, ...]) -> None:
+    """Refuse GPUs this machine does not have (node 0's devices; other nodes check their own)."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for device in devices:
+        node, local = split_node(device)
+        kind, _, index = local.partition(":")
+        if node != 0 or kind != "cuda":
+            continue
+        if not index.isdigit() or int(index) >= visible:
+            have = ", ".join(f"cuda:{i}" for i in range(visible)) or "no GPU"
+            raise ConfigError(f"device {device!r} does not exist on this machine ({have} visible); "
+                              "name existing devices or set devices to auto")
+
+
 def default_devices(count: int | None = None) -> tuple[str, ...]:
     """All visible GPUs, or two CPU workers when there is no GPU."""
     import torch

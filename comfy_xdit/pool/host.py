@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, ParallelConfig, split_node
+from ..config import ConfigError, ParallelConfig, check_local_devices_exist, split_node
+from ..request_checks import check_sample_request
 from ..requests import ModelSpec, SampleRequest, SamplingCancelled, VaeDecodeRequest, VaeWeights
 from . import protocol, shm
 from .multinode import Cluster, HostStore, cluster_key
@@ -300,6 +301,7 @@ class WorkerPool:
         return env
 
     def _spawn(self) -> None:
+        check_local_devices_exist(self.config.devices)  # before any process starts
         if self._workers:
             self._terminate(self._workers)
         self._generation += 1
@@ -463,6 +465,7 @@ class WorkerPool:
         ``cancel_event`` (or raising from ``on_step``) stops every rank after the same step and
         raises SamplingCancelled (or the callback's exception); the pool stays warm.
         """
+        check_sample_request(request)  # a bad request costs no worker time and leaves the pool warm
         with self._job_lock:
             self._ensure_running()
             if self._spec is None:

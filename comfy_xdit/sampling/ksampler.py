@@ -90,6 +90,8 @@ def run_ksampler(
     make_sampling: Callable[[float], ModelSampling] = FlowSampling,
 ) -> torch.Tensor:
     latent = widen_empty_latent(request.latent.float(), latent_channels)
+    if request.denoise == 0:  # stock KSampler: no sigmas, the (widened) latent comes back unchanged
+        return latent.clone()
     batch, _, height, width = latent.shape
     uses_cfg = request.cfg != 1.0 and request.negative is not None  # cfg 1 skips the negative, as ComfyUI does
     mesh.config.check_request(batch_size=batch, uses_cfg=uses_cfg)

@@ -3,12 +3,17 @@
 The skeleton is diffusers' First Block Cache (``diffusers.hooks.first_block_cache``): a head hook
 on the first transformer block decides whether the remaining blocks run; every other block gets
 diffusers' ``FBCBlockHook``, which passes its input through when the step is skipped, and the last
-one records the residual (last block output minus head output) that a skipped step adds back.
+one records the residual (last block output minus head output) that a skipped step adds back
+(``TailBlockHook``: diffusers' tail hook, also for SD3's last block, which returns no text).
+The blocks' output order (Flux and SD3 joint blocks: text, image) comes from diffusers'
+``TransformerBlockRegistry``.
 What is ours is the decision: made on ``ReducedRelativeL1`` (the same value on every rank of the
 images' group) and recorded per call, with TeaCache's metric and schedule rules.
 
 State lives in diffusers' ``StateManager`` keyed by the cache context name, so each cfg branch
-(the conditioning a call was made with) has its own cache; ``job.CacheJob`` sets the context.
+(the conditioning a call was made with) has its own cache; ``job.CacheJob`` sets the context on
+the manager ``install`` returns (not through ``model.cache_context``: SD3's model class has no
+diffusers ``CacheMixin``).
 """
 
 from __future__ import annotations
@@ -143,6 +148,34 @@ class TeaCacheHeadHook(ModelHook):
         return compute
 
 
+class TailBlockHook(FBCBlockHook):
+    """diffusers' tail block hook, also for a last block whose text output is None.
+
+    SD3's last joint block is "context pre-only": it returns (None, image), and diffusers'
+    FBCBlockHook would subtract from that None. The model discards the text stream after its last
+    block, so the text residual of such a block is irrelevant: it is recorded as zero, and a
+    skipped step hands on the first block's text output unchanged (read by nobody).
+    """
+
+    def __init__(self, state_manager: StateManager):
+        super().__init__(state_manager, is_tail=True)
+
+    def new_forward(self, module, *args, **kwargs):
+        state = self.state_manager.get_state()
+        if not state.should_compute:  # skipped: diffusers' pass-through of the block's inputs
+            return super().new_forward(module, *args, **kwargs)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if not isinstance(output, tuple):  # an image-only block output
+            state.tail_block_residuals = (output - state.head_block_output, None)
+            return output
+        head_hidden, head_encoder = state.head_block_output
+        hidden = output[self._metadata.return_hidden_states_index]
+        encoder = output[self._metadata.return_encoder_hidden_states_index]
+        encoder_residual = head_encoder.new_zeros(()) if encoder is None else encoder - head_encoder
+        state.tail_block_residuals = (hidden - head_hidden, encoder_residual)
+        return output
+
+
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's transformer blocks in execution order (Flux: double blocks, then single blocks)."""
     blocks = []
@@ -159,8 +192,8 @@ def flux_modulated_input(block, hidden_states, temb):
 
 
 def install(model: torch.nn.Module, settings: CacheSettings, metric: ReducedRelativeL1, record: list,
-            modulated_input=flux_modulated_input) -> None:
-    """Hook the cache into the model's blocks (undone by ``remove``)."""
+            modulated_input=flux_modulated_input) -> StateManager:
+    """Hook the cache into the model's blocks (undone by ``remove``); returns the hooks' state manager."""
     state_manager = StateManager(CacheState)
     head, *rest = transformer_blocks(model)
     if settings.kind == FBCACHE:
@@ -168,10 +201,13 @@ def install(model: torch.nn.Module, settings: CacheSettings, metric: ReducedRela
     else:
         head_hook = TeaCacheHeadHook(state_manager, settings, metric, record, modulated_input)
     HookRegistry.check_if_exists_or_initialize(head).register_hook(head_hook, HEAD_HOOK)
-    for i, block in enumerate(rest):
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(FBCBlockHook(state_manager, is_tail=i == len(rest) - 1), BLOCK_HOOK)
-    # New hooks on child blocks stale the cached list that cache_context walks.
+    *middle, tail = rest
+    for block in middle:
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(FBCBlockHook(state_manager), BLOCK_HOOK)
+    HookRegistry.check_if_exists_or_initialize(tail).register_hook(TailBlockHook(state_manager), BLOCK_HOOK)
+    # New hooks on child blocks stale the list of child registries that diffusers walks.
     HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+    return state_manager
 
 
 def remove(model: torch.nn.Module) -> None:

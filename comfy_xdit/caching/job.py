@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from diffusers.hooks.hooks import CacheContext
 
 from . import hooks
 from .decision import ReducedRelativeL1
@@ -31,9 +32,10 @@ class CacheJob:
         self.modulated_input = modulated_input
         self.record: list[hooks.CacheDecision] = []
         self._branches: dict[int, tuple[object, str]] = {}
+        self._state_manager = None  # set while the hooks are in
 
     def __enter__(self) -> "CacheJob":
-        hooks.install(self.model, self.settings, self.metric, self.record, self.modulated_input)
+        self._state_manager = hooks.install(self.model, self.settings, self.metric, self.record, self.modulated_input)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -54,8 +56,12 @@ class CacheJob:
     @contextlib.contextmanager
     def call(self, conditioning, sigma):
         """Around one model call: selects the branch's cache state and tells the hooks the step."""
-        with self.model.cache_context(self.branch_of(conditioning), step_index=self.step_of(sigma), num_inference_steps=self.steps):
+        self._state_manager.set_context(CacheContext(self.branch_of(conditioning), step_index=self.step_of(sigma),
+                                                     num_inference_steps=self.steps))
+        try:
             yield
+        finally:
+            self._state_manager.set_context(None)
 
     def summary(self) -> dict:
         """Per branch: the steps whose blocks ran and the steps that reused the cache."""
@@ -68,8 +74,12 @@ class CacheJob:
 
 # The caches each model family has been built and tested for. TeaCache needs the family's own
 # published rescale coefficients and modulated-input function; First-Block-Cache needs blocks
-# that diffusers' block registry knows.
-SUPPORTED = {"flux": ("fbcache", "teacache")}
+# that diffusers' block registry knows (Flux's and SD3's JointTransformerBlock, attn2 or not).
+SUPPORTED = {"flux": ("fbcache", "teacache"), "sd3": ("fbcache",)}
+# Why a cache is missing for a family, where the reason is not "not wired yet".
+UNAVAILABLE_BECAUSE = {
+    ("sd3", "teacache"): "TeaCache has no published rescale coefficients for SD3/SD3.5",
+}
 
 
 def cache_job_for(request, model: torch.nn.Module, mesh, default_shift: float, family: str = "flux") -> CacheJob | None:
@@ -80,9 +90,11 @@ def cache_job_for(request, model: torch.nn.Module, mesh, default_shift: float, f
     if settings is None:
         return None
     if settings.kind not in SUPPORTED.get(family, ()):
-        offered = ", ".join(SUPPORTED.get(family, ())) or "none yet"
-        raise ConfigError(f"the {settings.kind} step cache is not available for {family} models (available: {offered}); "
-                          "set the sampler's cache to none")
+        offered = SUPPORTED.get(family, ())
+        why = UNAVAILABLE_BECAUSE.get((family, settings.kind))
+        raise ConfigError(f"the {settings.kind} step cache is not available for {family} models"
+                          f"{f' ({why})' if why else ''} (available: {', '.join(offered) or 'none yet'}); "
+                          f"set the sampler's cache to {' or '.join((*offered, 'none'))}")
     if request.controlnets:
         # diffusers adds each ControlNet residual after its block even when the block is skipped,
         # so a skipped step would add them on top of a cached residual that already holds them.
@@ -91,10 +103,12 @@ def cache_job_for(request, model: torch.nn.Module, mesh, default_shift: float, f
     if mesh.size("pipefusion") > 1:
         raise ConfigError("the step cache does not work with PipeFusion: set the sampler's cache to none, or use "
                          "Ulysses/Ring sequence parallelism (pipefusion_parallel_degree 1)")
+    from ..models.families import get as get_family
     from ..sampling.ksampler import flow_sampling_for
     from ..sampling.schedules import sigmas_for
 
     height, width = request.latent.shape[-2:]
-    sampling = flow_sampling_for(request, default_shift, height, width)
+    # The family's own model sampling (SD3: discrete flow), so the step of a sigma is the sampler's.
+    sampling = flow_sampling_for(request, default_shift, height, width, get_family(family).sampling)
     sigmas = sigmas_for(sampling, request.scheduler, request.steps, request.denoise, request.sampler_name)
     return CacheJob(model, settings, ReducedRelativeL1.for_mesh(mesh), sigmas)

@@ -1,7 +1,8 @@
 """What a sampling request asks of the step cache, and the published defaults it falls back on.
 
 Random weights cannot calibrate quality, so every default here is a published value for
-Flux.1-dev (sources in the README's cache section):
+Flux.1-dev (sources in the README's cache section). SD3/SD3.5 take First-Block-Cache's Flux
+default too: no SD3-specific threshold is published.
 
 - First-Block-Cache: residual_diff_threshold 0.08, ParaAttention's default for FLUX models
   (28 steps: 26.36 s -> 17.01 s, 1.55x, on an L20).

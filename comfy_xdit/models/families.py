@@ -216,7 +216,7 @@ SD3 = ModelFamily(
     conditioning_keys=frozenset({"pooled_output"}),
     # Stock SD3 ignores a FluxGuidance value too (its model has no guidance input).
     ignored_keys=frozenset({"guidance"}),
-    methods=frozenset({"ulysses", "ring", "cfg", "data", "vae"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data", "vae", "cache"}),
     resolution_shift=False,
 )
 

@@ -98,6 +98,7 @@ def reference():
 EXACT_CASES = {
     "pipefusion=2": (2, dict(pipefusion_parallel_degree=2, warmup_steps=3)),
     "pipefusion=2 x ulysses=2": (4, dict(pipefusion_parallel_degree=2, ulysses_degree=2, warmup_steps=3)),
+    "cfg x pipefusion=2": (4, dict(use_cfg_parallel=True, pipefusion_parallel_degree=2, warmup_steps=3)),
 }
 
 
@@ -233,3 +234,12 @@ def test_pool_with_pipefusion_loads_stages_from_the_file_and_equals_one_worker(t
         pool.load(spec)
         result = pool.sample(request)
     assert relative_error(result, expected) < TOLERANCE
+
+
+def test_cfg_parallel_x_pipefusion_after_warmup_matches_pipefusion_alone():
+    # Each cfg group pipelines one branch with its own K/V cache; one pipeline running both
+    # branches keeps one cache per branch, so the stale path gives the same latents.
+    config = dict(pipefusion_parallel_degree=2, warmup_steps=1)
+    alone = run_on_ranks(2, generate, config, 3, 2.0)[0]
+    for result in run_on_ranks(4, generate, dict(config, use_cfg_parallel=True), 3, 2.0):
+        assert relative_error(result, alone) < TOLERANCE

@@ -31,13 +31,23 @@ def _model_files() -> list[str]:
     return unets + checkpoints
 
 
+def _folder_file(input_name: str, folder: str, name: str, listed: list[str], prefix: str = "") -> str:
+    """The full path of a listed file of a model folder; '..', absolute and unlisted names are refused."""
+    import folder_paths
+
+    from .comfy_xdit.file_names import check_file_name
+
+    check_file_name(input_name, folder, name, [prefix + f for f in listed])
+    return folder_paths.get_full_path_or_raise(folder, name[len(prefix):])
+
+
 def _model_path(name: str) -> str:
     import folder_paths
 
-    # Only names from the lists above resolve; get_full_path_or_raise never leaves the model folders.
+    # Only names from the lists above resolve, and only inside the model folders.
     if name.startswith(CHECKPOINT_PREFIX):
-        return folder_paths.get_full_path_or_raise("checkpoints", name[len(CHECKPOINT_PREFIX):])
-    return folder_paths.get_full_path_or_raise("diffusion_models", name)
+        return _folder_file("model_name", "checkpoints", name, folder_paths.get_filename_list("checkpoints"), CHECKPOINT_PREFIX)
+    return _folder_file("model_name", "diffusion_models", name, folder_paths.get_filename_list("diffusion_models"))
 
 
 class ParallelLoader(io.ComfyNode):
@@ -126,7 +136,7 @@ class ParallelLoraLoader(io.ComfyNode):
     def execute(cls, model, lora_name, strength_model) -> io.NodeOutput:
         import folder_paths
 
-        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        path = _folder_file("lora_name", "loras", lora_name, folder_paths.get_filename_list("loras"))
         _bridge().check_lora(model, path, strength_model)  # refuse a foreign LoRA here
         return io.NodeOutput(model.with_lora(path, strength_model) if strength_model != 0 else model)
 
@@ -155,7 +165,7 @@ class ParallelControlNetLoader(io.ComfyNode):
     def execute(cls, control_net_name) -> io.NodeOutput:
         import folder_paths
 
-        path = folder_paths.get_full_path_or_raise("controlnet", control_net_name)
+        path = _folder_file("control_net_name", "controlnet", control_net_name, folder_paths.get_filename_list("controlnet"))
         return io.NodeOutput(_bridge().open_controlnet(path))  # refuses a non-Flux ControlNet by name
 
 

@@ -1,6 +1,6 @@
 """One rank of the worker pool: ``python -m comfy_xdit.worker --control HOST:PORT``.
 
-The pool host starts one of these per device with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
+The pool host starts one of these per device with RANK, WORLD_SIZE, its rendezvous (pool/loopback.py),
 the device and the control connection's auth key in the environment. The worker joins the
 process group, builds the mesh and the engine, and then runs jobs until told to stop. It dies
 with its host however the host ends (parent-death signal, parent polling, and the control
@@ -94,13 +94,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _rendezvous_store(env):
-    """The multi-node pool's TCP store (``ENV_STORE`` = HOST:PORT:PREFIX), or None for env://."""
-    where = env.get(protocol.ENV_STORE)
-    if not where:
-        return None
+    """The multi-node pool's TCP store (``ENV_STORE`` = HOST:PORT:PREFIX), a local pool's FileStore, or None for env://."""
     from datetime import timedelta
 
     import torch.distributed as dist
+
+    if env.get(protocol.ENV_STORE_FILE):  # one machine: a file in the pool's private folder, no socket
+        return dist.FileStore(env[protocol.ENV_STORE_FILE], int(env["WORLD_SIZE"]))
+    where = env.get(protocol.ENV_STORE)
+    if not where:
+        return None
 
     host, port, prefix = where.rsplit(":", 2)
     store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(minutes=5))

@@ -40,6 +40,7 @@ from ..config import ConfigError, ParallelConfig, check_local_devices_exist, spl
 from ..request_checks import check_sample_request
 from ..requests import ModelSpec, SampleRequest, SamplingCancelled, VaeDecodeRequest, VaeWeights
 from . import protocol, shm
+from .loopback import local_rendezvous_environment
 from .multinode import Cluster, HostStore, cluster_key
 from .processes import (Acceptor, Launcher, Reaper, RemoteWorker, WorkerProcess, cpu_count, free_port, terminate,
                         wait_for_exit)
@@ -293,12 +294,17 @@ class WorkerPool:
         if store is not None:  # a multi-node pool: the ranks meet in the host's TCP store
             env[protocol.ENV_STORE] = store
             env["LOCAL_WORLD_SIZE"] = str(len(self.config.node_devices(0)))
+        else:  # one machine: nothing listens on the network (pool/loopback.py)
+            env.update(local_rendezvous_environment(self._rendezvous_file(), env))
         # The worker must import this very engine, whatever the caller's sys.path was.
         env["PYTHONPATH"] = os.pathsep.join([str(_IMPORT_ROOT), *filter(None, [env.get("PYTHONPATH")])])
         if self.config.device_type == "cpu" and "OMP_NUM_THREADS" not in env:
             # CPU workers share the cores instead of each starting a thread per core.
             env[protocol.ENV_NUM_THREADS] = str(max(1, cpu_count() // self.config.world_size))
         return env
+
+    def _rendezvous_file(self) -> Path:
+        return self._log_dir / f"rendezvous.{os.getpid()}.run{self._generation}"
 
     def _spawn(self) -> None:
         check_local_devices_exist(self.config.devices)  # before any process starts
@@ -310,6 +316,7 @@ class WorkerPool:
         if self._log_dir is None:
             self._log_dir = Path(tempfile.mkdtemp(prefix="comfy_xdit_pool_"))
         self._log_dir.mkdir(parents=True, exist_ok=True)
+        self._rendezvous_file().unlink(missing_ok=True)  # a stale FileStore would mislead the new ranks
         shm.sweep_stale_segments()
         if shm.SHM_SUPPORTED:
             from multiprocessing import resource_tracker

@@ -30,6 +30,8 @@ ENV_HOST_PACKAGE = "COMFY_XDIT_HOST_PACKAGE"
 ENV_NUM_THREADS = "COMFY_XDIT_NUM_THREADS"
 # HOST:PORT:PREFIX of a multi-node pool's TCP store, where the ranks rendezvous instead of env://.
 ENV_STORE = "COMFY_XDIT_STORE"
+# A one-machine pool's rendezvous file (torch FileStore): no listening socket at all.
+ENV_STORE_FILE = "COMFY_XDIT_STORE_FILE"
 
 # Job id of the start-up handshake, for errors raised before the first job.
 STARTUP = -1

@@ -115,7 +115,7 @@ class Hooks:
 
 
 def init_distributed(rank: int, world_size: int, device, init_method: str | None = None, store=None) -> None:
-    """Join the default process group: env:// (local pool), a tcp:// address (Ray) or a store (multi-node)."""
+    """Join the default process group: a store (local pool: FileStore; multi-node: TCP store) or a tcp:// address (Ray)."""
     import torch.distributed as dist
 
     if world_size == 1:

@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .safetensors_files import CheckpointError, SafetensorsSource, find_weight_files
+from .safetensors_files import CheckpointError, SafetensorsSource, assign_weights, find_weight_files
 
 BFL_LAYOUT = "bfl"
 DIFFUSERS_LAYOUT = "diffusers"
@@ -420,14 +420,7 @@ def flux_transformer_from_state_dict(config: dict, state_dict: dict[str, torch.T
     model = _meta_model(config)
     if prepare is not None:
         model = prepare(model)
-    try:
-        model.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"weights do not fit FluxTransformer2DModel({config}): {error}") from error
-    left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left_on_meta:
-        raise CheckpointError(f"internal: tensors not loaded from the checkpoint: {left_on_meta[:5]}")
-    return model.eval()
+    return assign_weights(model, state_dict, f"FluxTransformer2DModel({config})")
 
 
 def load_flux_transformer(path: str | Path, dtype=torch.bfloat16, device: str | torch.device = "cpu"):

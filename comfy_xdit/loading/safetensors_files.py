@@ -175,3 +175,19 @@ def find_layouts(keys, signatures: dict[str, tuple[str, ...]]) -> list[tuple[str
             if all(prefix + name in keys for name in signature):
                 found.append((layout, prefix))
     return found
+
+
+def assign_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
+    """Put complete weights into a model built on the meta device (no initialisation, no copy).
+
+    ``what`` names the model in the error (e.g. the class and its config) when the weights do
+    not fit; a tensor left on the meta device afterwards is a loader bug, reported as such.
+    """
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"weights do not fit {what}: {error}") from error
+    left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left_on_meta:
+        raise CheckpointError(f"internal: tensors not loaded from the checkpoint: {left_on_meta[:5]}")
+    return model.eval()

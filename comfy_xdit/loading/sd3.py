@@ -28,7 +28,7 @@ from typing import Iterable
 import torch
 
 from .flux import _FLOAT8_DTYPES, _FLOAT_DTYPE_CODES, _SCALE_SUFFIXES, _SCALED_FP8_MARKER, _as_load_dtype
-from .safetensors_files import CheckpointError, SafetensorsSource, find_layouts, find_weight_files
+from .safetensors_files import CheckpointError, SafetensorsSource, assign_weights, find_layouts, find_weight_files
 
 SAI_LAYOUT = "sai"
 DIFFUSERS_LAYOUT = "diffusers"
@@ -261,15 +261,7 @@ def read_sd3_config(path: str | Path) -> dict:
 
 
 def sd3_transformer_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor]):
-    model = _meta_model(config)
-    try:
-        model.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"weights do not fit SD3Transformer2DModel({config}): {error}") from error
-    left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left_on_meta:
-        raise CheckpointError(f"internal: tensors not loaded from the checkpoint: {left_on_meta[:5]}")
-    return model.eval()
+    return assign_weights(_meta_model(config), state_dict, f"SD3Transformer2DModel({config})")
 
 
 def load_sd3_transformer(path: str | Path, dtype=torch.bfloat16, device: str | torch.device = "cpu"):

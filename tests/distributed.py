@@ -24,6 +24,9 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
     try:
         result = fn(*args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # No rank tears its groups down while another is still in a collective with it: that
+        # race aborted a rank at exit once ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

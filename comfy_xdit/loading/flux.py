@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .safetensors_files import CheckpointError, SafetensorsSource, assign_weights, find_weight_files
+from .safetensors_files import CheckpointError, SafetensorsSource, assign_weights, find_layouts, find_weight_files
 
 BFL_LAYOUT = "bfl"
 DIFFUSERS_LAYOUT = "diffusers"
@@ -187,18 +187,7 @@ def bfl_to_diffusers_rules(config: dict) -> list[TensorRule]:
 
 def _detect_layout(keys: Iterable[str]) -> tuple[str, str]:
     """Return (layout, prefix) of the Flux.1 transformer among these keys, or refuse."""
-    keys = set(keys)
-    found = []
-    for layout, signature in _LAYOUT_SIGNATURES.items():
-        anchor = signature[0]
-        for key in keys:
-            if not key.endswith(anchor):
-                continue
-            prefix = key[: -len(anchor)]
-            if prefix and not prefix.endswith("."):
-                continue
-            if all(prefix + name in keys for name in signature):
-                found.append((layout, prefix))
+    found = find_layouts(keys, _LAYOUT_SIGNATURES)
     if len(found) == 1:
         return found[0]
     if len(found) > 1:

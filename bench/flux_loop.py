@@ -268,7 +268,8 @@ class OursLoop:
         else:
             devices = ("cpu",) * n
         config = ParallelConfig(ulysses_degree=u, ring_degree=r, pipefusion_parallel_degree=p, devices=devices,
-                                num_pipeline_patches=args.pipeline_patches, warmup_steps=args.pipefusion_warmup)
+                                num_pipeline_patches=args.pipeline_patches, warmup_steps=args.pipefusion_warmup,
+                                attention_backend=args.attention_backend)
         self.mesh = ParallelMesh.build(config, device)
         self.engine = RankEngine(self.mesh)
         dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
@@ -508,6 +509,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile-out", default=None, help="directory for per-rank profile summaries")
     p.add_argument("--json", default=None, help="append one JSON line per row here (rank 0)")
     p.add_argument("--tag", default="", help="free text stored with each row")
+    p.add_argument("--attention-backend", default="auto", help="ours: ParallelConfig.attention_backend (auto, cudnn, flash, ...)")
     p.add_argument("--pipeline-patches", type=int, default=None, help="PipeFusion rows: patches M (default: the degree)")
     p.add_argument("--pipefusion-warmup", type=int, default=1, help="PipeFusion rows: synchronous warmup steps")
     p.add_argument("--cache", default=None, help="ours rows with step caches, comma list of " + ", ".join(CACHE_ROWS) +
@@ -592,6 +594,8 @@ def main(argv=None) -> int:
             tflop_per_loop=flops / 1e12, tflops_per_gpu=flops / row["median_s"] / (u * r * p) / 1e12,
             env=env, tag=args.tag, **(extra or {}),
         )
+        if impl == "ours":
+            row.update(attention_backend=args.attention_backend)
         if p > 1:
             row.update(pipefusion_warmup=args.pipefusion_warmup, pipeline_patches=args.pipeline_patches or p)
         if after is not None:

@@ -43,13 +43,13 @@ REPO = HERE.parent
 LOOP = HERE / "flux_loop.py"
 SD3_LOOP = HERE / "sd3_loop.py"
 # Groups timed by another loop script than flux_loop.py.
-GROUP_LOOPS = {"sd3-medium": SD3_LOOP}
+GROUP_LOOPS = {"sd3-medium": SD3_LOOP, "sd3-4gpu": SD3_LOOP}
 
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 GROUPS = ("flux-usp", "flux-usp-compile", "flux-usp-ring", "flux-pipefusion", "flux-4gpu", "flux-graphs", "flux-cache",
-          "sd3-medium")
+          "sd3-medium", "flux-4gpu-target", "sd3-4gpu")
 
 
 def launches(group: str) -> list[tuple[str, int, list[str]]]:
@@ -102,6 +102,23 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
             ("ours-4gpu-compiled-graphs", 4, ["--impl", "ours", "--degrees", "u4,u2r2", "--compile", "--cuda-graphs",
                                               "--runs", "3"]),
         ]
+    if group == "flux-4gpu-target":
+        # Issue 11's target row (ulysses=4, compiled + CUDA graphs) with SDPA's own kernel choice
+        # and with cuDNN attention, beside the diffusers baseline and xDiT in the same run.
+        return [
+            ("1gpu", 1, ["--impl", "diffusers", "--compile", "--eager-baseline", "--runs", "3"]),
+            ("ours-u4-compiled-graphs", 4, ["--impl", "ours", "--degrees", "u4", "--compile", "--cuda-graphs", "--runs", "3"]),
+            ("ours-u4-compiled-graphs-cudnn", 4, ["--impl", "ours", "--degrees", "u4", "--compile", "--cuda-graphs",
+                                                  "--attention-backend", "cudnn", "--runs", "3"]),
+            ("xdit-u4", 4, ["--impl", "xdit", "--degrees", "u4", "--runs", "3"]),
+        ]
+    if group == "sd3-4gpu":
+        # Issue 11's SD3 row: cfg=2 x ulysses=2 on 4 GPUs beside 1 GPU and the 2-GPU rows.
+        return [
+            ("sd3-1gpu", 1, ["--impl", "diffusers,ours"]),
+            ("sd3-ours-c2u2", 4, ["--impl", "ours", "--degrees", "c2u2,u4"]),
+            ("sd3-ours-cfg2", 2, ["--impl", "ours", "--degrees", "c2,u2"]),
+        ]
     if group == "sd3-medium":
         return [
             ("sd3-1gpu", 1, ["--impl", "diffusers,ours"]),
@@ -137,6 +154,8 @@ def row_name(row: dict) -> str:
     if row.get("cuda_graphs"):
         mode += " + CUDA graphs"
     note = ", conditioning already on the GPU" if row.get("cond") == "device" else ""
+    if row.get("attention_backend", "auto") != "auto":
+        note += f", attention {row['attention_backend']}"
     model = "SD3-medium: " if row.get("model") == "sd3-medium" else ""
     return f"{model}{who}, {how}, {mode}{note}"
 

@@ -99,8 +99,11 @@ class RankEngine:
             self._denoiser = PipeFusionFluxDenoiser(model, self.mesh, dtype, has_guidance=bool(config.guidance_embeds))
         else:
             kernel = None
-            if self.mesh.size("ring") > 1:
-                kernel = choose_lse_kernel(self.mesh.config.attention_backend, self.device, dtype)
+            backend = self.mesh.config.attention_backend
+            # Ring needs a kernel that returns the lse; an explicitly named backend is used for
+            # every attention (auto/sdpa leave the attention without ring to SDPA's own choice).
+            if self.mesh.size("ring") > 1 or backend not in ("auto", "sdpa"):
+                kernel = choose_lse_kernel(backend, self.device, dtype)
             self._lse_kernel = kernel
             self._denoiser = family.build_denoiser(model, self.mesh, kernel, dtype)
             if spec.compile:

@@ -80,7 +80,8 @@ class SequenceParallelAttention:
             valid = self._valid_image_tokens(layout, 0, chunk)
             keys = torch.cat([text_k, image_k[:, :valid]], dim=1)
             values = torch.cat([text_v, image_v[:, :valid]], dim=1)
-            out = plain_attention(queries, keys, values)
+            out = (plain_attention(queries, keys, values) if self.lse_kernel is None
+                   else self.lse_kernel.fn(queries, keys, values)[0])
         else:
             out = self._ring(queries, text_k, text_v, image_k, image_v, layout, chunk)
 

@@ -291,6 +291,22 @@ class OursLoop:
         self.last = self.engine.sample(request)
         return self.last
 
+    def graphs_against_eager(self, steps: int) -> float | None:
+        """With CUDA graphs: relative difference max|graphs - eager| / max|eager| of one loop."""
+        from comfy_xdit.cuda_graphs import CudaGraphForward
+
+        denoiser = self.engine._denoiser
+        graphed = getattr(denoiser, "forward", None)
+        if not isinstance(graphed, CudaGraphForward):
+            return None
+        with_graphs = self(steps)
+        denoiser.forward = graphed.forward
+        try:
+            eager = self(steps)
+        finally:
+            denoiser.forward = graphed
+        return float((with_graphs - eager).abs().max() / eager.abs().max())
+
 
 CACHE_ROWS = ("none", "fbcache", "teacache", "fbcache-forced", "teacache-forced")
 
@@ -308,23 +324,6 @@ def cache_settings(name: str, steps: int):
     if forced:
         return CacheSettings(kind, computed_steps=spread_computed_steps(steps, PUBLISHED_SPEEDUPS[kind]))
     return CacheSettings(kind)
-
-    def graphs_against_eager(self, steps: int) -> float | None:
-        """With CUDA graphs: relative difference max|graphs - eager| / max|eager| of one loop."""
-        from comfy_xdit.cuda_graphs import CudaGraphForward
-
-        denoiser = self.engine._denoiser
-        graphed = getattr(denoiser, "forward", None)
-        if not isinstance(graphed, CudaGraphForward):
-            return None
-        with_graphs = self(steps)
-        denoiser.forward = graphed.forward
-        try:
-            eager = self(steps)
-        finally:
-            denoiser.forward = graphed
-        return float((with_graphs - eager).abs().max() / eager.abs().max())
-
 
 class FluxPipelineStub:
     """What xfuser's DiTRuntimeState reads from a pipeline: the transformer's config and the VAE

@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, choices=sorted(common.DTYPES))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="a tiny SD3 (2 blocks, width 32) for dry runs")
-    p.add_argument("--profile-steps", type=int, default=0, help="accepted for bench/run.py; not used here")
+    p.add_argument("--profile-steps", type=int, default=0, help="after timing, profile a loop of this many steps")
     p.add_argument("--profile-out", default=None)
     p.add_argument("--json", default=None, help="append one JSON line per row here (rank 0)")
     p.add_argument("--tag", default="")
@@ -231,6 +231,10 @@ def main(argv=None) -> int:
         if args.json and (not dist.is_initialized() or dist.get_rank() == 0):
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if args.profile_steps:
+            texts = common.gather_objects(common.profile_loop(loop, args, device, label))
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print("\n".join(texts), flush=True)
 
     if "diffusers" in impls:
         run_row(DiffusersLoop(model, args, inputs, device, dtype), "diffusers", (1, 1, 1))

@@ -33,8 +33,10 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -250,16 +252,19 @@ def main(argv=None) -> int:
             log.write(header)
             log.flush()
             t0 = time.perf_counter()
-            try:
-                proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-                for line in proc.stdout:
-                    log.write(line)
-                    if not line.startswith("USDT:") and "is deprecated" not in line:
-                        print(line, end="", flush=True)
-                rc = proc.wait(timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            # A watchdog, not wait(timeout): a launch that hangs with its stdout open (seen once at
+            # NCCL teardown after CUDA graphs) would otherwise keep the read loop below forever.
+            watchdog = threading.Timer(args.timeout, os.killpg, (proc.pid, signal.SIGKILL))
+            watchdog.start()
+            for line in proc.stdout:
+                log.write(line)
+                if not line.startswith("USDT:") and "is deprecated" not in line:
+                    print(line, end="", flush=True)
+            rc = proc.wait()
+            if not watchdog.is_alive():
                 rc = "timeout"
+            watchdog.cancel()
             took = time.perf_counter() - t0
             msg = f"### {name}: exit {rc} after {took:.0f} s\n"
             print(msg, flush=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -291,21 +290,23 @@ class OursLoop:
         self.last = self.engine.sample(request)
         return self.last
 
-    def graphs_against_eager(self, steps: int) -> float | None:
-        """With CUDA graphs: relative difference max|graphs - eager| / max|eager| of one loop."""
-        from comfy_xdit.cuda_graphs import CudaGraphForward
 
-        denoiser = self.engine._denoiser
-        graphed = getattr(denoiser, "forward", None)
-        if not isinstance(graphed, CudaGraphForward):
-            return None
-        with_graphs = self(steps)
-        denoiser.forward = graphed.forward
-        try:
-            eager = self(steps)
-        finally:
-            denoiser.forward = graphed
-        return float((with_graphs - eager).abs().max() / eager.abs().max())
+def graphs_against_eager(loop, steps: int) -> float | None:
+    """With CUDA graphs: relative difference max|graphs - eager| / max|eager| of one loop of an
+    ours loop (anything with .engine and a __call__(steps) returning the latents)."""
+    from comfy_xdit.cuda_graphs import CudaGraphForward
+
+    denoiser = loop.engine._denoiser
+    graphed = getattr(denoiser, "forward", None)
+    if not isinstance(graphed, CudaGraphForward):
+        return None
+    with_graphs = loop(steps)
+    denoiser.forward = graphed.forward
+    try:
+        eager = loop(steps)
+    finally:
+        denoiser.forward = graphed
+    return float((with_graphs - eager).abs().max() / eager.abs().max())
 
 
 CACHE_ROWS = ("none", "fbcache", "teacache", "fbcache-forced", "teacache-forced")
@@ -585,7 +586,7 @@ def main(argv=None) -> int:
         log(f"-- {label}: warm-up + {args.runs} runs")
         row = time_loop(loop, args, device, label)
         if graphs:
-            row["graphs_vs_eager_rel"] = loop.graphs_against_eager(args.steps)
+            row["graphs_vs_eager_rel"] = graphs_against_eager(loop, args.steps)
             log(f"   {label}: CUDA graphs against eager, relative difference {row['graphs_vs_eager_rel']}")
         row.update(
             impl=impl, ulysses=u, ring=r, pipefusion=p, gpus=u * r * p, compiled=compiled_now, cuda_graphs=graphs,

@@ -45,13 +45,13 @@ REPO = HERE.parent
 LOOP = HERE / "flux_loop.py"
 SD3_LOOP = HERE / "sd3_loop.py"
 # Groups timed by another loop script than flux_loop.py.
-GROUP_LOOPS = {"sd3-medium": SD3_LOOP, "sd3-4gpu": SD3_LOOP}
+GROUP_LOOPS = {"sd3-medium": SD3_LOOP, "sd3-4gpu": SD3_LOOP, "sd3-graphs": SD3_LOOP}
 
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 GROUPS = ("flux-usp", "flux-usp-compile", "flux-usp-ring", "flux-pipefusion", "flux-4gpu", "flux-graphs", "flux-cache",
-          "sd3-medium", "flux-4gpu-target", "sd3-4gpu")
+          "sd3-medium", "flux-4gpu-target", "sd3-4gpu", "sd3-graphs")
 
 
 def launches(group: str) -> list[tuple[str, int, list[str]]]:
@@ -119,6 +119,13 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
             ("sd3-1gpu", 1, ["--impl", "diffusers,ours"]),
             ("sd3-ours-c2u2", 4, ["--impl", "ours", "--degrees", "c2u2,u4"]),
             ("sd3-ours-cfg2", 2, ["--impl", "ours", "--degrees", "c2,u2"]),
+        ]
+    if group == "sd3-graphs":
+        # SD3-medium is host-bound eager (run I): the same rows with each forward a CUDA graph.
+        return [
+            ("sd3-1gpu", 1, ["--impl", "diffusers,ours"]),
+            ("sd3-1gpu-graphs", 1, ["--impl", "ours", "--cuda-graphs"]),
+            ("sd3-2gpu-graphs", 2, ["--impl", "ours", "--degrees", "c2,u2", "--cuda-graphs"]),
         ]
     if group == "sd3-medium":
         return [

@@ -135,7 +135,8 @@ class OursLoop:
         config = ParallelConfig(ulysses_degree=u, ring_degree=r, use_cfg_parallel=c == 2, devices=devices)
         self.engine = RankEngine(ParallelMesh.build(config, device))
         dtype_name = {v: k for k, v in common.DTYPES.items()}[dtype]
-        self.engine.set_model(model, ModelSpec(path="<random weights>", family="sd3", dtype=dtype_name))
+        self.engine.set_model(model, ModelSpec(path="<random weights>", family="sd3", dtype=dtype_name,
+                                               cuda_graphs=args.cuda_graphs))
         self.positive = SD3Conditioning(inputs["context"], inputs["pooled"])
         self.negative = SD3Conditioning(inputs["negative_context"], inputs["negative_pooled"])
         self.args = args
@@ -163,6 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, choices=sorted(common.DTYPES))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="a tiny SD3 (2 blocks, width 32) for dry runs")
+    p.add_argument("--cuda-graphs", action="store_true", help="ours: replay each forward as a captured CUDA graph")
     p.add_argument("--profile-steps", type=int, default=0, help="after timing, profile a loop of this many steps")
     p.add_argument("--profile-out", default=None)
     p.add_argument("--json", default=None, help="append one JSON line per row here (rank 0)")
@@ -218,11 +220,15 @@ def main(argv=None) -> int:
 
     def run_row(loop, impl, degrees):
         u, r, c = degrees
-        label = f"sd3 {impl} u{u}r{r}{' cfg2' if c == 2 else ''}"
+        graphs = impl == "ours" and args.cuda_graphs
+        label = f"sd3 {impl} u{u}r{r}{' cfg2' if c == 2 else ''}{' cuda-graphs' if graphs else ''}"
         common.log(f"-- {label}: warm-up + {args.runs} runs")
         row = common.time_loop(loop, args, device, label)
+        if graphs:
+            row["graphs_vs_eager_rel"] = common.graphs_against_eager(loop, args.steps)
+            common.log(f"   {label}: CUDA graphs against eager, relative difference {row['graphs_vs_eager_rel']}")
         gpus = u * r * c
-        row.update(impl=impl, model="sd3-medium", ulysses=u, ring=r, cfg_parallel=c == 2, gpus=gpus, compiled=False,
+        row.update(impl=impl, model="sd3-medium", ulysses=u, ring=r, cfg_parallel=c == 2, gpus=gpus, compiled=False, cuda_graphs=graphs,
                    steps=args.steps, tflop_per_loop=flops / 1e12, tflops_per_gpu=flops / row["median_s"] / gpus / 1e12,
                    env=env, tag=args.tag)
         common.log(f"   {label}: median {row['median_s']:.3f} s (runs {', '.join(f'{t:.3f}' for t in row['times'])}; "

@@ -1,4 +1,7 @@
-"""KSampler for flow models on a parallel mesh: ComfyUI's semantics, CFG and data parallel.
+"""KSampler on a parallel mesh: ComfyUI's semantics, CFG and data parallel.
+
+The model sampling carries the prediction type's arithmetic (flow velocity, eps or v: how noise
+enters, the model input's scale, how the output becomes the x0 prediction), as in ComfyUI.
 
 Every rank runs this function with the same request. The batch is split over the data group,
 the conditional and unconditional branches over the cfg group (when enabled), and the image
@@ -8,6 +11,7 @@ tokens inside the model over the sequence-parallel groups. Every rank returns th
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -73,7 +77,14 @@ def _slice_conditioning(cond, rows: slice, batch: int, device: torch.device):
     def pick(t: torch.Tensor) -> torch.Tensor:
         return (t[rows] if t.shape[0] == batch and batch > 1 else t[:1]).to(device)
 
-    return dataclasses.replace(cond, context=pick(cond.context), pooled=pick(cond.pooled))
+    tensors = {f.name: getattr(cond, f.name) for f in dataclasses.fields(cond)}
+    return dataclasses.replace(cond, **{name: pick(t) for name, t in tensors.items() if isinstance(t, torch.Tensor)})
+
+
+def _max_denoise(sampling: ModelSampling, sigmas: torch.Tensor) -> bool:
+    """KSampler's test for a schedule that starts at the top (an EPS model then scales noise by sqrt(1 + sigma^2))."""
+    sigma_max, first = float(sampling.sigma_max), float(sigmas[0])
+    return math.isclose(sigma_max, first, rel_tol=1e-05) or first > sigma_max
 
 
 def run_ksampler(
@@ -104,20 +115,22 @@ def run_ksampler(
     rows = _rows_for_rank(batch, mesh)
     positive = _slice_conditioning(request.positive, rows, batch, device)
     negative = _slice_conditioning(request.negative, rows, batch, device) if uses_cfg else None
-    x = sigmas[0] * noise[rows].to(device) + (1.0 - sigmas[0]) * to_model_space(latent[rows].to(device))
+    x = sampling.noise_scaling(sigmas[0], noise[rows].to(device), to_model_space(latent[rows].to(device)),
+                               max_denoise=_max_denoise(sampling, sigmas))
 
     cfg_group = mesh.group("cfg")
     cfg_rank = mesh.local_rank("cfg")
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        model_input = sampling.calculate_input(sigma, x)
         if not uses_cfg:
-            return x - velocity(x, sigma, positive) * sigma
+            return sampling.calculate_denoised(sigma, velocity(model_input, sigma, positive), x)
         if cfg_group is not None:
-            mine = velocity(x, sigma, positive if cfg_rank == 0 else negative)
+            mine = velocity(model_input, sigma, positive if cfg_rank == 0 else negative)
             v_cond, v_uncond = gather_along(mine, 0, cfg_group).chunk(2, dim=0)
         else:
-            v_cond, v_uncond = velocity(x, sigma, positive), velocity(x, sigma, negative)
-        cond, uncond = x - v_cond * sigma, x - v_uncond * sigma
+            v_cond, v_uncond = velocity(model_input, sigma, positive), velocity(model_input, sigma, negative)
+        cond, uncond = sampling.calculate_denoised(sigma, v_cond, x), sampling.calculate_denoised(sigma, v_uncond, x)
         return uncond + (cond - uncond) * request.cfg
 
     total = len(sigmas) - 1
@@ -133,6 +146,6 @@ def run_ksampler(
 
     # Ancestral and SDE noise is drawn for the whole batch on every rank, then sliced to our rows.
     extra_noise = NoiseSource(request.seed, tuple(latent.shape), rows, device, x.dtype)
-    x = sampler(denoise, x, sigmas, after_step, extra_noise)
+    x = sampling.inverse_noise_scaling(sigmas[-1], sampler(denoise, x, sigmas, after_step, extra_noise))
     out = from_model_space(x).float()
     return _gather_batch(out, batch, mesh).cpu()

@@ -7,9 +7,10 @@ Every sampler is ``sampler(denoise, x, sigmas, after_step, noise) -> x``:
   made, with the step's first prediction (ComfyUI's callback also fires once per step);
 - ``noise(sigma, sigma_next)`` is this rank's share of the extra noise (a ``NoiseSource``).
 
-Flux is a CONST (rectified-flow) model, so only the branches ComfyUI takes for it are written:
+Flux is a CONST (rectified-flow) model, so the branches ComfyUI takes for it are written first:
 the ancestral samplers are its ``*_RF`` variants and the SDE samplers work in a flow's half
-log-SNR. Scalars stay 0-d tensors of the sigmas' dtype and every expression keeps ComfyUI's order
+log-SNR. For diffusion (EPS / V) models the deterministic samplers are the same code; of the
+others only euler_ancestral has its diffusion branch here, the rest are refused for them. Scalars stay 0-d tensors of the sigmas' dtype and every expression keeps ComfyUI's order
 of operations, so results agree with ComfyUI's to float rounding, not just approximately.
 """
 
@@ -159,6 +160,20 @@ def euler_ancestral(denoise: Denoise, x: Tensor, sigmas: Tensor, after_step: Aft
         else:
             sigma_down, rescale, renoise = _rf_ancestral_step(sigma, sigma_next)
             x = rescale * _toward(x, denoised, sigma, sigma_down) + noise(sigma, sigma_next) * renoise
+        after_step(i, x, denoised)
+    return x
+
+
+def euler_ancestral_diffusion(denoise: Denoise, x: Tensor, sigmas: Tensor, after_step: AfterStep, noise: NoiseSource) -> Tensor:
+    """k-diffusion's ancestral Euler, the branch ComfyUI takes for EPS and V models."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise(x, sigma)
+        sigma_down, sigma_up = _ancestral_step(sigma, sigma_next)
+        if sigma_down == 0:
+            x = denoised
+        else:
+            x = x + _to_d(x, sigma, denoised) * (sigma_down - sigma) + noise(sigma, sigma_next) * 1.0 * sigma_up
         after_step(i, x, denoised)
     return x
 
@@ -508,8 +523,31 @@ SAMPLERS: dict[str, Sampler] = {
 _NEEDS_SAMPLING = {name for name in SAMPLERS if "sde" in name}
 
 
+# Samplers whose ComfyUI code branches on the model type, with the diffusion (EPS / V) branch
+# written here; None: only the flow branch is, so they are refused for diffusion models.
+_DIFFUSION_BRANCHES = {"euler_ancestral": euler_ancestral_diffusion, "dpm_2_ancestral": None, "dpmpp_2s_ancestral": None,
+                       **{name: None for name in _NEEDS_SAMPLING}}
+
+
+def is_flow(sampling: ModelSampling) -> bool:
+    from .schedules import ConstPrediction
+
+    return isinstance(sampling, ConstPrediction)
+
+
+def samplers_for(sampling: ModelSampling) -> list[str]:
+    """The sampler names this model sampling supports."""
+    return [name for name in SAMPLERS if is_flow(sampling) or _DIFFUSION_BRANCHES.get(name, SAMPLERS[name]) is not None]
+
+
 def get_sampler(name: str, sampling: ModelSampling) -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"sampler_name {name!r} is not supported; choose one of {', '.join(SAMPLERS)}")
     sampler = SAMPLERS[name]
+    if not is_flow(sampling) and name in _DIFFUSION_BRANCHES:
+        sampler = _DIFFUSION_BRANCHES[name]
+        if sampler is None:
+            raise ValueError(f"sampler_name {name!r} is not supported for this (non-flow) model yet; "
+                             f"choose one of {', '.join(samplers_for(sampling))}")
+        return sampler
     return partial(sampler, sampling=sampling) if name in _NEEDS_SAMPLING else sampler

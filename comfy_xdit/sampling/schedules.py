@@ -1,11 +1,17 @@
-"""ComfyUI's sigma schedules for flow models, reproduced number for number.
+"""ComfyUI's model samplings and sigma schedules, reproduced number for number.
 
-Two model samplings, as ComfyUI defines them for flow (CONST) models:
+Three model samplings, two as ComfyUI defines them for flow (CONST) models:
 
 - ``FlowSampling``: Flux's ModelSamplingFlux, an exponential time shift tabulated at 10,000
   timesteps; the model's timestep is sigma itself.
 - ``DiscreteFlowSampling``: SD3's ModelSamplingDiscreteFlow, sigma(t) = shift*t / (1 + (shift-1)*t)
   tabulated at 1,000 timesteps; the model's timestep is sigma * multiplier (1000).
+
+and ``DiscreteSampling``, ComfyUI's ModelSamplingDiscrete for diffusion (EPS or V) models such as
+PixArt (discrete_sampling.py).
+
+Each also carries its prediction type's arithmetic (ComfyUI's EPS / V_PREDICTION / CONST classes):
+how the model input is scaled, how the output becomes the x0 prediction, how noise enters.
 
 Most schedulers pick entries of the table, so each table is built with ComfyUI's float32
 operations in ComfyUI's order rather than analytically; that keeps the schedules bit-compatible
@@ -33,8 +39,24 @@ def resolution_shift(latent_height: int, latent_width: int, max_shift: float = 1
     return (pixel_width * pixel_height / (8 * 8 * 2 * 2)) * slope + intercept
 
 
+class ConstPrediction:
+    """ComfyUI's CONST (rectified flow): the model predicts a velocity, noise mixes linearly."""
+
+    def calculate_input(self, sigma, x):
+        return x
+
+    def calculate_denoised(self, sigma, model_output, x):
+        return x - model_output * sigma
+
+    def noise_scaling(self, sigma, noise, latent, max_denoise: bool = False):
+        return sigma * noise + (1.0 - sigma) * latent
+
+    def inverse_noise_scaling(self, sigma, latent):
+        return latent / (1.0 - sigma)
+
+
 @dataclass(frozen=True)
-class FlowSampling:
+class FlowSampling(ConstPrediction):
     """Flux's ModelSamplingFlux: sigma(t) = e^shift / (e^shift + (1/t - 1)); timestep = sigma."""
 
     shift: float
@@ -70,7 +92,7 @@ class FlowSampling:
 
 
 @dataclass(frozen=True)
-class DiscreteFlowSampling:
+class DiscreteFlowSampling(ConstPrediction):
     """SD3's ModelSamplingDiscreteFlow: sigma(t) = shift*t / (1 + (shift-1)*t), t = timestep / multiplier."""
 
     shift: float
@@ -106,8 +128,10 @@ class DiscreteFlowSampling:
         return float(self.table[-1])
 
 
+from .discrete_sampling import DiscreteSampling  # noqa: E402  (it needs nothing from here)
+
 # What a family's default sampling is built from: (shift) -> sampling.
-ModelSampling = FlowSampling | DiscreteFlowSampling
+ModelSampling = FlowSampling | DiscreteFlowSampling | DiscreteSampling
 
 
 def simple(sampling: ModelSampling, steps: int) -> torch.Tensor:

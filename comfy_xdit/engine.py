@@ -166,15 +166,16 @@ class RankEngine:
             hooks = denoiser.count_steps(hooks)
 
         self.last_cache_record = cache.record if cache else []
+        latent = family.latent_format(self.model.config)
         with torch.inference_mode(), cache or contextlib.nullcontext():
             return run_ksampler(
                 request,
                 velocity,
                 self.mesh,
-                latent_channels=family.latent.channels,
+                latent_channels=latent.channels,
                 default_shift=self._default_shift,
-                to_model_space=family.latent.to_model_space,
-                from_model_space=family.latent.from_model_space,
+                to_model_space=latent.to_model_space,
+                from_model_space=latent.from_model_space,
                 hooks=hooks,
                 device=self.device,
                 make_sampling=family.sampling,
@@ -235,8 +236,10 @@ def _check_request_fits(request: SampleRequest, family: families.ModelFamily, co
         if not isinstance(cond, family.conditioning):
             raise ValueError(f"the {which} conditioning is a {type(cond).__name__}, but the loaded "
                              f"{family.display_name} model takes {family.conditioning.__name__}")
-        for name, tensor, width in (("text tokens", cond.context, config.joint_attention_dim),
-                                    ("pooled output", cond.pooled, config.pooled_projection_dim)):
+        widths = [("text tokens", cond.context, config.get("joint_attention_dim") or config.get("caption_channels"))]
+        if hasattr(cond, "pooled"):  # PixArt's T5 conditioning has none
+            widths.append(("pooled output", cond.pooled, config.pooled_projection_dim))
+        for name, tensor, width in widths:
             if tensor.shape[-1] != width:
                 raise ValueError(f"the {which} conditioning's {name} are {tensor.shape[-1]} wide but this "
                                  f"{family.display_name} model takes {width}: encode the prompt with the model's own "

@@ -84,12 +84,25 @@ class SD3Conditioning:
 
 
 @dataclass
+class PixArtConditioning:
+    """One prompt's conditioning in ComfyUI's PixArt layout (CLIPLoader type pixart: T5-XXL).
+
+    context: T5 tokens [B or 1, T, 4096] (no pooled output, no attention mask: ComfyUI's PixArt
+    attends to every token it is given); size: (height, width) in pixels for PixArt-alpha's
+    micro-conditions, from CLIPTextEncodePixArtAlpha (None: the latent's size, as in ComfyUI).
+    """
+
+    context: torch.Tensor
+    size: tuple[float, float] | None = None
+
+
+@dataclass
 class SampleRequest:
     """One KSampler-equivalent call. Latents are ComfyUI's raw VAE latents [B, 16, H/8, W/8]."""
 
     latent: torch.Tensor
-    positive: FluxConditioning | SD3Conditioning  # the loaded model family's type
-    negative: FluxConditioning | SD3Conditioning | None
+    positive: FluxConditioning | SD3Conditioning | PixArtConditioning  # the loaded model family's type
+    negative: FluxConditioning | SD3Conditioning | PixArtConditioning | None
     seed: int
     steps: int
     cfg: float = 1.0

@@ -21,7 +21,8 @@ import torch
 
 from ..loading.safetensors_files import CheckpointError, SafetensorsSource, find_layouts, find_weight_files
 from ..preview import FLUX_LATENT_RGB_BIAS, FLUX_LATENT_RGB_FACTORS
-from ..requests import FluxConditioning, SD3Conditioning
+from ..requests import FluxConditioning, PixArtConditioning, SD3Conditioning
+from ..sampling.discrete_sampling import DiscreteSampling
 from ..sampling.schedules import FLUX_DEV_SHIFT, FLUX_SCHNELL_SHIFT, DiscreteFlowSampling, FlowSampling
 
 
@@ -81,9 +82,14 @@ class ModelFamily:
     ignored_keys: frozenset[str]
     methods: frozenset[str]
     resolution_shift: bool  # whether ModelSamplingFlux's resolution-dependent shift applies
+    # model config -> latent format, for a family whose members differ in it (PixArt-alpha / Sigma)
+    latent_for: Callable[[dict], LatentFormat] | None = None
 
     def matches(self, keys) -> bool:
         return bool(find_layouts(keys, self.key_signatures))
+
+    def latent_format(self, config) -> LatentFormat:
+        return self.latent_for(dict(config)) if self.latent_for is not None else self.latent
 
 
 # --- Flux.1 ---------------------------------------------------------------------------------------
@@ -221,7 +227,87 @@ SD3 = ModelFamily(
 )
 
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3)}
+# --- PixArt-alpha / PixArt-Sigma ------------------------------------------------------------------
+
+# ComfyUI's PixArt model config (supported_models.py): an EPS model on a DDPM schedule linear in
+# beta from 1e-4 to 0.02 over 1,000 steps; no shift.
+PIXART_SAMPLING = DiscreteSampling("eps", beta_schedule="sqrt_linear", linear_start=0.0001, linear_end=0.02, timesteps=1000)
+
+# ComfyUI's latent formats: SD15 for PixArt-alpha (the models with micro-conditions), SDXL for the rest.
+SD15_LATENT = LatentFormat(
+    channels=4, scale=0.18215, shift=0.0,
+    rgb_factors=((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177)),
+    rgb_bias=(0.0, 0.0, 0.0),
+)
+SDXL_LATENT = LatentFormat(
+    channels=4, scale=0.13025, shift=0.0,
+    rgb_factors=((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188)),
+    rgb_bias=(0.1084, -0.0175, -0.0011),
+)
+
+
+def _pixart_read_config(path: str) -> dict:
+    from ..loading.pixart import read_pixart_config
+
+    return read_pixart_config(path)
+
+
+def _pixart_load(path: str, dtype, device):
+    from ..loading.pixart import load_pixart_transformer
+
+    return load_pixart_transformer(path, dtype=dtype, device=device)
+
+
+def _pixart_denoiser(model, mesh, lse_kernel, dtype):
+    from . import pixart
+
+    forward = pixart.install_sequence_parallel(model, mesh, lse_kernel)
+    return pixart.PixArtDenoiser(forward, dtype, model.config, PIXART_SAMPLING)
+
+
+def _pixart_velocity(denoiser, x, sigma, cond: PixArtConditioning, controls=()):
+    # For PixArt this is the noise prediction; PIXART_SAMPLING turns it into x0.
+    return denoiser(x, sigma, cond.context, cond.size)
+
+
+def _pixart_is_alpha(config: dict) -> bool:
+    # diffusers' rule for an unset flag (the 1024px models have micro-conditions); the loader sets it from the keys.
+    flag = config.get("use_additional_conditions")
+    return bool(flag) if flag is not None else config.get("sample_size") == 128
+
+
+def _pixart_signatures() -> dict[str, tuple[str, ...]]:
+    from ..loading.pixart import PIXART_SIGNATURES
+
+    return PIXART_SIGNATURES
+
+
+PIXART = ModelFamily(
+    name="pixart",
+    display_name="PixArt-alpha / PixArt-Sigma",
+    formats="single file (original PixArt layout, with ComfyUI's `model.diffusion_model.` prefix or none; diffusers layout), diffusers folder",
+    key_signatures=_pixart_signatures(),
+    diffusers_class="PixArtTransformer2DModel",
+    read_config=_pixart_read_config,
+    load=_pixart_load,
+    latent=SDXL_LATENT,
+    latent_for=lambda config: SD15_LATENT if _pixart_is_alpha(config) else SDXL_LATENT,
+    sampling=lambda shift: PIXART_SAMPLING,
+    default_shift=lambda config: 1.0,
+    sampling_note="ModelSamplingDiscrete, eps prediction: betas linear 1e-4 to 0.02 over 1000 steps",
+    build_denoiser=_pixart_denoiser,
+    velocity=_pixart_velocity,
+    conditioning=PixArtConditioning,
+    text_encoders="T5-XXL (CLIPLoader, type pixart)",
+    conditioning_keys=frozenset({"width", "height"}),
+    # Stock PixArt reads neither a pooled output, an attention mask nor a guidance value.
+    ignored_keys=frozenset({"pooled_output", "attention_mask", "guidance"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    resolution_shift=False,
+)
+
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, PIXART)}
 
 
 def get(name: str) -> ModelFamily:

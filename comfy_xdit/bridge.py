@@ -20,7 +20,8 @@ from .config import ConfigError, ParallelConfig, default_devices
 from .pool import PoolRegistry, WorkerPool
 from .models import families
 from .pool.backends import LOCAL, Backend
-from .requests import ControlNetRequest, FluxConditioning, ModelSpec, SampleRequest, SD3Conditioning, VaeDecodeRequest, VaeWeights
+from .requests import (ControlNetRequest, FluxConditioning, ModelSpec, PixArtConditioning, SampleRequest, SD3Conditioning,
+                       VaeDecodeRequest, VaeWeights)
 
 log = logging.getLogger("comfy_xdit")
 
@@ -272,7 +273,7 @@ def check_lora(model: XditModel, path: str, strength: float) -> None:
 # --- conditioning and latents ----------------------------------------------------------------
 
 
-def _conditioning_entry(conditioning, which: str, family: families.ModelFamily):
+def _conditioning_entry(conditioning, which: str, family: families.ModelFamily, needs_pooled: bool = True):
     """The one (tokens, extras) entry of a CONDITIONING, checked for what the family's sampler can use."""
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError(f"{which}: expected CONDITIONING from a text encoder node")
@@ -287,14 +288,14 @@ def _conditioning_entry(conditioning, which: str, family: families.ModelFamily):
         names = ", ".join(f"'{k}' ({CONDITIONING_FEATURES.get(k, 'unknown feature')})" for k in unsupported)
         raise ValueError(f"{which}: ParallelSampler does not implement conditioning feature(s) {names}; "
                          "remove those nodes or use the stock KSampler")
-    pooled = extras.get("pooled_output")
-    if pooled is None:
+    pooled = extras.get("pooled_output") if needs_pooled else None
+    if pooled is None and needs_pooled:
         raise ValueError(f"{which}: the conditioning has no pooled output; {family.display_name} needs the "
                          f"{family.text_encoders} text encoders")
     for name, value in (("text tokens", tensor), ("pooled output", pooled)):
-        if not torch.isfinite(value).all():
+        if value is not None and not torch.isfinite(value).all():
             raise ValueError(f"{which}: the {name} contain NaN or infinity")
-    return tensor.float().cpu(), pooled.float().cpu(), extras
+    return tensor.float().cpu(), pooled.float().cpu() if pooled is not None else None, extras
 
 
 def flux_conditioning(conditioning, which: str) -> FluxConditioning:
@@ -307,7 +308,14 @@ def sd3_conditioning(conditioning, which: str) -> SD3Conditioning:
     return SD3Conditioning(tokens, pooled)
 
 
-CONDITIONING_READERS = {"flux": flux_conditioning, "sd3": sd3_conditioning}
+def pixart_conditioning(conditioning, which: str) -> PixArtConditioning:
+    tokens, _, extras = _conditioning_entry(conditioning, which, families.PIXART, needs_pooled=False)
+    # CLIPTextEncodePixArtAlpha's resolution micro-condition; ComfyUI uses the latent's size without it.
+    size = (float(extras["height"]), float(extras["width"])) if "width" in extras and "height" in extras else None
+    return PixArtConditioning(tokens, size)
+
+
+CONDITIONING_READERS = {"flux": flux_conditioning, "sd3": sd3_conditioning, "pixart": pixart_conditioning}
 
 
 def check_latent(latent: dict) -> None:

@@ -22,6 +22,7 @@ from comfy_xdit.comfyui_server import COMFYUI, ComfyServer, error_message, statu
 from comfy_xdit.comfyui_server import shipped_workflow as load_workflow
 from controlnet_files import make_flux_controlnet, write_instantx_file, write_sd15_controlnet_file
 from lora_files import random_flux_lora, write_peft_lora, write_sd15_lora
+from pixart_files import make_pixart_diffusers_model, write_original_pixart_file
 from vae_files import make_ldm_encoder_state_dict, make_ldm_vae_state_dict
 
 pytestmark = pytest.mark.skipif(not (COMFYUI / "main.py").exists(), reason="tools/setup.sh installs the test ComfyUI")
@@ -44,6 +45,9 @@ def server(tmp_path_factory):
                                    joint_attention_dim=CONTEXT_DIM, pooled_projection_dim=POOLED_DIM, pos_embed_max_size=8, seed=5)
     write_sd3_file(sd3, models / "checkpoints" / "tiny_sd35.safetensors", prefix="model.diffusion_model.",
                    extra=sd3_checkpoint_extras())
+    # A PixArt-Sigma-style file in the original layout (16 heads, as ComfyUI assumes).
+    write_original_pixart_file(make_pixart_diffusers_model(num_layers=1, heads=16, head_dim=2, caption_channels=CONTEXT_DIM, seed=6),
+                               models / "diffusion_models" / "tiny_pixart_sigma.safetensors")
     write_peft_lora(random_flux_lora(model, seed=1, dtype=torch.float32), models / "loras" / "tiny_lora.safetensors")
     write_sd15_lora(models / "loras" / "sd15_lora.safetensors")
     # With an encoder: the ControlNet workflow VAE-encodes its control image with it.
@@ -345,3 +349,50 @@ def test_flux_conditioning_into_sd3_is_refused_with_what_to_change(server):
     entry = server.run(graph)
     assert status_str(entry) == "error"
     assert "pooled output are 768 wide but this Stable Diffusion 3 / 3.5 model takes 24" in error_message(entry)
+
+
+# --- PixArt-alpha / Sigma (they replace the pool above too) ----------------------------------------
+
+
+def pixart_latent_workflow(devices: str, **loader) -> dict:
+    """The shipped PixArt workflow up to the sampler, its latent saved (the stock VAEDecode is not ours to test)."""
+    graph = with_demo_conditioning(load_workflow("pixart_txt2img_parallel"), CONTEXT_DIM, POOLED_DIM)
+    for node in graph.values():
+        cls = node["class_type"]
+        if cls == "ParallelLoader":
+            node["inputs"].update(model_name="tiny_pixart_sigma.safetensors", devices=devices, **loader)
+        elif cls == "ParallelSampler":
+            node["inputs"].update(steps=3, seed=13)
+        elif cls == "EmptyLatentImage":
+            node["inputs"].update(width=320, height=288)  # ComfyUI's PixArt needs (w + h) / 2 above 256 px
+    sampler_id = next(k for k, n in graph.items() if n["class_type"] == "ParallelSampler")
+    for node_id in [k for k, n in graph.items() if n["class_type"] in ("VAELoader", "VAEDecode", "SaveImage")]:
+        del graph[node_id]
+    graph["90"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler_id, 0], "filename_prefix": f"pixart_{devices}"}}
+    return graph
+
+
+def test_pixart_workflow_with_cfg_parallel_gives_the_latents_of_one_worker(server):
+    assert load_workflow("pixart_txt2img_parallel")["9"]["class_type"] == "VAEDecode"
+    graph = pixart_latent_workflow("cpu,cpu")
+    assert node_of(graph, "XditTestPixArtConditioning")
+    two = server.run(graph)
+    assert status_str(two) == "success", error_message(two) + server.log()[-2000:]
+    pool = pool_status(server)
+    assert len(pool["workers"]) == 2 and pool["model"]["family"] == "pixart"
+    one = server.run(pixart_latent_workflow("cpu", use_cfg_parallel=False))
+    assert status_str(one) == "success", error_message(one)
+    a, b = saved_latent(server, two), saved_latent(server, one)
+    assert a.shape == (1, 4, 36, 40) and b.abs().max() > 0.1
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+
+
+def test_flux_conditioning_into_pixart_is_refused_with_what_to_change(server):
+    graph = pixart_latent_workflow("cpu,cpu")
+    for node in graph.values():
+        if node["class_type"] == "XditTestPixArtConditioning":
+            node["class_type"] = "XditTestFluxConditioning"
+            node["inputs"].update(context_dim=4096, pooled_dim=768, guidance=3.5)
+    entry = server.run(graph)
+    assert status_str(entry) == "error"
+    assert "text tokens are 4096 wide but this PixArt-alpha / PixArt-Sigma model takes 32" in error_message(entry)

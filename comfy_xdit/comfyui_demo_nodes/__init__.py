@@ -58,4 +58,27 @@ class XditTestSD3Conditioning:
         return ([[context, {"pooled_output": pooled}]],)
 
 
-NODE_CLASS_MAPPINGS = {"XditTestFluxConditioning": XditTestFluxConditioning, "XditTestSD3Conditioning": XditTestSD3Conditioning}
+class XditTestPixArtConditioning:
+    """PixArt's layout (CLIPLoader type pixart + CLIPTextEncode): T5 tokens only, no pooled output."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                "tokens": ("INT", {"default": 120, "min": 1, "max": 4096}),
+                "context_dim": ("INT", {"default": 4096, "min": 1, "max": 8192}),
+            }
+        }
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "testing"
+
+    def encode(self, seed, tokens, context_dim):
+        g = torch.Generator().manual_seed(seed)
+        return ([[torch.randn(1, tokens, context_dim, generator=g), {}]],)
+
+
+NODE_CLASS_MAPPINGS = {"XditTestFluxConditioning": XditTestFluxConditioning, "XditTestSD3Conditioning": XditTestSD3Conditioning,
+                       "XditTestPixArtConditioning": XditTestPixArtConditioning}

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from comfy_xdit.sampling.samplers import is_flow
+
 from comfy_xdit.models import families
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,9 +28,14 @@ def test_every_family_entry_is_complete(name):
     assert family.name == name
     assert set(family.methods) <= set(families.METHODS)
     assert family.latent.channels == len(family.latent.rgb_factors)
-    assert family.conditioning_keys and "pooled_output" in family.conditioning_keys
+    assert family.conditioning_keys
+    # Every CONDITIONING key a stock encoder of the family emits is used or knowingly ignored.
+    assert "pooled_output" in family.conditioning_keys | family.ignored_keys
     sampling = family.sampling(1.0)
-    assert float(sampling.table[-1]) == pytest.approx(1.0)
+    if is_flow(sampling):
+        assert float(sampling.table[-1]) == pytest.approx(1.0)
+    else:  # a DDPM table: sigma grows far past 1
+        assert float(sampling.table[0]) < 0.1 < 10 < float(sampling.table[-1])
 
 
 def test_sd3_latent_format_is_comfyuis():
@@ -37,9 +44,16 @@ def test_sd3_latent_format_is_comfyuis():
     assert (families.FLUX.latent.scale, families.FLUX.latent.shift) == (0.3611, 0.1159)
 
 
+def test_pixart_latent_formats_are_comfyuis():
+    # comfy/supported_models.py: PixArtAlpha uses SD15 (0.18215), PixArtSigma SDXL (0.13025).
+    assert families.PIXART.latent_format({"use_additional_conditions": True}).scale == 0.18215
+    assert families.PIXART.latent_format({"use_additional_conditions": False}).scale == 0.13025
+    assert families.PIXART.latent_format({"use_additional_conditions": None, "sample_size": 128}).scale == 0.18215
+
+
 def test_an_unknown_family_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="model family 'pixart' is not supported; supported: flux, sd3"):
-        families.get("pixart")
+    with pytest.raises(ValueError, match="model family 'hunyuan_dit' is not supported; supported: flux, sd3, pixart"):
+        families.get("hunyuan_dit")
 
 
 @pytest.mark.parametrize("name", list(families.FAMILIES))

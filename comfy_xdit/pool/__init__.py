@@ -5,9 +5,9 @@ Ray actors (``RayWorkerPool``); ``Backend`` picks one.
 """
 
 from .backends import Backend
-from .host import PoolError, WorkerPool
+from .host import PoolError, WorkerOutOfMemoryError, WorkerPool
 from .multinode import Cluster
 from .ray_pool import RayWorkerPool
 from .registry import PoolRegistry
 
-__all__ = ["Backend", "Cluster", "PoolError", "PoolRegistry", "RayWorkerPool", "WorkerPool"]
+__all__ = ["Backend", "Cluster", "PoolError", "PoolRegistry", "RayWorkerPool", "WorkerOutOfMemoryError", "WorkerPool"]

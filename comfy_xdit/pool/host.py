@@ -39,7 +39,7 @@ import torch
 from ..config import ConfigError, ParallelConfig, check_local_devices_exist, split_node
 from ..request_checks import check_sample_request
 from ..requests import ModelSpec, SampleRequest, SamplingCancelled, VaeDecodeRequest, VaeWeights
-from . import protocol, shm
+from . import protocol, shm, timeouts
 from .loopback import local_rendezvous_environment
 from .multinode import Cluster, HostStore, cluster_key
 from .processes import (Acceptor, Launcher, Reaper, RemoteWorker, WorkerProcess, cpu_count, free_port, terminate,
@@ -67,6 +67,24 @@ OnStep = Callable[[int, int, "torch.Tensor | None"], None]
 
 class PoolError(RuntimeError):
     """The pool failed as a whole (a worker died, hung or could not start). It restarts on next use."""
+
+
+class WorkerOutOfMemoryError(PoolError):
+    """A rank ran out of (GPU) memory; the pool was shut down, since the other ranks may wait on it forever."""
+
+
+# What the host calls each kind of job in its errors: the phase the workers were in.
+JOB_PHASES = {"load": "loading the model", "vae_load": "loading the VAE", "sample": "sampling",
+              "vae_decode": "the VAE decode"}
+OUT_OF_MEMORY_ADVICE = (
+    "To fit, lower the resolution or the batch size, spread the work over more GPUs (a higher ulysses_degree or "
+    "ring_degree), or split the model's layers over GPUs with pipefusion_parallel_degree; bfloat16 weights also halve "
+    "the model's memory."
+)
+
+
+def _is_out_of_memory(error: protocol.RemoteError) -> bool:
+    return error.type_name in ("OutOfMemoryError", "MemoryError") or "out of memory" in error.message.lower()
 
 
 def check_devices(config: ParallelConfig) -> None:
@@ -148,7 +166,9 @@ class WorkerPool:
     """Persistent workers, one per device of ``config``, running the engine's jobs.
 
     ``job_timeout_s`` bounds the silence during sampling (the first step, or between steps);
-    ``load_timeout_s`` bounds a model load; ``start_timeout_s`` the start of the workers.
+    ``load_timeout_s`` bounds a model load; ``start_timeout_s`` the start of the workers. The
+    first two default to the environment's ``COMFY_XDIT_JOB_TIMEOUT_S`` / ``COMFY_XDIT_LOAD_TIMEOUT_S``,
+    else to a bound scaled by the loaded model's size (``timeouts.py``).
     ``worker_env`` adds environment variables for the workers (e.g. allocator settings).
     ``log_dir`` keeps the workers' logs there; by default they go to a temporary folder that
     ``close()`` removes.
@@ -158,8 +178,8 @@ class WorkerPool:
         self,
         config: ParallelConfig,
         *,
-        job_timeout_s: float = 300.0,
-        load_timeout_s: float = 1800.0,
+        job_timeout_s: float | None = None,
+        load_timeout_s: float | None = None,
         start_timeout_s: float = 180.0,
         worker_env: dict[str, str] | None = None,
         log_dir: str | os.PathLike | None = None,
@@ -169,8 +189,10 @@ class WorkerPool:
             raise ConfigError(f"WorkerPool needs a ParallelConfig, got {type(config).__name__}")
         self._check_devices(config)
         self.config = config
-        self.job_timeout_s = float(job_timeout_s)
-        self.load_timeout_s = float(load_timeout_s)
+        # None: the environment's, else scaled by the model's size (job_silence_s, load_silence_s).
+        self.job_timeout_s = float(job_timeout_s) if job_timeout_s is not None else timeouts.from_environment(timeouts.ENV_JOB_TIMEOUT)
+        self.load_timeout_s = float(load_timeout_s) if load_timeout_s is not None else timeouts.from_environment(timeouts.ENV_LOAD_TIMEOUT)
+        self._model_bytes = 0  # of the last model loaded, for the default timeouts
         self.start_timeout_s = float(start_timeout_s)
         self._worker_env = dict(worker_env or {})
         self._log_dir = Path(log_dir) if log_dir is not None else None
@@ -208,6 +230,18 @@ class WorkerPool:
 
     def _check_devices(self, config: ParallelConfig) -> None:
         check_devices(config)
+
+    def job_silence_s(self) -> float:
+        """The longest silence allowed while sampling or decoding before the pool counts as hung."""
+        if self.job_timeout_s is not None:
+            return self.job_timeout_s
+        return timeouts.default_job_timeout_s(self._model_bytes)
+
+    def load_silence_s(self, model_bytes: int | None = None) -> float:
+        """The longest a load may take (of ``model_bytes``, default the current model's)."""
+        if self.load_timeout_s is not None:
+            return self.load_timeout_s
+        return timeouts.default_load_timeout_s(self._model_bytes if model_bytes is None else model_bytes)
 
     # lifecycle
 
@@ -480,7 +514,7 @@ class WorkerPool:
             if self._loaded_spec != self._spec:  # fresh workers after a restart
                 self._load(self._spec)
             self._marks = {"start": time.monotonic()}
-            replies, result, error = self._run("sample", request, self.job_timeout_s, on_step, cancel_event)
+            replies, result, error = self._run("sample", request, self.job_silence_s(), on_step, cancel_event)
             self._record_sample(replies, self._marks, time.monotonic())
             if error is not None:
                 raise error
@@ -494,7 +528,7 @@ class WorkerPool:
         """Send a VAE's decoder weights to every worker (once per fingerprint and pool)."""
         with self._job_lock:
             self._ensure_running()
-            replies, _, error = self._run("vae_load", weights, self.load_timeout_s, None, None)
+            replies, _, error = self._run("vae_load", weights, self.load_silence_s(), None, None)
             if error is not None:
                 raise error
             self._vae_fingerprints.add(weights.fingerprint)
@@ -506,7 +540,7 @@ class WorkerPool:
             self._ensure_running()
             if request.fingerprint not in self._vae_fingerprints:
                 raise PoolError("this VAE is not loaded in the worker pool (it restarted?); call load_vae first")
-            replies, result, error = self._run("vae_decode", request, self.job_timeout_s, None, None)
+            replies, result, error = self._run("vae_decode", request, self.job_silence_s(), None, None)
             if error is not None:
                 raise error
             return result
@@ -516,10 +550,12 @@ class WorkerPool:
 
     def _load(self, spec: ModelSpec) -> bool:
         self._loaded_spec = None  # unknown until every rank confirms
-        replies, _, error = self._run("load", spec, self.load_timeout_s, None, None)
+        model_bytes = timeouts.weights_bytes(spec.path)
+        replies, _, error = self._run("load", spec, self.load_silence_s(model_bytes), None, None)
         if error is not None:
             raise error
         self._spec = self._loaded_spec = spec
+        self._model_bytes = model_bytes
         self._load_count = replies[0].info.get("load_count", self._load_count)
         return bool(replies[0].value)
 
@@ -620,6 +656,8 @@ class WorkerPool:
                                     callback_error = exc
                         else:
                             replies[message.rank] = message
+                            if isinstance(message, protocol.Failed) and _is_out_of_memory(message.error):
+                                self._raise_out_of_memory(job_id, message)
                             if isinstance(message, protocol.Failed) and first_failure is None:
                                 first_failure = last_activity
                     if not worker.channel.poll():
@@ -678,11 +716,30 @@ class WorkerPool:
     # breaking
 
     def _job_label(self, job_id: int | None = None) -> str:
+        """The job and the phase it was in, e.g. 'job 3 (sampling, after step 2/4)'."""
         current = self._current or {"job": job_id, "kind": "?"}
-        where = f"job {current['job']} ({current['kind']}"
-        if current.get("total"):
-            where += f", after step {current['step']}/{current['total']}"
+        kind = current["kind"]
+        where = f"job {current['job']} ({JOB_PHASES.get(kind, kind)}"
+        step, total = current.get("step", 0), current.get("total", 0)
+        if kind == "sample" and not total:
+            where += ", before the first step finished"
+        elif total and step >= total:
+            where += f", returning the result after the last step {step}/{total}"
+        elif total:
+            where += f", after step {step}/{total}"
         return where + ")"
+
+    def _note_pending_progress(self) -> None:
+        """Read the progress the live ranks sent before a failure, so the error names the right phase."""
+        for w in self._workers:
+            channel = getattr(w, "channel", None)
+            try:
+                while channel is not None and w.exit_status() is None and channel.poll():
+                    message = channel.recv()
+                    if isinstance(message, protocol.Progress) and self._current and message.job_id == self._current["job"]:
+                        self._note_progress(message)
+            except (EOFError, OSError):
+                continue
 
     def _raise_dead(self, worker: WorkerProcess):
         if self._state == "closed":
@@ -690,6 +747,7 @@ class WorkerPool:
             raise PoolError("the worker pool was closed while a job was running")
         worker.wait(2.0)  # its connection closed: give the exit status a moment
         time.sleep(0.2)  # let other casualties and the log's last lines land
+        self._note_pending_progress()
         dead = [w for w in self._workers if w.exit_status() is not None] or [worker]
         what = "; ".join(f"{w.label()} {w.exit_status() or 'closed its control connection'}" for w in dead)
         excerpt = "\n".join(w.log_excerpt() for w in dead)
@@ -700,12 +758,26 @@ class WorkerPool:
         self._break(message)
         raise PoolError(message)
 
+    def _raise_out_of_memory(self, job_id: int, failed: protocol.Failed):
+        worker = self._workers[failed.rank]
+        message = (
+            f"{worker.label()} ran out of memory during {self._job_label(job_id)}: {failed.error.describe()}. "
+            f"{OUT_OF_MEMORY_ADVICE} The pool was shut down (the other ranks would wait for this one in their "
+            f"collectives) and starts afresh on the next job.\nTraceback on rank {failed.rank}:\n"
+            f"{failed.error.traceback.rstrip()}"
+        )
+        self._break(message)
+        raise WorkerOutOfMemoryError(message)
+
     def _raise_hang(self, job_id: int, replies: dict[int, Any], silence_s: float):
         silent = [w for w in self._workers if w.rank not in replies]
+        setting = "load_timeout_s" if self._current and self._current["kind"] in ("load", "vae_load") else "job_timeout_s"
         message = (
             f"the worker pool made no progress for {silence_s:.0f} s during {self._job_label(job_id)}; ranks "
             f"{[w.rank for w in silent]} did not answer, so the pool is assumed hung. It was shut down and "
-            f"starts afresh on the next job (raise job_timeout_s if a step can legitimately take longer).\n"
+            f"starts afresh on the next job (raise {setting}, or the environment's "
+            f"{timeouts.ENV_JOB_TIMEOUT if setting == 'job_timeout_s' else timeouts.ENV_LOAD_TIMEOUT}, if it can "
+            f"legitimately take longer).\n"
             + "\n".join(w.log_excerpt() for w in silent)
         )
         self._break(message)
@@ -779,6 +851,9 @@ class WorkerPool:
                 "lora_apply_count": self._lora_apply_count,
                 "controlnet_load_count": self._controlnet_load_count,
                 "jobs_done": self._jobs_done,
+                # The silences after which a job or a load counts as hung (set, or scaled by the model).
+                "job_timeout_s": round(self.job_silence_s(), 1),
+                "load_timeout_s": round(self.load_silence_s(), 1),
                 "last_job": dict(self._last_job) if self._last_job else None,
                 "last_error": self._last_error,
                 "log_dir": str(self._log_dir) if self._log_dir else None,

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Protocol
 
-from . import protocol
+from . import faults, protocol
 
 
 class MessageChannel(Protocol):
@@ -93,11 +93,14 @@ class Reader(threading.Thread):
 class Hooks:
     """StepHooks of one job: rank 0 reports progress; every rank answers the cancel vote."""
 
-    def __init__(self, channel: MessageChannel, job_id: int, report: bool, cancel: threading.Event):
+    def __init__(self, channel: MessageChannel, job_id: int, report: bool, cancel: threading.Event,
+                 fault: faults.FaultHook | None = None, rank: int = 0):
         self._channel = channel
         self._job_id = job_id
         self._report = report
         self._cancel = cancel
+        self._fault = fault
+        self._rank = rank
         self._last = time.perf_counter()
         self.last_step = 0
 
@@ -105,6 +108,11 @@ class Hooks:
         now = time.perf_counter()
         seconds, self._last = now - self._last, now
         self.last_step = step
+        if self._fault is not None:
+            if step == 1:
+                self._fault.reach("first_step", self._rank)
+            if step == max(1, total // 2):
+                self._fault.reach("mid_sampling", self._rank)
         if self._report:
             if preview is not None:
                 preview = preview.detach().to("cpu")
@@ -162,10 +170,15 @@ RESULT_JOBS = {
 
 
 def run_job(engine, job: protocol.Job, channel: MessageChannel, rank: int, cancel: threading.Event,
-            tensors: TensorIO, read: float = 0.0):
-    """One job on this rank; returns the reply (Done or Cancelled; exceptions propagate)."""
+            tensors: TensorIO, read: float = 0.0, fault: faults.FaultHook | None = None):
+    """One job on this rank; returns the reply (Done or Cancelled; exceptions propagate).
+
+    ``fault`` is the testing hook of ``faults.py`` (None unless COMFY_XDIT_FAULT_FILE is set).
+    """
     from ..requests import SamplingCancelled
 
+    if fault is not None and job.kind in ("load", "vae_decode"):
+        fault.reach(job.kind, rank)
     if job.kind == "load":
         loaded = engine.load(job.payload)
         return protocol.Done(job.job_id, rank, bool(loaded), {"load_count": engine.load_count})
@@ -178,7 +191,7 @@ def run_job(engine, job: protocol.Job, channel: MessageChannel, rank: int, cance
         # The arenas stay mapped from job to job; one the host replaced (grew) is unmapped here.
         tensors.keep_only(job.input_segment, job.output_segment)
         request = tensors.unpack(job.payload, job.input_segment)
-        hooks = Hooks(channel, job.job_id, report=rank == 0, cancel=cancel)
+        hooks = Hooks(channel, job.job_id, report=rank == 0, cancel=cancel, fault=fault, rank=rank)
         started = time.monotonic()
         try:
             result = RESULT_JOBS[job.kind](engine, request, hooks)
@@ -189,6 +202,8 @@ def run_job(engine, job: protocol.Job, channel: MessageChannel, rank: int, cance
         value = None
         if rank == 0:
             value = tensors.write_result(result, job.output_segment, job.output_capacity, job.spill_segment)
+        if fault is not None:
+            fault.reach("return_result", rank)
         clock = {"read": read or received, "received": received, "engine_started": started,
                  "engine_finished": finished, "replied": time.monotonic()}
         info = {"engine_seconds": finished - started, "last_step": hooks.last_step, "clock": clock,
@@ -201,6 +216,7 @@ def serve(engine, channel: MessageChannel, rank: int, tensors: TensorIO, info: d
           on_host_gone: Callable[[], None]) -> None:
     """Announce Ready, then run jobs until Shutdown; leaves the process group on the way out."""
     jobs: queue.Queue = queue.Queue()
+    fault = faults.from_environment()
     reader = Reader(channel, jobs, on_host_gone)
     reader.start()
     channel.send(protocol.Ready(rank, info))
@@ -209,7 +225,7 @@ def serve(engine, channel: MessageChannel, rank: int, tensors: TensorIO, info: d
         if isinstance(job, protocol.Shutdown):
             break
         try:
-            reply = run_job(engine, job, channel, rank, reader.cancel, tensors, read)
+            reply = run_job(engine, job, channel, rank, reader.cancel, tensors, read, fault)
         except Exception as exc:
             import traceback
 

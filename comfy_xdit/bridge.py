@@ -2,7 +2,8 @@
 
 It holds the process's only state: the pool registry (one warm pool per device set) and the
 memo of VAE fingerprints. ComfyUI modules are imported inside functions, so the engine stays
-importable (and testable) without ComfyUI.
+importable (and testable) without ComfyUI. The entry points the nodes call are ``page_safe``:
+their errors reach the page with file names only, never a folder of this machine (page_errors.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from .config import ConfigError, ParallelConfig, default_devices
 from .pool import PoolRegistry, WorkerPool
 from .models import families
+from .page_errors import page_safe
 from .pool.backends import LOCAL, Backend
 from .requests import (ControlNetRequest, FluxConditioning, ModelSpec, PixArtConditioning, SampleRequest, SD3Conditioning,
                        VaeDecodeRequest, VaeWeights)
@@ -62,6 +64,12 @@ class XditModel:
     controlnets: tuple["ControlNetUse", ...] = dataclasses.field(default=(), compare=False)
     backend: Backend = LOCAL  # where the pool's workers run
 
+    def __str__(self) -> str:
+        # ComfyUI shows a failed node's inputs as str() in the page: file names only, no folders.
+        loras = "".join(f", LoRA {os.path.basename(path)} x{strength:g}" for path, strength in self.loras)
+        return (f"XditModel({os.path.basename(self.spec.path)}, {self.spec.family}, {self.config.describe_degrees()} "
+                f"on {','.join(self.config.devices)}{loras}, {len(self.controlnets)} ControlNet(s))")
+
     def with_lora(self, path: str, strength: float) -> "XditModel":
         return dataclasses.replace(self, loras=(*self.loras, (path, float(strength))))
 
@@ -79,6 +87,9 @@ class XditControlNet:
     mask_channel: bool
     num_modes: int
 
+    def __str__(self) -> str:
+        return f"XditControlNet({os.path.basename(self.path)}, {self.kind})"
+
 
 @dataclass(frozen=True, eq=False)
 class ControlNetUse:
@@ -93,6 +104,7 @@ class ControlNetUse:
     mode: int | None = None  # union control type; None is ComfyUI's "auto"
 
 
+@page_safe
 def open_controlnet(path: str) -> XditControlNet:
     """Check the file's headers (a non-Flux ControlNet is refused by name); no weight is read."""
     from .loading.flux_controlnet import read_controlnet_info
@@ -221,6 +233,7 @@ def _free_comfy_memory_on(config: ParallelConfig) -> None:
             mm.free_memory(total, device)
 
 
+@page_safe
 def load(model: XditModel) -> WorkerPool:
     """Start or reuse the pool, have the model (and its LoRAs) checked and loaded; returns the pool.
 
@@ -250,6 +263,7 @@ def load(model: XditModel) -> WorkerPool:
     return pool
 
 
+@page_safe
 def detect_family(path: str) -> str:
     """The model family of a checkpoint file or folder, from its headers (refuses other files clearly)."""
     return families.detect(path).name
@@ -261,6 +275,7 @@ def _check_family_takes_loras(family: families.ModelFamily) -> None:
                          "remove the LoRA node or use the stock loader and KSampler")
 
 
+@page_safe
 def check_lora(model: XditModel, path: str, strength: float) -> None:
     """Refuse a LoRA that does not fit the model (another architecture, or a family without LoRA support)."""
     from .lora import check_loras
@@ -330,6 +345,7 @@ def check_latent(latent: dict) -> None:
 # --- jobs ------------------------------------------------------------------------------------
 
 
+@page_safe
 def sample(model: XditModel, *, positive, negative, latent: dict, seed: int, steps: int, cfg: float,
            sampler_name: str, scheduler: str, denoise: float, max_shift: float | None, base_shift: float | None,
            node_id: str | None = None, cache=None) -> dict:
@@ -381,6 +397,7 @@ def _preview_image(latent: torch.Tensor, family: families.ModelFamily):
     return ("JPEG", Image.fromarray(rgb.numpy()), 512)
 
 
+@page_safe
 def vae_decode(vae, latent: dict) -> torch.Tensor:
     """Decode with ComfyUI's stock VAE object on the warm pool's workers; returns an IMAGE [B, H, W, 3].
 

@@ -58,14 +58,14 @@ class ComfyServer:
             if not link.exists():
                 link.symlink_to(target, target_is_directory=True)
 
-    def start(self, timeout_s: float = 120.0, cpu: bool = True) -> "ComfyServer":
+    def start(self, timeout_s: float = 120.0, cpu: bool = True, env: dict[str, str] | None = None) -> "ComfyServer":
         command = [
             sys.executable, str(self.comfyui / "main.py"), *(["--cpu"] if cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
             "--disable-auto-launch", "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
         ]
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=str(self.comfyui),
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

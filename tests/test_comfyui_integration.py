@@ -32,11 +32,8 @@ NODES = ("ParallelLoader", "ParallelLoraLoader", "ParallelControlNetLoader", "Pa
 CONTEXT_DIM, POOLED_DIM = 32, 24
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfyui")
-    server = ComfyServer(base)
-    models = base / "models"
+def write_models(models) -> torch.nn.Module:
+    """The tiny Flux (diffusion_models) and SD3.5 (checkpoints) files and the VAE; returns the Flux model."""
     model = make_flux_diffusers_model(num_layers=1, num_single_layers=1, heads=4, head_dim=16, seed=0,
                                       joint_attention_dim=CONTEXT_DIM, pooled_projection_dim=POOLED_DIM)
     write_bfl_file(model, models / "diffusion_models" / "tiny_flux.safetensors", prefix="model.diffusion_model.")
@@ -48,10 +45,19 @@ def server(tmp_path_factory):
     # A PixArt-Sigma-style file in the original layout (16 heads, as ComfyUI assumes).
     write_original_pixart_file(make_pixart_diffusers_model(num_layers=1, heads=16, head_dim=2, caption_channels=CONTEXT_DIM, seed=6),
                                models / "diffusion_models" / "tiny_pixart_sigma.safetensors")
-    write_peft_lora(random_flux_lora(model, seed=1, dtype=torch.float32), models / "loras" / "tiny_lora.safetensors")
-    write_sd15_lora(models / "loras" / "sd15_lora.safetensors")
     # With an encoder: the ControlNet workflow VAE-encodes its control image with it.
     save_file({**make_ldm_vae_state_dict(seed=2), **make_ldm_encoder_state_dict(seed=4)}, str(models / "vae" / "tiny_ae.safetensors"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfyui")
+    server = ComfyServer(base)
+    models = base / "models"
+    model = write_models(models)
+    write_peft_lora(random_flux_lora(model, seed=1, dtype=torch.float32), models / "loras" / "tiny_lora.safetensors")
+    write_sd15_lora(models / "loras" / "sd15_lora.safetensors")
     controlnet = make_flux_controlnet(num_layers=1, num_single_layers=1, heads=4, head_dim=16, seed=5,
                                       joint_attention_dim=CONTEXT_DIM, pooled_projection_dim=POOLED_DIM)
     write_instantx_file(controlnet, models / "controlnet" / "tiny_flux_controlnet.safetensors")

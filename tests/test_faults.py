@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from comfy_xdit.config import ConfigError
-from comfy_xdit.pool import PoolError, WorkerOutOfMemoryError, WorkerPool, faults, shm, timeouts
+from comfy_xdit.pool import PoolError, WorkerOutOfMemoryError, WorkerPool, faults, protocol, shm, timeouts
 from comfy_xdit.requests import ModelSpec, VaeDecodeRequest, VaeWeights
 from comfy_xdit.vae import build_decoder, decoder_state_dict, state_dict_fingerprint
 from checkpoints import make_flux_diffusers_model, write_diffusers_folder
@@ -229,3 +229,14 @@ def test_the_fault_hook_is_off_unless_set_and_refuses_a_malformed_fault(tmp_path
         hook.reach("load", 1)
     assert faults.fired_at(tmp_path / "fault") is not None
     hook.reach("load", 1)  # fired once: disarmed
+
+
+def test_out_of_memory_on_every_rank_alike_keeps_the_pool_loaded():
+    # The common case (an image too large for every GPU): all ranks stop in step, so the pool
+    # need not reload the model; the error still says what to change.
+    pool = WorkerPool(CONFIG)  # not started: the verdict alone is under test
+    pool._state = "running"
+    oom = protocol.RemoteError.capture(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB"))
+    error = pool._judge(3, "sample", {r: protocol.Failed(3, r, oom) for r in (0, 1)})
+    assert isinstance(error, WorkerOutOfMemoryError) and pool.status()["state"] == "running"
+    assert "every worker ran out of memory" in str(error) and "pipefusion_parallel_degree" in str(error)

@@ -60,6 +60,8 @@ _RESULT_CHANNELS = 16
 
 POLL_S = 0.1  # how often the host checks processes, cancel and timeouts while it waits
 STRAGGLER_S = 5.0  # after one rank fails, how long the others get to fail the same way
+# After an out-of-memory: the others fail alike within moments, or wait for it in a collective.
+OOM_STRAGGLER_S = 2.0
 SHUTDOWN_GRACE_S = 5.0
 
 OnStep = Callable[[int, int, "torch.Tensor | None"], None]
@@ -629,6 +631,7 @@ class WorkerPool:
         cancel_sent = False
         last_activity = time.monotonic()
         first_failure: float | None = None
+        straggler_s = STRAGGLER_S
         while len(replies) < len(self._workers):
             if not cancel_sent and (callback_error is not None or (cancel_event is not None and cancel_event.is_set())):
                 cancel = pickle.dumps(protocol.Cancel(job_id), protocol=pickle.HIGHEST_PROTOCOL)
@@ -656,17 +659,16 @@ class WorkerPool:
                                     callback_error = exc
                         else:
                             replies[message.rank] = message
-                            if isinstance(message, protocol.Failed) and _is_out_of_memory(message.error):
-                                self._raise_out_of_memory(job_id, message)
                             if isinstance(message, protocol.Failed) and first_failure is None:
                                 first_failure = last_activity
+                                straggler_s = OOM_STRAGGLER_S if _is_out_of_memory(message.error) else STRAGGLER_S
                     if not worker.channel.poll():
                         break
             for w in self._workers:
                 if w.exit_status() is not None:
                     self._raise_dead(w)
             now = time.monotonic()
-            if first_failure is not None and len(replies) < len(self._workers) and now - first_failure > STRAGGLER_S:
+            if first_failure is not None and len(replies) < len(self._workers) and now - first_failure > straggler_s:
                 self._raise_disagreement(job_id, replies)
             if now - last_activity > silence_s:
                 self._raise_hang(job_id, replies, silence_s)
@@ -696,6 +698,12 @@ class WorkerPool:
             same = all(m.error.type_name == first.type_name for m in replies.values())
             if not same or _is_distributed_error(first):
                 self._raise_disagreement(job_id, replies)
+            if _is_out_of_memory(first):  # every rank alike: they stopped in step, the pool stays warm
+                self._last_error = f"{kind} ran out of memory on every rank: {first.describe()}"
+                return WorkerOutOfMemoryError(
+                    f"every worker ran out of memory during {self._job_label(job_id)}: {first.describe()}. "
+                    f"{OUT_OF_MEMORY_ADVICE} The pool stays loaded."
+                )
             self._last_error = f"{kind} failed on every rank: {first.describe()}"
             return self._remote_exception(0, first)  # every rank failed alike: the pool is fine
         self._raise_disagreement(job_id, replies)
@@ -784,6 +792,9 @@ class WorkerPool:
         raise PoolError(message)
 
     def _raise_disagreement(self, job_id: int, replies: dict[int, Any]):
+        out_of_memory = next((m for m in replies.values() if isinstance(m, protocol.Failed) and _is_out_of_memory(m.error)), None)
+        if out_of_memory is not None:
+            self._raise_out_of_memory(job_id, out_of_memory)
         def outcome(rank: int) -> str:
             m = replies.get(rank)
             if m is None:

@@ -19,7 +19,7 @@ import re
 log = logging.getLogger("comfy_xdit")
 
 # An absolute POSIX path (not the '//' of a URL) or a Windows drive path, up to a quote, space or bracket.
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/\\])(?:/(?!/)|[A-Za-z]:[\\/]|\\\\)[^\s'\"()\[\]{},;<>]*")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/\\])(?:/(?!/)|[A-Za-z]:[\\/]|\\\\)[^\s'\"()\[\]{},;<>]+")
 _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|AUTH|CREDENTIAL|COOKIE|SESSION", re.IGNORECASE)
 _MIN_SECRET_LENGTH = 6  # shorter values would mask ordinary words
 

@@ -81,3 +81,29 @@ def test_a_listed_name_in_a_subfolder_is_accepted():
     from comfy_xdit.file_names import check_file_name
 
     assert check_file_name("lora_name", "loras", "flux/style.safetensors", ["flux/style.safetensors"]) == "flux/style.safetensors"
+
+
+def test_errors_for_the_page_keep_file_names_and_drop_folders_and_secrets():
+    from comfy_xdit.loading import CheckpointError
+    from comfy_xdit.page_errors import clean_text, for_page
+
+    environ = {"HF_TOKEN": "hf_live_abcdef123", "PATH": "/usr/bin", "SHORT_KEY": "abc"}
+    text = ('/home/ann/ComfyUI/models/unet/flux1-dev.safetensors: header too large.\n'
+            'last lines of /tmp/comfy_xdit_pool_x1/worker-1.run2.log:\n  File "/srv/venv/lib/torch/x.py", line 3\n'
+            'C:\\Users\\ann\\models\\sd3.safetensors; token hf_live_abcdef123; see https://github.com/a/b; step 2/4')
+    assert clean_text(text, environ) == (
+        'flux1-dev.safetensors: header too large.\nlast lines of worker-1.run2.log:\n  File "x.py", line 3\n'
+        'sd3.safetensors; token ***; see https://github.com/a/b; step 2/4')
+
+    error = for_page(CheckpointError("/models/unet/bad.safetensors: truncated"))
+    assert type(error) is CheckpointError and str(error) == "bad.safetensors: truncated"
+    clean = ValueError("steps must be at least 1")
+    assert for_page(clean) is clean  # nothing to hide: the very exception (an interrupt passes untouched)
+
+    class PackError(RuntimeError):  # as ComfyUI imports a pack: its module named by its path
+        pass
+
+    PackError.__module__ = "/home/ann/ComfyUI/custom_nodes/comfy_xdit.comfy_xdit.pool.host"
+    shown = for_page(PackError("rank 1 died"))
+    assert isinstance(shown, PackError) and str(shown) == "rank 1 died"
+    assert type(shown).__module__ == "comfy_xdit.comfy_xdit.pool.host" and type(shown).__qualname__.endswith("PackError")

@@ -20,8 +20,8 @@ class ConfigError(ValueError):
 class ParallelConfig:
     """How one generation is spread over workers.
 
-    The workers form a mesh of shape (data, cfg, pipefusion, ring, ulysses); the product of the
-    degrees is the number of workers, one per entry of ``devices``.
+    The workers form a mesh of shape (data, cfg, pipefusion, ring, ulysses, tensor); the product of
+    the degrees is the number of workers, one per entry of ``devices``.
     """
 
     ulysses_degree: int = 1
@@ -30,6 +30,7 @@ class ParallelConfig:
     num_pipeline_patches: int | None = None
     use_cfg_parallel: bool = False
     data_parallel_degree: int = 1
+    tensor_parallel_degree: int = 1
     warmup_steps: int = 1
     attention_backend: str = "auto"
     devices: tuple[str, ...] = field(default=("cpu",))
@@ -37,7 +38,8 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         # Accept lists from JSON or the command line but keep the config hashable.
         object.__setattr__(self, "devices", tuple(str(d) for d in self.devices))
-        for name in ("ulysses_degree", "ring_degree", "pipefusion_parallel_degree", "data_parallel_degree"):
+        for name in ("ulysses_degree", "ring_degree", "pipefusion_parallel_degree", "data_parallel_degree",
+                     "tensor_parallel_degree"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
@@ -51,6 +53,18 @@ class ParallelConfig:
                 "not supported (the stale K/V cache is not wired through ring attention); inside PipeFusion stages "
                 "use ulysses_degree instead of ring_degree"
             )
+        if self.tensor_parallel_degree > 1:
+            others = [f"{name}={value}" for name, value in (
+                ("ulysses_degree", self.ulysses_degree), ("ring_degree", self.ring_degree),
+                ("pipefusion_parallel_degree", self.pipefusion_parallel_degree)) if value > 1]
+            if others:
+                # Sequence parallelism and PipeFusion split the tokens or layers that tensor parallelism keeps
+                # whole on every rank; their attention paths are not written for a rank's subset of the heads.
+                raise ConfigError(
+                    f"tensor_parallel_degree={self.tensor_parallel_degree} with {' and '.join(others)} is not supported; "
+                    "tensor parallelism combines with use_cfg_parallel and data_parallel_degree only: set "
+                    f"{' and '.join(o.split('=')[0] for o in others)} to 1, or tensor_parallel_degree to 1"
+                )
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(
                 f"attention_backend {self.attention_backend!r} is unknown; choose one of {', '.join(ATTENTION_BACKENDS)}"
@@ -82,13 +96,14 @@ class ParallelConfig:
         return math.prod(self.mesh_shape)
 
     @property
-    def mesh_shape(self) -> tuple[int, int, int, int, int]:
+    def mesh_shape(self) -> tuple[int, int, int, int, int, int]:
         return (
             self.data_parallel_degree,
             self.cfg_degree,
             self.pipefusion_parallel_degree,
             self.ring_degree,
             self.ulysses_degree,
+            self.tensor_parallel_degree,
         )
 
     @property
@@ -113,6 +128,7 @@ class ParallelConfig:
         return (
             f"data={self.data_parallel_degree} x cfg={self.cfg_degree} x "
             f"pipefusion={self.pipefusion_parallel_degree} x ring={self.ring_degree} x ulysses={self.ulysses_degree}"
+            + (f" x tensor={self.tensor_parallel_degree}" if self.tensor_parallel_degree > 1 else "")
         )
 
     def check_model(self, *, num_heads: int, family: str, num_blocks: int | None = None) -> None:
@@ -125,6 +141,12 @@ class ParallelConfig:
             raise ConfigError(
                 f"ulysses_degree={self.ulysses_degree} does not divide the {num_heads} attention heads of this "
                 f"{family} model; use one of {divisors} (or move the rest of the degree to ring_degree)"
+            )
+        if num_heads % self.tensor_parallel_degree:
+            divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+            raise ConfigError(
+                f"tensor_parallel_degree={self.tensor_parallel_degree} does not divide the {num_heads} attention heads "
+                f"of this {family} model; use one of {divisors}"
             )
         if num_blocks is not None and self.pipefusion_parallel_degree > num_blocks:
             raise ConfigError(

@@ -34,7 +34,7 @@ def compile_repeated_blocks(model: torch.nn.Module, mesh: ParallelMesh) -> None:
     Shapes are static per resolution: a new resolution compiles once more, a new seed or prompt
     of the same shape reuses the graphs.
     """
-    single_worker = mesh.size("ulysses") * mesh.size("ring") == 1
+    single_worker = mesh.size("ulysses") * mesh.size("ring") * mesh.size("tensor") == 1
     model.compile_repeated_blocks(fullgraph=single_worker, dynamic=False)
 
 
@@ -74,6 +74,12 @@ class RankEngine:
 
             # Only this stage's tensors are read from the file.
             model = load_flux_stage(spec.path, self._stage_plan(model_config), dtype=spec.torch_dtype, device=self.device).eval()
+        elif self.mesh.size("tensor") > 1:
+            from .loading.tensor_parallel import load_tensor_parallel
+
+            # Only this rank's slices of the split weights are read from the file.
+            model = load_tensor_parallel(family.name, spec.path, self.mesh.group("tensor"), dtype=spec.torch_dtype,
+                                         device=self.device)
         else:
             model = family.load(spec.path, dtype=spec.torch_dtype, device=self.device).eval()
         self.set_model(model, spec)
@@ -98,6 +104,11 @@ class RankEngine:
             model = cut_to_stage(model, self._stage_plan(dict(config)))  # a whole model keeps only its stage
             self._denoiser = PipeFusionFluxDenoiser(model, self.mesh, dtype, has_guidance=bool(config.guidance_embeds))
         else:
+            if self.mesh.size("tensor") > 1:
+                from .models.tensor_parallel import plan_for, shard_model
+
+                # A whole model keeps only this rank's slices (a loaded one is split already).
+                model = shard_model(model, plan_for(family.name), self.mesh.group("tensor"))
             kernel = None
             backend = self.mesh.config.attention_backend
             # Ring needs a kernel that returns the lse; an explicitly named backend is used for
@@ -121,6 +132,9 @@ class RankEngine:
         """Refuse, before any weight is read, what the family does not support yet."""
         if spec.compile and "compile" not in family.methods:
             raise ConfigError(f"torch.compile is not supported for {family.display_name} models yet; turn the loader's compile off")
+        if self.mesh.size("tensor") > 1 and "tensor" not in family.methods:
+            raise ConfigError(f"tensor parallelism is not supported for {family.display_name} models yet; set "
+                              "tensor_parallel_degree to 1 (use ulysses_degree, ring_degree or use_cfg_parallel instead)")
         if self.mesh.size("pipefusion") > 1 and "pipefusion" not in family.methods:
             raise ConfigError(f"PipeFusion is not supported for {family.display_name} models yet; use ulysses_degree, "
                               "ring_degree or use_cfg_parallel instead of pipefusion_parallel_degree")
@@ -148,6 +162,8 @@ class RankEngine:
         if cache and self.spec.cuda_graphs and self.device.type == "cuda":
             raise ConfigError("a step cache decides on the host at every step, which a captured CUDA graph cannot; "
                               "set the cache to none or turn the loader's cuda_graphs off")
+        if self.mesh.size("tensor") > 1:
+            _check_tensor_parallel_request(request, cache)
         self.set_loras(request.loras)
         controls = self._job_controls(request, denoiser.dtype)
 
@@ -251,3 +267,17 @@ def _check_request_fits(request: SampleRequest, family: families.ModelFamily, co
         raise ValueError(f"LoRAs are not supported for {family.display_name} models yet; remove the Parallel LoRA Loader")
     if request.controlnets and "controlnet" not in family.methods:
         raise ValueError(f"ControlNets are not supported for {family.display_name} models yet; remove the ControlNet nodes")
+
+
+def _check_tensor_parallel_request(request: SampleRequest, cache) -> None:
+    """Refuse what tensor parallelism does not cover yet, before any work."""
+    # LoRA deltas and ControlNet residual paths are written for whole weights; not split yet.
+    if request.loras:
+        raise ConfigError("LoRAs with tensor_parallel_degree > 1 are not supported yet; remove the Parallel LoRA Loader "
+                          "or set tensor_parallel_degree to 1 (use ulysses_degree / use_cfg_parallel instead)")
+    if request.controlnets:
+        raise ConfigError("ControlNet with tensor_parallel_degree > 1 is not supported yet; remove the ControlNet "
+                          "or set tensor_parallel_degree to 1 (use ulysses_degree / use_cfg_parallel instead)")
+    if cache:
+        raise ConfigError("the step cache with tensor_parallel_degree > 1 is not supported yet; set the sampler's "
+                          "cache to none or tensor_parallel_degree to 1")

@@ -1,8 +1,9 @@
 """The process-group mesh built from a ParallelConfig and passed explicitly to whoever needs it.
 
-Dimensions follow xDiT's decomposition, outermost first: data, cfg, pipefusion, ring, ulysses.
-Ulysses is innermost so its all-to-all stays between neighbouring ranks (on one NVLink island),
-and a ring rank's tokens are the concatenation of its Ulysses group's shards.
+Dimensions follow xDiT's decomposition, outermost first: data, cfg, pipefusion, ring, ulysses,
+then tensor. Tensor parallelism (an all-reduce after every attention and MLP) talks most often, so
+it is innermost, on neighbouring ranks; next Ulysses, whose all-to-all also wants one NVLink
+island, and a ring rank's tokens are the concatenation of its Ulysses group's shards.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .config import ParallelConfig
 
-MESH_DIMS = ("data", "cfg", "pipefusion", "ring", "ulysses")
+MESH_DIMS = ("data", "cfg", "pipefusion", "ring", "ulysses", "tensor")
 
 
 @dataclass

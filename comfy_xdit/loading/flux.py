@@ -309,6 +309,7 @@ class FluxCheckpoint:
                 config = _merge_folder_config(config, config_path)
             self.config = config
             expected = {k: tuple(v.shape) for k, v in _meta_model(config).state_dict().items()}
+            self.target_shapes = expected
             if self.layout == BFL_LAYOUT:
                 self.rules = bfl_to_diffusers_rules(config)
             else:
@@ -352,14 +353,20 @@ class FluxCheckpoint:
 
     def _read(self, name: str) -> torch.Tensor:
         """One source tensor in float form, with a scaled-fp8 scale applied."""
-        key = self.prefix + name
-        tensor = self.source.get(key)
-        scale_key = key[: -len("weight")] + "scale_weight" if key.endswith(".weight") else None
-        if scale_key and scale_key in self.source:
-            tensor = tensor.float() * self.source.get(scale_key).float()
-        elif tensor.dtype in _FLOAT8_DTYPES:
-            tensor = tensor.float()
-        return tensor
+        return to_float(self.source, self.prefix + name, self.source.get(self.prefix + name))
+
+    def read_part(self, name: str, rows: tuple[int, int], cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """Rows (and columns) of one source tensor in float form; only those bytes are read."""
+        return to_float(self.source, self.prefix + name, self.source.get_part(self.prefix + name, rows, cols), part=True)
+
+    def locate(self, target: str) -> tuple[str, int, int]:
+        """(source tensor, first row, rows) that a diffusers tensor is taken from (a run of whole rows)."""
+        for rule in self.rules:
+            if target in rule.targets and not rule.swap_halves:
+                sizes = rule.split_sizes or (self.target_shapes[target][0],)
+                index = rule.targets.index(target)
+                return rule.source, sum(sizes[:index]), sizes[index]
+        raise KeyError(f"internal: {target!r} is not a run of rows of one checkpoint tensor")
 
     def state_dict(
         self,
@@ -387,6 +394,19 @@ class FluxCheckpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def to_float(source: SafetensorsSource, key: str, tensor: torch.Tensor, part: bool = False) -> torch.Tensor:
+    """A tensor (or a ``part`` of it) read from ``key`` in float form, with a scaled-fp8 scale applied."""
+    scale_key = key[: -len("weight")] + "scale_weight" if key.endswith(".weight") else None
+    if scale_key and scale_key in source:
+        scale = source.get(scale_key).float()
+        if part and scale.numel() != 1:  # a per-channel scale would have to be sliced with the part
+            raise CheckpointError(f"{scale_key!r} holds {scale.numel()} scales; only one scale per weight is supported")
+        return tensor.float() * scale
+    if tensor.dtype in _FLOAT8_DTYPES:
+        return tensor.float()
+    return tensor
 
 
 def open_flux_checkpoint(path: str | Path) -> FluxCheckpoint:

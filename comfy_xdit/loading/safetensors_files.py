@@ -144,6 +144,20 @@ class SafetensorsSource:
                 f"{file}: cannot read tensor {key!r}: the file is truncated or not a safetensors file ({error})"
             ) from error
 
+    def get_part(self, key: str, rows: tuple[int, int], cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """Rows [start, stop) (and columns, if given) of one tensor; only those bytes are read.
+
+        Tensor parallelism reads each rank's slice this way: the whole tensor is never in memory.
+        """
+        try:
+            part = self._handle(key).get_slice(key)
+            return part[rows[0]:rows[1]] if cols is None else part[rows[0]:rows[1], cols[0]:cols[1]]
+        except (SafetensorError, OSError) as error:
+            file = self._file_of[key]
+            raise CheckpointError(
+                f"{file}: cannot read tensor {key!r}: the file is truncated or not a safetensors file ({error})"
+            ) from error
+
     def close(self) -> None:
         # Dropping the handles unmaps the files (safe_open keeps an mmap per file).
         self._handles.clear()

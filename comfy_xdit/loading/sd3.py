@@ -27,7 +27,7 @@ from typing import Iterable
 
 import torch
 
-from .flux import _FLOAT8_DTYPES, _FLOAT_DTYPE_CODES, _SCALE_SUFFIXES, _SCALED_FP8_MARKER, _as_load_dtype
+from .flux import _FLOAT_DTYPE_CODES, _SCALE_SUFFIXES, _SCALED_FP8_MARKER, _as_load_dtype, to_float
 from .safetensors_files import CheckpointError, SafetensorsSource, assign_weights, find_layouts, find_weight_files
 
 SAI_LAYOUT = "sai"
@@ -228,21 +228,48 @@ class SD3Checkpoint:
 
     def _read(self, name: str) -> torch.Tensor:
         """One source tensor in float form, with a scaled-fp8 scale applied."""
-        key = self.prefix + name
-        tensor = self.source.get(key)
-        scale_key = key[: -len("weight")] + "scale_weight" if key.endswith(".weight") else None
-        if scale_key and scale_key in self.source:
-            tensor = tensor.float() * self.source.get(scale_key).float()
-        elif tensor.dtype in _FLOAT8_DTYPES:
-            tensor = tensor.float()
-        return tensor
+        return to_float(self.source, self.prefix + name, self.source.get(self.prefix + name))
 
-    def state_dict(self, dtype=torch.bfloat16, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    def read_part(self, name: str, rows: tuple[int, int], cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """Rows (and columns) of one source tensor in float form; only those bytes are read."""
+        return to_float(self.source, self.prefix + name, self.source.get_part(self.prefix + name, rows, cols), part=True)
+
+    def _row_sources(self) -> dict[str, tuple[str, torch.Tensor]]:
+        """diffusers tensor -> (source tensor, its source rows), found by converting row numbers, not weights.
+
+        Each source tensor is stood in for by a vector that numbers its rows (and says which tensor
+        it is); the converter only renames, chunks and concatenates along rows, so what comes out
+        for each diffusers tensor says where its rows live in the file.
+        """
+        if getattr(self, "_row_map", None) is None:
+            stride = float(2 ** 32)
+            rows = lambda k: (self.source.shape(self.prefix + k) or (1,))[0]  # noqa: E731
+            numbered = {k: i * stride + torch.arange(rows(k), dtype=torch.float64) for i, k in enumerate(self.weight_keys)}
+            converted, _ = self._to_diffusers(numbered)
+            self._row_map = {target: (self.weight_keys[int(v[0] // stride)], (v - (v[0] // stride) * stride).long())
+                             for target, v in converted.items()}
+        return self._row_map
+
+    def locate(self, target: str) -> tuple[str, int, int]:
+        """(source tensor, first row, rows) that a diffusers tensor is taken from (a run of whole rows)."""
+        source, rows = self._row_sources()[target]
+        start = int(rows[0])
+        if not torch.equal(rows, torch.arange(start, start + len(rows))):
+            raise KeyError(f"internal: {target!r} is not a run of rows of one checkpoint tensor")
+        return source, start, len(rows)
+
+    def state_dict(self, dtype=torch.bfloat16, device: str | torch.device = "cpu", include=None) -> dict[str, torch.Tensor]:
+        """The diffusers state dict; ``include(key)`` picks a subset (source tensors only others need are not read)."""
         dtype = _as_load_dtype(dtype)
-        source = {k: self._read(k).to(dtype) for k in self.weight_keys}
+        needed = set(self.weight_keys)
+        if include is not None:
+            needed = {source for target, (source, _) in self._row_sources().items() if include(target)}
+        # Source tensors no included target needs stand in as meta tensors: shapes only, nothing read.
+        source = {k: self._read(k).to(dtype) if k in needed else torch.empty(self.source.shape(self.prefix + k), device="meta")
+                  for k in self.weight_keys}
         converted, _ = self._to_diffusers(source)
         # contiguous: the converter's chunks are views; each parameter gets its own storage.
-        return {k: v.to(device).contiguous() for k, v in converted.items()}
+        return {k: v.to(device).contiguous() for k, v in converted.items() if include is None or include(k)}
 
     def close(self) -> None:
         self.source.close()
@@ -260,8 +287,12 @@ def read_sd3_config(path: str | Path) -> dict:
         return dict(checkpoint.config)
 
 
-def sd3_transformer_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor]):
-    return assign_weights(_meta_model(config), state_dict, f"SD3Transformer2DModel({config})")
+def sd3_transformer_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor], prepare=None):
+    """Build the diffusers model around complete weights; ``prepare(meta_model) -> model`` may reshape it first."""
+    model = _meta_model(config)
+    if prepare is not None:
+        model = prepare(model)
+    return assign_weights(model, state_dict, f"SD3Transformer2DModel({config})")
 
 
 def load_sd3_transformer(path: str | Path, dtype=torch.bfloat16, device: str | torch.device = "cpu"):

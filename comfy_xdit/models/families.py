@@ -56,6 +56,7 @@ METHODS = {
     "lora": "LoRA",
     "controlnet": "ControlNet",
     "compile": "torch.compile",
+    "tensor": "tensor parallel",
 }
 
 
@@ -149,7 +150,8 @@ FLUX = ModelFamily(
     text_encoders="CLIP-L + T5-XXL (DualCLIPLoader, type flux)",
     conditioning_keys=frozenset({"pooled_output", "guidance"}),
     ignored_keys=frozenset(),
-    methods=frozenset({"ulysses", "ring", "cfg", "data", "pipefusion", "vae", "lora", "controlnet", "compile", "cache"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data", "pipefusion", "tensor", "vae", "lora", "controlnet", "compile",
+                       "cache"}),
     resolution_shift=True,
 )
 
@@ -222,7 +224,7 @@ SD3 = ModelFamily(
     conditioning_keys=frozenset({"pooled_output"}),
     # Stock SD3 ignores a FluxGuidance value too (its model has no guidance input).
     ignored_keys=frozenset({"guidance"}),
-    methods=frozenset({"ulysses", "ring", "cfg", "data", "vae", "cache"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data", "tensor", "vae", "cache"}),
     resolution_shift=False,
 )
 

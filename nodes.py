@@ -84,6 +84,10 @@ class ParallelLoader(io.ComfyNode):
                 io.String.Input("address", default="auto", optional=True,
                                 tooltip="ray: auto (this machine's Ray cluster), ray://HOST:10001 or local. local: auto for one "
                                         "machine, or HOST:PORT to be node 0 of several machines (README: several machines)"),
+                io.Int.Input("tensor_parallel_degree", default=1, min=1, max=64, optional=True,
+                             tooltip="tensor parallel: attention heads and MLP columns split over this many workers (each "
+                                     "holds about 1/N of the block weights, one all-reduce per attention and MLP); combines "
+                                     "with use_cfg_parallel and data_parallel_degree, not with ulysses/ring/pipefusion"),
             ],
             outputs=[XditModelType.Output()],
         )
@@ -91,7 +95,7 @@ class ParallelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model_name, weight_dtype, ulysses_degree, ring_degree, use_cfg_parallel, data_parallel_degree,
                 pipefusion_parallel_degree, devices, attention_backend, compile=False, num_pipeline_patches=0,
-                warmup_steps=1, cuda_graphs=False, backend="local", address="auto") -> io.NodeOutput:
+                warmup_steps=1, cuda_graphs=False, backend="local", address="auto", tensor_parallel_degree=1) -> io.NodeOutput:
         from .comfy_xdit.requests import ModelSpec
 
         bridge = _bridge()
@@ -101,6 +105,7 @@ class ParallelLoader(io.ComfyNode):
             data_parallel_degree=data_parallel_degree, pipefusion_parallel_degree=pipefusion_parallel_degree,
             attention_backend=attention_backend, devices=devices, backend=pool_backend,
             num_pipeline_patches=num_pipeline_patches or None, warmup_steps=warmup_steps,
+            tensor_parallel_degree=tensor_parallel_degree,
         )
         if weight_dtype == "default":
             weight_dtype = "float32" if config.device_type == "cpu" else "bfloat16"

@@ -13,6 +13,7 @@ Two GPUs (each --degrees entry is one row; one process per GPU):
 CPU dry run (tiny config, gloo; xdit needs a GPU):
     python bench/flux_loop.py --device cpu --tiny --impl diffusers,ours --steps 2 --runs 1
     torchrun --nproc-per-node 2 bench/flux_loop.py --device cpu --tiny --impl ours --degrees u2,r2 --steps 2 --runs 1
+    torchrun --nproc-per-node 2 bench/flux_loop.py --device cpu --tiny --impl ours --degrees t2 --steps 2 --runs 1
 
 Each row: one warm-up loop, then --runs timed loops (device synchronised, ranks barriered);
 the reported time is the median over runs of the slowest rank. Rows are appended as JSON lines
@@ -68,20 +69,21 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 # set-up
 
 
-def parse_degrees(text: str) -> tuple[int, int, int]:
-    """'u2' -> (2, 1, 1), 'r2' -> (1, 2, 1), 'u2r2' -> (2, 2, 1), 'p2' (PipeFusion) -> (1, 1, 2), '1' -> (1, 1, 1)."""
-    degrees = {"u": 1, "r": 1, "p": 1}
+def parse_degrees(text: str) -> tuple[int, int, int, int]:
+    """(ulysses, ring, pipefusion, tensor): 'u2' -> (2, 1, 1, 1), 'r2' -> (1, 2, 1, 1), 'u2r2' -> (2, 2, 1, 1),
+    'p2' (PipeFusion) -> (1, 1, 2, 1), 't2' (tensor parallel) -> (1, 1, 1, 2), '1' -> (1, 1, 1, 1)."""
+    degrees = {"u": 1, "r": 1, "p": 1, "t": 1}
     rest = text.strip().lower()
     if rest in ("1", "u1", "r1", "u1r1", ""):
-        return 1, 1, 1
+        return 1, 1, 1, 1
     import re
 
-    found = re.findall(r"([urp])(\d+)", rest)
+    found = re.findall(r"([urpt])(\d+)", rest)
     for key, value in found:
         degrees[key] = int(value)
     if "".join(f"{k}{v}" for k, v in found) != rest:
-        raise SystemExit(f"cannot read degrees {text!r}; write e.g. u2, r2, u2r2, p2, p2u2")
-    return degrees["u"], degrees["r"], degrees["p"]
+        raise SystemExit(f"cannot read degrees {text!r}; write e.g. u2, r2, u2r2, p2, p2u2, t2")
+    return degrees["u"], degrees["r"], degrees["p"], degrees["t"]
 
 
 def world() -> tuple[int, int, int]:
@@ -131,7 +133,7 @@ def build_model(cls, config: dict, device: torch.device, dtype: torch.dtype, see
     return model.eval().requires_grad_(False)
 
 
-def build_stage(config: dict, degrees: tuple[int, int, int], device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+def build_stage(config: dict, degrees: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
     """This rank's PipeFusion stage of the transformer, with random weights (ranks are pipefusion-major
     inside a data=cfg=1 mesh: rank // (ulysses * ring) is the stage)."""
     from diffusers import FluxTransformer2DModel
@@ -139,10 +141,25 @@ def build_stage(config: dict, degrees: tuple[int, int, int], device: torch.devic
     from comfy_xdit.pipefusion.partition import plan_stages
     from comfy_xdit.pipefusion.stage import cut_to_stage
 
-    u, r, p = degrees
+    u, r, p, _ = degrees
     plan = plan_stages(config, p)[(dist.get_rank() if dist.is_initialized() else 0) // (u * r)]
     with torch.device("meta"):
         model = cut_to_stage(FluxTransformer2DModel(**config), plan)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    init_weights(model, device, seed)
+    return model.eval().requires_grad_(False)
+
+
+def build_tensor_parallel(config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    """This rank's tensor-parallel slice of the transformer (every rank of the world is one tensor group),
+    with random weights: split on the meta device first, so the rank never holds the whole model, as the
+    loader does."""
+    from diffusers import FluxTransformer2DModel
+
+    from comfy_xdit.models.tensor_parallel import FLUX_PLAN, shard_model
+
+    with torch.device("meta"):
+        model = shard_model(FluxTransformer2DModel(**config), FLUX_PLAN, dist.group.WORLD)
     model = model.to(dtype=dtype).to_empty(device=device)
     init_weights(model, device, seed)
     return model.eval().requires_grad_(False)
@@ -260,15 +277,15 @@ class OursLoop:
         from comfy_xdit.mesh import ParallelMesh
         from comfy_xdit.requests import FluxConditioning, ModelSpec
 
-        u, r, p = degrees
-        n = u * r * p
+        u, r, p, t = degrees
+        n = u * r * p * t
         if device.type == "cuda":
             devices = tuple(f"cuda:{i}" for i in range(n))
         else:
             devices = ("cpu",) * n
-        config = ParallelConfig(ulysses_degree=u, ring_degree=r, pipefusion_parallel_degree=p, devices=devices,
-                                num_pipeline_patches=args.pipeline_patches, warmup_steps=args.pipefusion_warmup,
-                                attention_backend=args.attention_backend)
+        config = ParallelConfig(ulysses_degree=u, ring_degree=r, pipefusion_parallel_degree=p, tensor_parallel_degree=t,
+                                devices=devices, num_pipeline_patches=args.pipeline_patches,
+                                warmup_steps=args.pipefusion_warmup, attention_backend=args.attention_backend)
         self.mesh = ParallelMesh.build(config, device)
         self.engine = RankEngine(self.mesh)
         dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
@@ -346,8 +363,8 @@ def setup_xdit(args, config, device, dtype, degrees):
     from xfuser.core.distributed import get_runtime_state, init_distributed_environment, initialize_runtime_state
     from xfuser.model_executor.models.transformers.transformer_flux import xFuserFlux1Transformer2DWrapper
 
-    u, r, p = degrees
-    if p > 1:
+    u, r, p, t = degrees
+    if p > 1 or t > 1:
         raise SystemExit("xdit rows here are USP only (xfuser's Flux pipeline runs PipeFusion synchronously only)")
     init_distributed_environment()
     xargs = xFuserArgs(
@@ -537,9 +554,9 @@ def main(argv=None) -> int:
         if args.text_len == 512:
             args.text_len = 8
     degrees_list = [parse_degrees(d) for d in (args.degrees.split(",") if args.degrees else [f"u{world_size}"])]
-    for u, r, p in degrees_list:
-        if u * r * p != world_size:
-            raise SystemExit(f"degrees u{u}r{r}p{p} need {u * r * p} processes; this run has {world_size}")
+    for u, r, p, t in degrees_list:
+        if u * r * p * t != world_size:
+            raise SystemExit(f"degrees u{u}r{r}p{p}t{t} need {u * r * p * t} processes; this run has {world_size}")
     if "diffusers" in impls and world_size != 1:
         raise SystemExit("the diffusers baseline runs on one GPU: launch it without torchrun")
 
@@ -576,9 +593,9 @@ def main(argv=None) -> int:
     compiled_now = False
 
     def run_row(loop, impl, degrees, extra=None, after=None):
-        u, r, p = (*degrees, 1)[:3]
+        u, r, p, t = (*degrees, 1, 1)[:4]
         graphs = impl == "ours" and args.cuda_graphs
-        label = f"{impl} u{u}r{r}{f'p{p}' if p > 1 else ''}{' compiled' if compiled_now else ''}{' cuda-graphs' if graphs else ''}"
+        label = f"{impl} u{u}r{r}{f'p{p}' if p > 1 else ''}{f't{t}' if t > 1 else ''}{' compiled' if compiled_now else ''}{' cuda-graphs' if graphs else ''}"
         if extra and extra.get("cond") == "device":
             label += " cond-on-device"
         if extra and extra.get("cache"):
@@ -589,9 +606,10 @@ def main(argv=None) -> int:
             row["graphs_vs_eager_rel"] = graphs_against_eager(loop, args.steps)
             log(f"   {label}: CUDA graphs against eager, relative difference {row['graphs_vs_eager_rel']}")
         row.update(
-            impl=impl, ulysses=u, ring=r, pipefusion=p, gpus=u * r * p, compiled=compiled_now, cuda_graphs=graphs,
+            impl=impl, ulysses=u, ring=r, pipefusion=p, tensor=t, gpus=u * r * p * t, compiled=compiled_now,
+            cuda_graphs=graphs,
             steps=args.steps,
-            tflop_per_loop=flops / 1e12, tflops_per_gpu=flops / row["median_s"] / (u * r * p) / 1e12,
+            tflop_per_loop=flops / 1e12, tflops_per_gpu=flops / row["median_s"] / (u * r * p * t) / 1e12,
             env=env, tag=args.tag, **(extra or {}),
         )
         if impl == "ours":
@@ -632,7 +650,13 @@ def main(argv=None) -> int:
 
         t0 = time.perf_counter()
         pipefusion = max(d[2] for d in degrees_list)
-        if pipefusion > 1:
+        tensor = max(d[3] for d in degrees_list)
+        if tensor > 1:
+            # A tensor-parallel rank builds only its slices (about 1/N of the block weights), as the loader does.
+            if len(degrees_list) > 1 or impls != ["ours"] or tensor != world_size:
+                raise SystemExit("tensor-parallel rows: one --degrees row per launch (t = the world size), --impl ours only")
+            model = build_tensor_parallel(config, device, dtype, args.seed)
+        elif pipefusion > 1:
             # A PipeFusion rank builds only its stage (about 1/N of the weights), as the loader does.
             if len(degrees_list) > 1 or impls != ["ours"]:
                 raise SystemExit("PipeFusion rows: one --degrees row per launch, --impl ours only")

@@ -20,6 +20,9 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
                     latents against no cache (consistency only: random weights); median of 3.
   flux-pipefusion   ours at pipefusion=2 (layers split over 2 GPUs, 2 patches, 1 warmup step)
                     beside ours at ulysses=2 and the 1-GPU baselines; eager.
+  flux-tp           ours at tensor parallel 2 (heads and MLP columns split, one all-reduce per attention
+                    and MLP output) beside ours at ulysses=2 and pipefusion=2 and the 1-GPU baselines;
+                    eager. CPU dry run: --smoke --extra "--device cpu --tiny".
   sd3-medium        SD3-medium 1024x1024, 28 steps, cfg 4.5, eager (bench/sd3_loop.py): diffusers
                     1 GPU, ours 1 GPU, ours with cfg parallel on 2 GPUs and at ulysses=2.
 
@@ -51,7 +54,7 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 
 
 GROUPS = ("flux-usp", "flux-usp-compile", "flux-usp-ring", "flux-pipefusion", "flux-4gpu", "flux-graphs", "flux-cache",
-          "sd3-medium", "flux-4gpu-target", "sd3-4gpu", "sd3-graphs")
+          "sd3-medium", "flux-4gpu-target", "sd3-4gpu", "sd3-graphs", "flux-tp")
 
 
 def launches(group: str) -> list[tuple[str, int, list[str]]]:
@@ -79,6 +82,15 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
         # memory per GPU is the point (each GPU holds about half the weights).
         return [
             ("1gpu", 1, ["--impl", "diffusers,ours"]),
+            ("ours-u2", 2, ["--impl", "ours", "--degrees", "u2"]),
+            ("ours-p2", 2, ["--impl", "ours", "--degrees", "p2"]),
+        ]
+    if group == "flux-tp":
+        # Tensor parallel beside the other ways to use 2 GPUs, with its 1-GPU baselines in the same run
+        # (issue 10: diffusers' own DTensor tensor parallel took 20.2 s against 5.12 s on 1 GPU).
+        return [
+            ("1gpu", 1, ["--impl", "diffusers,ours"]),
+            ("ours-t2", 2, ["--impl", "ours", "--degrees", "t2"]),
             ("ours-u2", 2, ["--impl", "ours", "--degrees", "u2"]),
             ("ours-p2", 2, ["--impl", "ours", "--degrees", "p2"]),
         ]
@@ -157,6 +169,7 @@ def row_name(row: dict) -> str:
         parts += [f"ulysses={row['ulysses']}"] if row["ulysses"] > 1 else []
         parts += [f"ring={row['ring']}"] if row["ring"] > 1 else []
         parts += [f"pipefusion={row['pipefusion']} (warmup {row.get('pipefusion_warmup', 1)})"] if row.get("pipefusion", 1) > 1 else []
+        parts += [f"tensor parallel={row['tensor']}"] if row.get("tensor", 1) > 1 else []
         how = f"{row['gpus']} GPUs, {' x '.join(parts)}"
     mode = "compiled" if row.get("compiled") else "eager"
     if row.get("cuda_graphs"):
@@ -181,7 +194,7 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         speed = f"{base['median_s'] / r['median_s']:.2f}x" if base else "-"
-        peer = xdit.get((r["ulysses"], r["ring"])) if r.get("pipefusion", 1) == 1 else None
+        peer = xdit.get((r["ulysses"], r["ring"])) if r.get("pipefusion", 1) == 1 and r.get("tensor", 1) == 1 else None
         ratio = f"{r['median_s'] / peer['median_s']:.3f}" if peer and r["impl"] != "xdit" and r["gpus"] > 1 and not r.get("compiled") else "-"
         runs = " / ".join(f"{t:.2f}" for t in r["times"])
         mem = max(r["peak_gib_per_rank"])

@@ -117,7 +117,22 @@ def run_cases(world: int, paths: dict) -> dict:
         results["reads flux"] = load_recording_reads("flux", paths["flux"], 2)
         results["reads sd3.5-dual"] = load_recording_reads("sd3.5-dual", paths["sd3.5-dual"], 2)
         results["refusals"] = refusals()
+        results["naive single-block proj_out"] = with_naive_single_block_split()
     return results
+
+
+def with_naive_single_block_split() -> torch.Tensor:
+    """Flux at tp=2 with the single blocks' proj_out split as one plain block of inputs (a plausible bug:
+    its input is cat(attention, MLP), each column-split on its own); the comparison must catch it."""
+    from comfy_xdit.models import tensor_parallel
+
+    naive = dataclasses.replace(FLUX_PLAN, packed_rowwise={},
+                                rowwise=FLUX_PLAN.rowwise + ("single_transformer_blocks.*.proj_out",))
+    tensor_parallel.PLANS["flux"] = naive
+    try:
+        return generate("flux", dict(tensor_parallel_degree=2), 1)["latent"]
+    finally:
+        tensor_parallel.PLANS["flux"] = FLUX_PLAN
 
 
 def refusals() -> list[str]:
@@ -165,6 +180,7 @@ def test_tensor_parallel_equals_one_worker(world, name, results, reference):
         latent = rank_results[name]["latent"]
         assert latent.shape == expected.shape
         error = relative_error(latent, expected)
+        print(f"{name}: rank {rank} relative error {error:.2e}")
         assert error < TOLERANCE, f"{name}: rank {rank} differs from one worker by {error:.2e}"
 
 
@@ -202,6 +218,10 @@ def test_loading_reads_only_this_ranks_slices_of_the_split_weights(arch, results
         assert sum(reads["part_bytes"].values()) == split_bytes // 2
 
 
+def test_a_wrong_split_of_the_single_blocks_is_caught(results, reference):
+    assert relative_error(results[2][0]["naive single-block proj_out"], reference("flux", 1)) > 100 * TOLERANCE
+
+
 def test_unsupported_requests_are_refused_with_what_to_change(results):
     for rank_results in results[2]:
         (lora,) = rank_results["refusals"]
@@ -224,3 +244,58 @@ def test_invalid_tensor_parallel_settings_are_refused_with_what_to_change():
     with pytest.raises(ConfigError, match=r"tensor_parallel_degree=4 does not divide the 6 attention heads .*\[1, 2, 3, 6\]"):
         config.check_model(num_heads=6, family="Flux", num_blocks=2)
     assert ParallelConfig(tensor_parallel_degree=2, use_cfg_parallel=True, devices=("cpu",) * 4).mesh_shape == (1, 2, 1, 1, 1, 2)
+
+
+# --- through the worker pool and the command line -------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_pool_with_tensor_parallel_loads_slices_from_the_file_and_equals_one_worker(paths, reference):
+    from comfy_xdit.pool import WorkerPool
+
+    config = ParallelConfig(tensor_parallel_degree=2, devices=("cpu", "cpu"))
+    with WorkerPool(config, job_timeout_s=60, start_timeout_s=120) as pool:
+        pool.load(ModelSpec(paths["flux"], dtype="float32"))
+        result = pool.sample(request("flux"))
+    assert relative_error(result, reference("flux", 1)) < TOLERANCE
+
+
+def test_command_line_tensor_parallel_flag():
+    import argparse
+
+    from comfy_xdit.cli import add_parallel_flags, config_from_flags
+
+    parser = argparse.ArgumentParser()
+    add_parallel_flags(parser)
+    config = config_from_flags(parser.parse_args(["--tp", "2", "--use-cfg-parallel", "--devices", "cpu,cpu,cpu,cpu"]))
+    assert (config.tensor_parallel_degree, config.cfg_degree, config.ulysses_degree) == (2, 2, 1)
+    config = config_from_flags(parser.parse_args(["--tensor-parallel-degree", "2", "--devices", "cpu,cpu"]))
+    assert (config.tensor_parallel_degree, config.ulysses_degree) == (2, 1)
+    with pytest.raises(ConfigError, match="tensor_parallel_degree=2 with ulysses_degree=2 is not supported"):
+        config_from_flags(parser.parse_args(["--tp", "2", "--ulysses-degree", "2", "--devices", "cpu,cpu,cpu,cpu"]))
+
+
+def test_loader_node_degrees_include_tensor_parallel():
+    from comfy_xdit.bridge import make_config
+
+    config = make_config(ulysses_degree=0, ring_degree=1, use_cfg_parallel=False, data_parallel_degree=1,
+                         pipefusion_parallel_degree=1, attention_backend="auto", devices="cpu,cpu",
+                         tensor_parallel_degree=2)
+    assert (config.tensor_parallel_degree, config.ulysses_degree, config.world_size) == (2, 1, 2)
+
+
+def test_bench_has_a_tensor_parallel_group():
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    modules = {}
+    for name in ("run", "flux_loop"):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[name])
+    launches = {name: (nproc, args) for name, nproc, args in modules["run"].launches("flux-tp")}
+    assert launches["ours-t2"] == (2, ["--impl", "ours", "--degrees", "t2"])
+    assert {"1gpu", "ours-u2", "ours-p2"} <= set(launches)
+    assert modules["flux_loop"].parse_degrees("t2") == (1, 1, 1, 2)
+    assert modules["flux_loop"].parse_degrees("u2") == (2, 1, 1, 1)

@@ -78,6 +78,7 @@ CASES = {
     "ring=2": (2, dict(ring_degree=2), 1),
     "cfg parallel": (2, dict(use_cfg_parallel=True), 1),
     "data=2": (2, dict(data_parallel_degree=2), 2),
+    "tensor=2": (2, dict(tensor_parallel_degree=2), 1),
 }
 
 

@@ -20,6 +20,7 @@ from comfy_xdit.models.tensor_parallel import FLUX_PLAN, SD3_PLAN, param_shards
 from comfy_xdit.requests import FluxConditioning, ModelSpec, SampleRequest, SD3Conditioning
 from checkpoints import make_flux_diffusers_model, make_sd3_diffusers_model, write_bfl_file, write_diffusers_file, write_sd3_file
 from distributed import relative_error, run_on_ranks
+from test_step_cache import CACHES, sample_with_caches, skipped
 
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
 
@@ -118,6 +119,7 @@ def run_cases(world: int, paths: dict) -> dict:
         results["reads sd3.5-dual"] = load_recording_reads("sd3.5-dual", paths["sd3.5-dual"], 2)
         results["refusals"] = refusals()
         results["naive single-block proj_out"] = with_naive_single_block_split()
+        results["step caches"] = sample_with_caches(dict(tensor_parallel_degree=2), 1, CACHES)
     return results
 
 
@@ -220,6 +222,18 @@ def test_loading_reads_only_this_ranks_slices_of_the_split_weights(arch, results
 
 def test_a_wrong_split_of_the_single_blocks_is_caught(results, reference):
     assert relative_error(results[2][0]["naive single-block proj_out"], reference("flux", 1)) > 100 * TOLERANCE
+
+
+def test_step_caches_skip_the_same_steps_and_equal_one_worker_with_the_same_cache(results):
+    # The hidden states are whole on every rank (all-reduced), so the cache decides on what one worker sees.
+    expected = sample_with_caches({}, 1, CACHES)
+    for rank_results in results[2]:
+        for cache in CACHES:
+            latents, decisions = rank_results["step caches"][cache.kind]
+            want_latents, want_decisions = expected[cache.kind]
+            assert skipped(decisions) == skipped(want_decisions) > 0
+            assert [d[2] for d in decisions] == [d[2] for d in want_decisions]
+            assert relative_error(latents, want_latents) < TOLERANCE
 
 
 def test_unsupported_requests_are_refused_with_what_to_change(results):

@@ -51,6 +51,7 @@ class RankEngine:
         self.lora_apply_count = 0
         self._vae_decoders: dict[str, object] = {}  # fingerprint -> VAEDecoder, most recent last
         self._lse_kernel = None
+        self._lora_shards = None  # tensor parallel: the whole model's shapes, for LoRA deltas (ShardedView)
         self.last_cache_record = []  # the step cache's decisions in the last job (CacheDecision per model call)
         self.controlnets = ControlNetCache(mesh.device, lambda: flux.sequence_parallel_attention(self.mesh, self._lse_kernel))
 
@@ -105,10 +106,11 @@ class RankEngine:
             self._denoiser = PipeFusionFluxDenoiser(model, self.mesh, dtype, has_guidance=bool(config.guidance_embeds))
         else:
             if self.mesh.size("tensor") > 1:
-                from .models.tensor_parallel import plan_for, shard_model
+                from .models.tensor_parallel import ShardedView, plan_for, shard_model
 
                 # A whole model keeps only this rank's slices (a loaded one is split already).
                 model = shard_model(model, plan_for(family.name), self.mesh.group("tensor"))
+                self._lora_shards = ShardedView(model, plan_for(family.name)) if "lora" in family.methods else None
             kernel = None
             backend = self.mesh.config.attention_backend
             # Ring needs a kernel that returns the lse; an explicitly named backend is used for
@@ -148,7 +150,7 @@ class RankEngine:
         """Have exactly these LoRAs applied (in place, restorable bit for bit); True if weights changed."""
         if self.model is None:
             raise RuntimeError("no model is loaded; call load() first")
-        changed = apply_loras(self.model, list(loras), self.lora_state)
+        changed = apply_loras(self.model, list(loras), self.lora_state, shards=self._lora_shards)
         self.lora_apply_count += int(changed)
         return changed
 
@@ -162,8 +164,6 @@ class RankEngine:
         if cache and self.spec.cuda_graphs and self.device.type == "cuda":
             raise ConfigError("a step cache decides on the host at every step, which a captured CUDA graph cannot; "
                               "set the cache to none or turn the loader's cuda_graphs off")
-        if self.mesh.size("tensor") > 1:
-            _check_tensor_parallel_request(request)
         self.set_loras(request.loras)
         controls = self._job_controls(request, denoiser.dtype)
 
@@ -267,12 +267,3 @@ def _check_request_fits(request: SampleRequest, family: families.ModelFamily, co
         raise ValueError(f"LoRAs are not supported for {family.display_name} models yet; remove the Parallel LoRA Loader")
     if request.controlnets and "controlnet" not in family.methods:
         raise ValueError(f"ControlNets are not supported for {family.display_name} models yet; remove the ControlNet nodes")
-
-
-def _check_tensor_parallel_request(request: SampleRequest) -> None:
-    """Refuse what tensor parallelism does not cover yet, before any work."""
-    # LoRA deltas are computed for whole weights; slicing them per rank is not written yet. (A ControlNet
-    # runs whole on every rank and adds its residuals to the whole hidden states: no change needed.)
-    if request.loras:
-        raise ConfigError("LoRAs with tensor_parallel_degree > 1 are not supported yet; remove the Parallel LoRA Loader "
-                          "or set tensor_parallel_degree to 1 (use ulysses_degree / use_cfg_parallel instead)")

@@ -541,14 +541,20 @@ class LoraState:
         self.model_id = None
 
 
-def apply_loras(model: torch.nn.Module, loras: Sequence[tuple[str | os.PathLike, float]], state: LoraState) -> bool:
+def apply_loras(model: torch.nn.Module, loras: Sequence[tuple[str | os.PathLike, float]], state: LoraState,
+                shards=None) -> bool:
     """Make ``model``'s weights equal to the originals patched with ``loras`` in order.
 
     ``loras``: ``[(path, strength), ...]``; an empty list restores the original weights. Every
     file is read and checked against the model before any weight changes, so a bad LoRA leaves
     the model as it was. Returns False when the requested chain is already applied (same files,
     unchanged on disk, same strengths), True when weights were rewritten.
+
+    ``shards`` (a tensor-parallel ``ShardedView``): ``model`` holds slices of some weights; the
+    LoRA is mapped onto the whole model's shapes, and each split weight gets this rank's slice of
+    its whole delta.
     """
+    whole = shards.whole if shards is not None else model
     if state.model_id is not None and state.model_id != id(model):
         state.forget()  # another model: its weights are the originals now
     chain: list[tuple[LoraPatchSet, float]] = []
@@ -561,8 +567,8 @@ def apply_loras(model: torch.nn.Module, loras: Sequence[tuple[str | os.PathLike,
         patch_set = state.patch_sets.get(fingerprint)
         if patch_set is None:
             if key_map is None:
-                key_map = flux_lora_key_map(model)
-            patch_set = read_lora(path, model, key_map=key_map)
+                key_map = flux_lora_key_map(whole)
+            patch_set = read_lora(path, whole, key_map=key_map)
         chain.append((patch_set, strength))
     requested = tuple((ps.fingerprint, s) for ps, s in chain)
     state.patch_sets = {ps.fingerprint: ps for ps, _ in chain}  # keep only the current chain in memory
@@ -607,15 +613,20 @@ def apply_loras(model: torch.nn.Module, loras: Sequence[tuple[str | os.PathLike,
                 original = param.detach()
             # ModelPatcher.patch_weight_to_device: the weight in float32, patched, cast back.
             weight = original.to(device=param.device).to(torch.float32, copy=True)
+            split = shards is not None and shards.is_split(name)
+            # A split weight: the deltas add up at the whole shape, then this rank takes its slice.
+            target = torch.zeros(shards.shape(name), dtype=torch.float32, device=param.device) if split else weight
             for index, segment in items:
                 delta = cache.get(index)
                 if delta is None:
                     patch, strength = deltas[index]
                     delta = cache[index] = patch.delta(strength, param.device)
-                weight[segment.dst_start:segment.dst_start + segment.rows] += delta[segment.src_start:segment.src_start + segment.rows]
+                target[segment.dst_start:segment.dst_start + segment.rows] += delta[segment.src_start:segment.src_start + segment.rows]
                 remaining[index] -= 1
                 if remaining[index] == 0:
                     del cache[index]
+            if split:
+                weight += shards.local(name, target)
             param.data.copy_(weight.to(param.dtype))
     state.applied = requested
     state.apply_count += 1

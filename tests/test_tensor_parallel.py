@@ -20,6 +20,7 @@ from comfy_xdit.models.tensor_parallel import FLUX_PLAN, SD3_PLAN, param_shards
 from comfy_xdit.requests import FluxConditioning, ModelSpec, SampleRequest, SD3Conditioning
 from checkpoints import make_flux_diffusers_model, make_sd3_diffusers_model, write_bfl_file, write_diffusers_file, write_sd3_file
 from distributed import relative_error, run_on_ranks
+from lora_files import random_flux_lora, write_bfl_lora
 from test_step_cache import CACHES, sample_with_caches, skipped
 
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
@@ -87,6 +88,7 @@ def load_recording_reads(arch: str, path: str, degree: int) -> dict:
 def files(tmp_path) -> dict:
     return {
         "flux": str(write_bfl_file(MODELS["flux"](), tmp_path / "flux-bfl.safetensors")),
+        "lora": str(write_bfl_lora(random_flux_lora(MODELS["flux"](), seed=3), tmp_path / "lora.safetensors")),
         "flux-diffusers": str(write_diffusers_file(MODELS["flux"](), tmp_path / "flux-diffusers.safetensors")),
         "sd3.5-dual": str(write_sd3_file(MODELS["sd3.5-dual"](), tmp_path / "sd35-sai.safetensors")),
     }
@@ -117,10 +119,20 @@ def run_cases(world: int, paths: dict) -> dict:
     if world == 2:
         results["reads flux"] = load_recording_reads("flux", paths["flux"], 2)
         results["reads sd3.5-dual"] = load_recording_reads("sd3.5-dual", paths["sd3.5-dual"], 2)
-        results["refusals"] = refusals()
+        results["lora"] = with_lora_then_without(paths["flux"], paths["lora"])
         results["naive single-block proj_out"] = with_naive_single_block_split()
         results["step caches"] = sample_with_caches(dict(tensor_parallel_degree=2), 1, CACHES)
     return results
+
+
+def with_lora_then_without(path: str | None, lora: str) -> list[torch.Tensor]:
+    """Latents with a LoRA (Flux), then with it removed again, on one engine."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    degrees = dict(tensor_parallel_degree=world) if world > 1 else {}
+    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **degrees), torch.device("cpu")))
+    engine.load(ModelSpec(path, dtype="float32"))
+    with_lora = engine.sample(dataclasses.replace(request("flux"), loras=((lora, 0.8),)))
+    return [with_lora, engine.sample(request("flux"))]
 
 
 def with_naive_single_block_split() -> torch.Tensor:
@@ -135,21 +147,6 @@ def with_naive_single_block_split() -> torch.Tensor:
         return generate("flux", dict(tensor_parallel_degree=2), 1)["latent"]
     finally:
         tensor_parallel.PLANS["flux"] = FLUX_PLAN
-
-
-def refusals() -> list[str]:
-    """What a tensor-parallel pair refuses at run time (LoRA, ControlNet are not split yet)."""
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",) * 2, tensor_parallel_degree=2), torch.device("cpu")))
-    engine.set_model(MODELS["flux"](), ModelSpec("tiny", dtype="float32"))
-    messages = []
-    for change in (dict(loras=[("some.safetensors", 1.0)]),):
-        bad = dataclasses.replace(request("flux"), **change)
-        try:
-            engine.sample(bad)
-            messages.append("accepted")
-        except (ConfigError, ValueError) as error:
-            messages.append(str(error))
-    return messages
 
 
 @pytest.fixture(scope="module")
@@ -236,10 +233,13 @@ def test_step_caches_skip_the_same_steps_and_equal_one_worker_with_the_same_cach
             assert relative_error(latents, want_latents) < TOLERANCE
 
 
-def test_unsupported_requests_are_refused_with_what_to_change(results):
+def test_a_lora_applies_to_the_slices_and_is_removed_again(results, paths, reference):
+    expected_with, expected_without = with_lora_then_without(paths["flux"], paths["lora"])
+    assert relative_error(expected_with, expected_without) > 1e-2  # the LoRA does change the result
     for rank_results in results[2]:
-        (lora,) = rank_results["refusals"]
-        assert "LoRAs with tensor_parallel_degree > 1 are not supported yet" in lora
+        with_lora, without = rank_results["lora"]
+        assert relative_error(with_lora, expected_with) < TOLERANCE
+        assert relative_error(without, reference("flux", 1)) < TOLERANCE
 
 
 def test_invalid_tensor_parallel_settings_are_refused_with_what_to_change():

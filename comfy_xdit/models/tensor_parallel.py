@@ -172,6 +172,28 @@ def shard_model(model: nn.Module, plan: TensorParallelPlan, group: dist.ProcessG
     return model
 
 
+class ShardedView:
+    """The whole model's shapes beside a split one, for what is computed at whole shapes (LoRA deltas)."""
+
+    def __init__(self, model: nn.Module, plan: TensorParallelPlan):
+        rank, degree = model.tensor_parallel
+        with torch.device("meta"):
+            self.whole = type(model)(**dict(model.config))
+        self.specs = param_shards(self.whole, plan, degree)
+        self.rank, self.degree = rank, degree
+        self._shapes = {n: tuple(p.shape) for n, p in self.whole.named_parameters()}
+
+    def is_split(self, name: str) -> bool:
+        return name in self.specs
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def local(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a whole-shape tensor of parameter ``name``."""
+        return take_pieces(tensor, self.specs[name], self.rank, self.degree)
+
+
 # --- plans -------------------------------------------------------------------------------------------
 
 # Flux.1: the double blocks' image and text streams each split like a transformer layer; the single

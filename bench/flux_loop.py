@@ -506,7 +506,8 @@ def profile_loop(loop, args, device, label: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--impl", default="diffusers,ours", help="comma list of diffusers, ours, xdit")
+    p.add_argument("--impl", default="diffusers,ours", help="comma list of diffusers, ours, xdit; or diffusers-tp alone "
+                   "(diffusers' own DTensor tensor parallel over all the launched GPUs, --degrees t<N>)")
     p.add_argument("--degrees", default=None, help="comma list of u<N>r<M> rows for ours/xdit (default: the world size as ulysses)")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--runs", type=int, default=5)
@@ -535,8 +536,10 @@ def main(argv=None) -> int:
 
     impls = [s.strip() for s in args.impl.split(",") if s.strip()]
     for impl in impls:
-        if impl not in ("diffusers", "ours", "xdit"):
+        if impl not in ("diffusers", "ours", "xdit", "diffusers-tp"):
             raise SystemExit(f"unknown --impl {impl!r}")
+    if "diffusers-tp" in impls and (len(impls) > 1 or args.compile or args.device != "cuda"):
+        raise SystemExit("diffusers-tp: run it alone, eager, on GPUs (diffusers' tensor parallel refuses CPU devices)")
     if "xdit" in impls and len(impls) > 1:
         raise SystemExit("xdit owns the process's distributed state: run it alone")
     rank, world_size, local_rank = world()
@@ -651,7 +654,14 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         pipefusion = max(d[2] for d in degrees_list)
         tensor = max(d[3] for d in degrees_list)
-        if tensor > 1:
+        if impls == ["diffusers-tp"]:
+            # diffusers' own tensor parallel: the whole model on every GPU, then sharded into DTensors by
+            # enable_parallelism with the model's _tp_plan (issue 10's 20.2 s against 5.12 s on 1 GPU).
+            if degrees_list != [(1, 1, 1, world_size)]:
+                raise SystemExit("diffusers-tp: --degrees t<N> with N the number of launched processes")
+            model = build_model(FluxTransformer2DModel, config, device, dtype, args.seed)
+            model.enable_parallelism(config=diffusers.TensorParallelConfig(tp_degree=world_size))
+        elif tensor > 1:
             # A tensor-parallel rank builds only its slices (about 1/N of the block weights), as the loader does.
             if len(degrees_list) > 1 or impls != ["ours"] or tensor != world_size:
                 raise SystemExit("tensor-parallel rows: one --degrees row per launch (t = the world size), --impl ours only")
@@ -675,6 +685,8 @@ def main(argv=None) -> int:
             compiled_now = True
         if "diffusers" in impls:
             run_row(DiffusersLoop(model, args, inputs, device, dtype), "diffusers", (1, 1, 1))
+        if "diffusers-tp" in impls:
+            run_row(DiffusersLoop(model, args, inputs, device, dtype), "diffusers-tp", degrees_list[0])
         if "ours" in impls and args.cache:
             for degrees in degrees_list:
                 run_cache_rows(run_row, model, args, inputs, device, dtype, degrees)

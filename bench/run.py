@@ -21,8 +21,10 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
   flux-pipefusion   ours at pipefusion=2 (layers split over 2 GPUs, 2 patches, 1 warmup step)
                     beside ours at ulysses=2 and the 1-GPU baselines; eager.
   flux-tp           ours at tensor parallel 2 (heads and MLP columns split, one all-reduce per attention
-                    and MLP output) beside ours at ulysses=2 and pipefusion=2 and the 1-GPU baselines;
-                    eager. CPU dry run: --smoke --extra "--device cpu --tiny".
+                    and MLP output) beside ours at ulysses=2 and pipefusion=2, diffusers' own tensor
+                    parallel at 2 (DTensor, 2 runs) and the 1-GPU baselines; eager. CPU dry run (all but
+                    diffusers-t2, which needs GPUs): --smoke --extra "--device cpu --tiny"
+                    --only 1gpu,ours-t2,ours-u2,ours-p2.
   sd3-medium        SD3-medium 1024x1024, 28 steps, cfg 4.5, eager (bench/sd3_loop.py): diffusers
                     1 GPU, ours 1 GPU, ours with cfg parallel on 2 GPUs and at ulysses=2.
 
@@ -93,6 +95,8 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
             ("ours-t2", 2, ["--impl", "ours", "--degrees", "t2"]),
             ("ours-u2", 2, ["--impl", "ours", "--degrees", "u2"]),
             ("ours-p2", 2, ["--impl", "ours", "--degrees", "p2"]),
+            # 2 timed runs: at about 20 s a loop, 5 would not fit the group's 9 minutes.
+            ("diffusers-t2", 2, ["--impl", "diffusers-tp", "--degrees", "t2", "--runs", "2"]),
         ]
     if group == "flux-4gpu":
         # Issue 11's run on one 4-GPU machine: median of 3 per row to fit the group in 9 minutes.
@@ -161,7 +165,8 @@ def command(nproc: int, loop_args: list[str], loop: Path = LOOP) -> list[str]:
 
 
 def row_name(row: dict) -> str:
-    who = {"diffusers": "plain diffusers", "ours": "ours (RankEngine)", "xdit": "xDiT (xfuser)"}[row["impl"]]
+    who = {"diffusers": "plain diffusers", "ours": "ours (RankEngine)", "xdit": "xDiT (xfuser)",
+           "diffusers-tp": "diffusers' tensor parallel (DTensor)"}[row["impl"]]
     if row["gpus"] == 1:
         how = "1 GPU"
     else:
@@ -186,7 +191,7 @@ def table(rows: list[dict]) -> str:
     if len({r.get("model") for r in rows}) > 1:
         raise SystemExit("one table per model: run the sd3-medium group on its own")
     xdit = {(r["ulysses"], r["ring"]): r for r in rows if r["impl"] == "xdit" and not r.get("compiled")}
-    order = {"diffusers": 0, "ours": 1, "xdit": 2}
+    order = {"diffusers": 0, "ours": 1, "xdit": 2, "diffusers-tp": 3}
     rows = sorted(rows, key=lambda r: (r.get("compiled", False), r["gpus"], r["ring"], order[r["impl"]] if r["gpus"] == 1 else -order[r["impl"]]))
     lines = [
         "| run | s (median) | runs | speedup vs diffusers 1 GPU eager | time / xDiT same degree | TFLOP/s per GPU | peak mem per GPU (GiB) |",

@@ -177,8 +177,8 @@ class ShardedView:
 
     def __init__(self, model: nn.Module, plan: TensorParallelPlan):
         rank, degree = model.tensor_parallel
-        with torch.device("meta"):
-            self.whole = type(model)(**dict(model.config))
+        with torch.device("meta"):  # shapes only, no memory
+            self.whole = type(model).from_config(model.config)
         self.specs = param_shards(self.whole, plan, degree)
         self.rank, self.degree = rank, degree
         self._shapes = {n: tuple(p.shape) for n, p in self.whole.named_parameters()}

@@ -189,6 +189,7 @@ class RankEngine:
                 velocity,
                 self.mesh,
                 latent_channels=latent.channels,
+                latent_dimensions=latent.dimensions,
                 default_shift=self._default_shift,
                 to_model_space=latent.to_model_space,
                 from_model_space=latent.from_model_space,
@@ -244,6 +245,9 @@ def _num_blocks(model_config: dict) -> int:
     return model_config["num_layers"] + model_config.get("num_single_layers", 0)
 
 
+CONDITIONING_NAMES = {"context": "text tokens", "pooled": "pooled output"}
+
+
 def _check_request_fits(request: SampleRequest, family: families.ModelFamily, config) -> None:
     """Refuse a request made for another model, with what to change."""
     for which, cond in (("positive", request.positive), ("negative", request.negative)):
@@ -252,10 +256,8 @@ def _check_request_fits(request: SampleRequest, family: families.ModelFamily, co
         if not isinstance(cond, family.conditioning):
             raise ValueError(f"the {which} conditioning is a {type(cond).__name__}, but the loaded "
                              f"{family.display_name} model takes {family.conditioning.__name__}")
-        widths = [("text tokens", cond.context, config.get("joint_attention_dim") or config.get("caption_channels"))]
-        if hasattr(cond, "pooled"):  # PixArt's T5 conditioning has none
-            widths.append(("pooled output", cond.pooled, config.pooled_projection_dim))
-        for name, tensor, width in widths:
+        for field, width in family.conditioning_widths(config).items():
+            name, tensor = CONDITIONING_NAMES[field], getattr(cond, field)
             if tensor.shape[-1] != width:
                 raise ValueError(f"the {which} conditioning's {name} are {tensor.shape[-1]} wide but this "
                                  f"{family.display_name} model takes {width}: encode the prompt with the model's own "

@@ -97,12 +97,26 @@ class PixArtConditioning:
 
 
 @dataclass
+class WanConditioning:
+    """One prompt's conditioning in ComfyUI's Wan 2.1 / 2.2 layout.
+
+    context: umt5-xxl tokens [B or 1, T, 4096] (512 for the stock encoder, any length works).
+    Wan takes no pooled vector; ``pooled`` is always None (the field keeps the families' shape).
+    """
+
+    context: torch.Tensor
+    pooled: None = None
+
+
+@dataclass
 class SampleRequest:
-    """One KSampler-equivalent call. Latents are ComfyUI's raw VAE latents [B, 16, H/8, W/8]."""
+    """One KSampler-equivalent call. Latents are ComfyUI's raw VAE latents [B, 16, H/8, W/8]
+    (video families: [B, 16, T, H/8, W/8])."""
 
     latent: torch.Tensor
-    positive: FluxConditioning | SD3Conditioning | PixArtConditioning  # the loaded model family's type
-    negative: FluxConditioning | SD3Conditioning | PixArtConditioning | None
+    # the loaded model family's type
+    positive: FluxConditioning | SD3Conditioning | PixArtConditioning | WanConditioning
+    negative: FluxConditioning | SD3Conditioning | PixArtConditioning | WanConditioning | None
     seed: int
     steps: int
     cfg: float = 1.0

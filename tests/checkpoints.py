@@ -368,3 +368,76 @@ def sd3_checkpoint_extras(seed: int = 0) -> dict[str, torch.Tensor]:
         "text_encoders.t5xxl.transformer.shared.weight": torch.randn(4, 8, generator=g),
         "first_stage_model.decoder.conv_in.weight": torch.randn(8, 16, 3, 3, generator=g),
     }
+
+
+def make_wan_diffusers_model(num_layers: int = 1, heads: int = 2, head_dim: int = 8, ffn_dim: int = 32,
+                             text_dim: int = 32, freq_dim: int = 256, seed: int = 0):
+    """A tiny float32 WanTransformer3DModel (text-to-video) with every parameter random (norm scales around 1)."""
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16, out_channels=16,
+        text_dim=text_dim, freq_dim=freq_dim, ffn_dim=ffn_dim, num_layers=num_layers, cross_attn_norm=True,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "scale_shift_table" in name:
+                param.copy_(0.1 * noise)
+            elif param.ndim >= 2:
+                param.copy_(noise / param[0].numel() ** 0.5)
+            elif "norm" in name:
+                param.copy_(1 + 0.1 * noise)
+            else:
+                param.copy_(0.1 * noise)
+    return model.eval()
+
+
+def diffusers_to_wan_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The original Wan key layout (what ComfyUI loads) from a diffusers WanTransformer3DModel state dict.
+
+    Written independently of diffusers' converter (which the loader uses), so a round trip checks it.
+    """
+    top = {
+        "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+        "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+        "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+        "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+        "condition_embedder.time_proj": "time_projection.1",
+        "proj_out": "head.head",
+        "patch_embedding": "patch_embedding",
+    }
+    block = {
+        "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v", "attn1.to_out.0": "self_attn.o",
+        "attn1.norm_q": "self_attn.norm_q", "attn1.norm_k": "self_attn.norm_k",
+        "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o",
+        "attn2.norm_q": "cross_attn.norm_q", "attn2.norm_k": "cross_attn.norm_k",
+        "norm2": "norm3",  # the cross-attention norm: norm3 in the original Wan
+        "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+    }
+    out = {}
+    for key, tensor in state_dict.items():
+        if key == "scale_shift_table":
+            out["head.modulation"] = tensor
+            continue
+        module, kind = key.rsplit(".", 1)
+        if module in top:
+            out[f"{top[module]}.{kind}"] = tensor
+            continue
+        _, index, rest = key.split(".", 2)
+        if rest == "scale_shift_table":
+            out[f"blocks.{index}.modulation"] = tensor
+            continue
+        module, kind = rest.rsplit(".", 1)
+        out[f"blocks.{index}.{block[module]}.{kind}"] = tensor
+    return out
+
+
+def write_wan_file(model, path: str | Path, prefix: str = "", dtype: torch.dtype | None = None) -> Path:
+    """Write the model as one original-Wan-layout safetensors file (prefix COMFY_PREFIX for ComfyUI's)."""
+    sd = diffusers_to_wan_state_dict(_contiguous(model.state_dict(), dtype))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({prefix + k: v for k, v in sd.items()}, str(path))
+    return path

@@ -21,14 +21,18 @@ import torch
 
 from ..loading.safetensors_files import CheckpointError, SafetensorsSource, find_layouts, find_weight_files
 from ..preview import FLUX_LATENT_RGB_BIAS, FLUX_LATENT_RGB_FACTORS
-from ..requests import FluxConditioning, PixArtConditioning, SD3Conditioning
+from ..requests import FluxConditioning, PixArtConditioning, SD3Conditioning, WanConditioning
 from ..sampling.discrete_sampling import DiscreteSampling
 from ..sampling.schedules import FLUX_DEV_SHIFT, FLUX_SCHNELL_SHIFT, DiscreteFlowSampling, FlowSampling
 
 
 @dataclass(frozen=True)
 class LatentFormat:
-    """ComfyUI's latent format of a family: model space = (latent - shift) * scale."""
+    """ComfyUI's latent format of a family: model space = (latent - shift) * scale.
+
+    Video families (Wan) normalise each channel with the VAE's statistics instead:
+    model space = (latent - mean[c]) * scale / std[c], in ComfyUI's order of operations.
+    """
 
     channels: int
     scale: float
@@ -36,12 +40,26 @@ class LatentFormat:
     # Linear latent -> RGB map for live previews (the published fit ComfyUI uses).
     rgb_factors: tuple[tuple[float, float, float], ...]
     rgb_bias: tuple[float, float, float]
+    # Per-channel statistics (None: the scalar shift above applies).
+    channel_mean: tuple[float, ...] | None = None
+    channel_std: tuple[float, ...] | None = None
+    # Spatial dimensions of the latent after [B, C]: 2 for images, 3 for video [T, H, W].
+    dimensions: int = 2
+
+    def _per_channel(self, values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+        # float32 first, as ComfyUI builds its tables, then the latent's dtype.
+        table = torch.tensor(values, dtype=torch.float32).view(1, self.channels, *([1] * (like.ndim - 2)))
+        return table.to(like.device, like.dtype)
 
     def to_model_space(self, latent: torch.Tensor) -> torch.Tensor:
-        return (latent - self.shift) * self.scale
+        if self.channel_mean is None:
+            return (latent - self.shift) * self.scale
+        return (latent - self._per_channel(self.channel_mean, latent)) * self.scale / self._per_channel(self.channel_std, latent)
 
     def from_model_space(self, x: torch.Tensor) -> torch.Tensor:
-        return x / self.scale + self.shift
+        if self.channel_mean is None:
+            return x / self.scale + self.shift
+        return x * self._per_channel(self.channel_std, x) / self.scale + self._per_channel(self.channel_mean, x)
 
 
 # Method names, in the README table's column order.
@@ -85,6 +103,11 @@ class ModelFamily:
     resolution_shift: bool  # whether ModelSamplingFlux's resolution-dependent shift applies
     # model config -> latent format, for a family whose members differ in it (PixArt-alpha / Sigma)
     latent_for: Callable[[dict], LatentFormat] | None = None
+    # model config -> {conditioning field: width the model takes}, checked before sampling
+    conditioning_widths: Callable[[object], dict[str, int]] = lambda config: {
+        "context": config.joint_attention_dim, "pooled": config.pooled_projection_dim}
+    # what decodes its latents in a workflow, for the README (ParallelVAEDecode or a stock node)
+    vae_note: str = ""
 
     def matches(self, keys) -> bool:
         return bool(find_layouts(keys, self.key_signatures))
@@ -306,10 +329,92 @@ PIXART = ModelFamily(
     ignored_keys=frozenset({"pooled_output", "attention_mask", "guidance"}),
     methods=frozenset({"ulysses", "ring", "cfg", "data"}),
     resolution_shift=False,
+    conditioning_widths=lambda config: {"context": config.caption_channels},
+    vae_note="stock VAELoader + VAEDecode (ParallelVAEDecode is not checked against stock on 4-channel VAEs yet)",
 )
 
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, PIXART)}
+# --- Wan 2.1 / 2.2 text-to-video ------------------------------------------------------------------
+
+WAN_SHIFT = 8.0  # ComfyUI's WAN21_T2V model config (sampling_settings)
+WAN_TIMESTEP_MULTIPLIER = 1000.0
+
+
+def _wan_read_config(path: str) -> dict:
+    from ..loading.wan import read_wan_config
+
+    return read_wan_config(path)
+
+
+def _wan_load(path: str, dtype, device):
+    from ..loading.wan import load_wan_transformer
+
+    return load_wan_transformer(path, dtype=dtype, device=device)
+
+
+def _wan_denoiser(model, mesh, lse_kernel, dtype):
+    from . import wan
+
+    forward = wan.install_sequence_parallel(model, mesh, lse_kernel)
+    return wan.WanDenoiser(forward, dtype, patch_size=model.config.patch_size, timestep_multiplier=WAN_TIMESTEP_MULTIPLIER)
+
+
+def _wan_velocity(denoiser, x, sigma, cond: WanConditioning, controls=()):
+    return denoiser(x, sigma, cond.context)
+
+
+def _wan_sampling(shift: float) -> DiscreteFlowSampling:
+    return DiscreteFlowSampling(shift, multiplier=WAN_TIMESTEP_MULTIPLIER)
+
+
+def _wan_signatures() -> dict[str, tuple[str, ...]]:
+    from ..loading.wan import WAN_SIGNATURES
+
+    return WAN_SIGNATURES
+
+
+WAN = ModelFamily(
+    name="wan",
+    display_name="Wan 2.1 / 2.2 text-to-video (1.3B, 14B; 2.2 14B: one expert per file)",
+    formats="single file (Wan layout, ComfyUI's `model.diffusion_model.` prefix or none; diffusers layout), diffusers folder",
+    key_signatures=_wan_signatures(),
+    diffusers_class="WanTransformer3DModel",
+    read_config=_wan_read_config,
+    load=_wan_load,
+    # ComfyUI's latent_formats.Wan21: per-channel mean/std of the Wan VAE, scale 1.
+    latent=LatentFormat(
+        channels=16, scale=1.0, shift=0.0,
+        rgb_factors=(
+            (-0.1299, -0.1692, 0.2932), (0.0671, 0.0406, 0.0442), (0.3568, 0.2548, 0.1747), (0.0372, 0.2344, 0.1420),
+            (0.0313, 0.0189, -0.0328), (0.0296, -0.0956, -0.0665), (-0.3477, -0.4059, -0.2925), (0.0166, 0.1902, 0.1975),
+            (-0.0412, 0.0267, -0.1364), (-0.1293, 0.0740, 0.1636), (0.0680, 0.3019, 0.1128), (0.0032, 0.0581, 0.0639),
+            (-0.1251, 0.0927, 0.1699), (0.0060, -0.0633, 0.0005), (0.3477, 0.2275, 0.2950), (0.1984, 0.0913, 0.1861),
+        ),
+        rgb_bias=(-0.1835, -0.0868, -0.3360),
+        channel_mean=(-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921),
+        channel_std=(2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160),
+        dimensions=3,
+    ),
+    sampling=_wan_sampling,
+    default_shift=lambda config: WAN_SHIFT,
+    sampling_note="ModelSamplingDiscreteFlow: shift 8.0, timestep = sigma x 1000",
+    build_denoiser=_wan_denoiser,
+    velocity=_wan_velocity,
+    conditioning=WanConditioning,
+    text_encoders="umt5-xxl (CLIPLoader, type wan)",
+    conditioning_keys=frozenset(),
+    # The stock text encoder puts pooled_output None on the conditioning; stock Wan ignores guidance.
+    ignored_keys=frozenset({"pooled_output", "guidance"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    resolution_shift=False,
+    conditioning_widths=lambda config: {"context": config.text_dim},
+    vae_note="stock VAELoader + VAEDecode (the Wan 3D VAE is not patch-parallel yet)",
+)
+
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, PIXART, WAN)}
 
 
 def get(name: str) -> ModelFamily:

@@ -27,12 +27,18 @@ from .schedules import FlowSampling, ModelSampling, resolution_shift, sigmas_for
 Velocity = Callable[[torch.Tensor, torch.Tensor, FluxConditioning], torch.Tensor]
 
 
-def widen_empty_latent(latent: torch.Tensor, channels: int) -> torch.Tensor:
-    """ComfyUI turns an all-zero latent of another channel count (EmptyLatentImage's 4) into the model's."""
+def widen_empty_latent(latent: torch.Tensor, channels: int, dimensions: int = 2) -> torch.Tensor:
+    """ComfyUI turns an all-zero latent of another channel count (EmptyLatentImage's 4) into the model's,
+    and an image latent [B, C, H, W] given to a video model into one frame [B, C, 1, H, W]."""
     if latent.shape[1] != channels and not latent.any():
-        return latent.new_zeros((latent.shape[0], channels, *latent.shape[2:]))
+        latent = latent.new_zeros((latent.shape[0], channels, *latent.shape[2:]))
     if latent.shape[1] != channels:
         raise ValueError(f"the latent has {latent.shape[1]} channels but this model takes {channels}; use a latent made for it")
+    if dimensions == 3 and latent.ndim == 4:
+        latent = latent.unsqueeze(2)
+    if latent.ndim != 2 + dimensions:
+        kind = "a video latent [B, C, T, H, W]" if dimensions == 3 else "an image latent [B, C, H, W]"
+        raise ValueError(f"the latent has shape {list(latent.shape)} but this model takes {kind}; use a latent made for it")
     return latent
 
 
@@ -93,6 +99,7 @@ def run_ksampler(
     mesh: ParallelMesh,
     *,
     latent_channels: int,
+    latent_dimensions: int = 2,
     default_shift: float,
     to_model_space: Callable[[torch.Tensor], torch.Tensor],
     from_model_space: Callable[[torch.Tensor], torch.Tensor],
@@ -100,10 +107,10 @@ def run_ksampler(
     device: torch.device,
     make_sampling: Callable[[float], ModelSampling] = FlowSampling,
 ) -> torch.Tensor:
-    latent = widen_empty_latent(request.latent.float(), latent_channels)
+    latent = widen_empty_latent(request.latent.float(), latent_channels, latent_dimensions)
     if request.denoise == 0:  # stock KSampler: no sigmas, the (widened) latent comes back unchanged
         return latent.clone()
-    batch, _, height, width = latent.shape
+    batch, (height, width) = latent.shape[0], latent.shape[-2:]
     uses_cfg = request.cfg != 1.0 and request.negative is not None  # cfg 1 skips the negative, as ComfyUI does
     mesh.config.check_request(batch_size=batch, uses_cfg=uses_cfg)
 

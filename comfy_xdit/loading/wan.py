@@ -1,0 +1,262 @@
+"""Wan 2.1 / 2.2 text-to-video transformer checkpoints, loaded offline into diffusers' ``WanTransformer3DModel``.
+
+Accepted: a single .safetensors file in the original Wan layout (``patch_embedding``,
+``blocks.N.self_attn.q``, ``head.head``, ...) as ComfyUI users keep it in models/diffusion_models
+(e.g. wan2.1_t2v_1.3B_fp16.safetensors, one expert of Wan 2.2 14B T2V), with or without
+ComfyUI's ``model.diffusion_model.`` prefix; a single file in diffusers' key layout; and a
+diffusers folder (plain, sharded, or a pipeline folder with a ``transformer/`` subfolder).
+
+The key mapping is diffusers' own Wan converter (``convert_wan_transformer_to_diffusers``), first
+run on meta tensors with the header shapes, so a file that does not fit is refused before any
+weight is read. The config is inferred from shapes (no hub); the head width is 128 in every Wan
+release, which ComfyUI assumes too (the q/k norms span all heads, so shapes cannot tell it).
+
+Refused by name: image-to-video and first-last-frame files (an image embedder), VACE and the
+other conditioned variants, and Wan 2.2 TI2V 5B (48-channel latent of another VAE).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .flux import _FLOAT8_DTYPES, _FLOAT_DTYPE_CODES, _SCALE_SUFFIXES, _SCALED_FP8_MARKER, _as_load_dtype
+from .safetensors_files import CheckpointError, SafetensorsSource, assign_weights, find_layouts, find_weight_files
+from .sd3 import _count_blocks
+
+WAN_LAYOUT = "wan"
+DIFFUSERS_LAYOUT = "diffusers"
+WAN_HEAD_DIM = 128
+WAN_LATENT_CHANNELS = 16
+
+WAN_SIGNATURES = {
+    WAN_LAYOUT: (
+        "head.modulation",
+        "patch_embedding.weight",
+        "text_embedding.0.weight",
+        "time_embedding.0.weight",
+        "time_projection.1.weight",
+        "blocks.0.self_attn.q.weight",
+        "head.head.weight",
+    ),
+    DIFFUSERS_LAYOUT: (
+        "condition_embedder.time_proj.weight",
+        "patch_embedding.weight",
+        "condition_embedder.text_embedder.linear_1.weight",
+        "condition_embedder.time_embedder.linear_1.weight",
+        "blocks.0.attn1.to_q.weight",
+        "proj_out.weight",
+        "scale_shift_table",
+    ),
+}
+
+# (key present in the Wan layout, in the diffusers layout) -> what the file is, for the refusal.
+_UNSUPPORTED_VARIANTS = (
+    (("img_emb.proj.0.weight", "condition_embedder.image_embedder.norm1.weight"),
+     "a Wan image-to-video (or first-last-frame) model; only text-to-video Wan models are supported"),
+    (("vace_patch_embedding.weight", "vace_patch_embedding.weight"), "a Wan VACE model; only text-to-video Wan models are supported"),
+    (("control_adapter.conv.weight", "control_adapter.conv.weight"), "a Wan camera-control model; only text-to-video Wan models are supported"),
+    (("face_adapter.fuser_blocks.0.k_norm.weight", "face_adapter.fuser_blocks.0.norm_k.weight"),
+     "a Wan Animate model; only text-to-video Wan models are supported"),
+)
+
+
+def _detect_layout(keys) -> tuple[str, str]:
+    found = find_layouts(keys, WAN_SIGNATURES)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise CheckpointError(f"several Wan transformers in one file (layout, prefix): {sorted(found)}")
+    raise CheckpointError(
+        "not a Wan 2.1 / 2.2 transformer checkpoint: expected "
+        f"{' + '.join(WAN_SIGNATURES[WAN_LAYOUT][:3])} (Wan / ComfyUI layout) or "
+        f"{' + '.join(WAN_SIGNATURES[DIFFUSERS_LAYOUT][:3])} (diffusers layout)"
+    )
+
+
+def _infer_config(shape, keys: list[str], layout: str) -> dict:
+    """The diffusers config, from shapes in the headers only."""
+    wan = layout == WAN_LAYOUT
+    for names, what in _UNSUPPORTED_VARIANTS:
+        if names[0 if wan else 1] in keys:
+            raise CheckpointError(f"this is {what}")
+    dim, in_channels, *patch_size = shape("patch_embedding.weight")
+    if len(patch_size) != 3:
+        raise CheckpointError(f"patch_embedding.weight has shape {shape('patch_embedding.weight')}, not a 3D patch embedding")
+    out_channels = shape("head.head.weight" if wan else "proj_out.weight")[0] // math.prod(patch_size)
+    if (in_channels, out_channels) != (WAN_LATENT_CHANNELS, WAN_LATENT_CHANNELS):
+        if 48 in (in_channels, out_channels):
+            raise CheckpointError("this is Wan 2.2 TI2V 5B (48-channel latent of the Wan 2.2 VAE), which is not supported "
+                                  "yet; use a Wan 2.1 model or a Wan 2.2 14B T2V expert")
+        raise CheckpointError(f"the model takes {in_channels} latent channels and makes {out_channels}; text-to-video Wan "
+                              f"models take {WAN_LATENT_CHANNELS}")
+    if dim % WAN_HEAD_DIM:
+        raise CheckpointError(f"model width {dim} is not a multiple of Wan's head width {WAN_HEAD_DIM}")
+    prefix = "blocks.0."
+    return {
+        "patch_size": tuple(patch_size),
+        "num_attention_heads": dim // WAN_HEAD_DIM,
+        "attention_head_dim": WAN_HEAD_DIM,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "text_dim": shape("text_embedding.0.weight" if wan else "condition_embedder.text_embedder.linear_1.weight")[1],
+        "freq_dim": shape("time_embedding.0.weight" if wan else "condition_embedder.time_embedder.linear_1.weight")[1],
+        "ffn_dim": shape(prefix + ("ffn.0.weight" if wan else "ffn.net.0.proj.weight"))[0],
+        "num_layers": _count_blocks(keys, r"blocks\.(\d+)\."),
+        # The original Wan's norm3 is the cross-attention norm (diffusers calls it norm2).
+        "cross_attn_norm": prefix + ("norm3.weight" if wan else "norm2.weight") in keys,
+    }
+
+
+def _merge_folder_config(config: dict, config_path: Path) -> dict:
+    """Check a diffusers folder's config.json against the shapes; keep what shapes cannot tell (the heads)."""
+    try:
+        stored = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{config_path}: unreadable config ({error})") from error
+    class_name = stored.get("_class_name")
+    if class_name not in (None, "WanTransformer3DModel"):
+        raise CheckpointError(f"{config_path}: the folder holds a {class_name}, not a WanTransformer3DModel")
+    for name in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
+        if stored.get(name) is not None:
+            raise CheckpointError(f"{config_path}: {name} is set: an image-conditioned Wan model; only text-to-video "
+                                  "Wan models are supported")
+    merged = dict(config)
+    for name, inferred in config.items():
+        if name not in stored:
+            continue
+        value = tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
+        if name in ("attention_head_dim", "num_attention_heads"):
+            merged[name] = value  # the shapes only tell their product
+        elif value != inferred:
+            raise CheckpointError(f"{config_path}: {name} is {stored[name]!r} but the weights say {inferred!r}")
+    for name in ("eps", "rope_max_seq_len", "qk_norm"):
+        if name in stored:
+            merged[name] = stored[name]
+    if merged["attention_head_dim"] * merged["num_attention_heads"] != config["attention_head_dim"] * config["num_attention_heads"]:
+        raise CheckpointError(f"{config_path}: heads x head width does not match the model width of the weights")
+    return merged
+
+
+def _meta_model(config: dict):
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        return WanTransformer3DModel(**config)
+
+
+def _convert(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' Wan converter (it renames every key it is given; unknown ones surface as unexpected)."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    return convert_wan_transformer_to_diffusers(dict(state_dict))
+
+
+def _keeps_float32(name: str) -> bool:
+    """diffusers keeps these Wan modules in float32 whatever the load dtype (its forward expects it)."""
+    from diffusers import WanTransformer3DModel
+
+    parts = name.split(".")
+    return any(module in parts for module in WanTransformer3DModel._keep_in_fp32_modules)
+
+
+class WanCheckpoint:
+    """An opened Wan checkpoint: layout, config and key mapping checked, no weight read yet."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        files, config_path = find_weight_files(self.path)
+        self.source = SafetensorsSource(files)
+        try:
+            self.layout, self.prefix = _detect_layout(self.source.keys())
+            keys = [k[len(self.prefix):] for k in self.source.keys() if k.startswith(self.prefix)]
+            self.weight_keys = sorted(k for k in keys if not k.endswith(_SCALE_SUFFIXES) and k != _SCALED_FP8_MARKER)
+            config = _infer_config(lambda name: self.source.shape(self.prefix + name), self.weight_keys, self.layout)
+            if config_path is not None:
+                config = _merge_folder_config(config, config_path)
+            self.config = config
+            self._validate()
+        except CheckpointError as error:
+            self.source.close()
+            raise CheckpointError(f"{self.path}: {error}") from None
+
+    def _validate(self) -> None:
+        for key in self.weight_keys:
+            code = self.source.dtype_name(self.prefix + key)
+            if code not in _FLOAT_DTYPE_CODES:
+                raise CheckpointError(
+                    f"tensor {self.prefix + key!r} is stored as {code}: quantized (bitsandbytes, int8, GGUF-style) "
+                    "checkpoints are not supported; use a bf16, fp16 or fp8 file"
+                )
+        # The whole mapping on meta tensors: key names and shapes, without reading any weight.
+        metas = {k: torch.empty(self.source.shape(self.prefix + k), device="meta") for k in self.weight_keys}
+        converted = self._to_diffusers(metas)
+        expected = {k: tuple(v.shape) for k, v in _meta_model(self.config).state_dict().items()}
+        missing = sorted(set(expected) - set(converted))
+        unexpected = sorted(set(converted) - set(expected))
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])})")
+            raise CheckpointError(f"does not match a Wan text-to-video transformer ({self.layout} layout, prefix "
+                                  f"{self.prefix!r}; diffusers names): " + "; ".join(parts))
+        for key, tensor in converted.items():
+            if tuple(tensor.shape) != expected[key]:
+                raise CheckpointError(f"tensor {key!r} (diffusers name) has shape {tuple(tensor.shape)}, expected {expected[key]}")
+
+    def _to_diffusers(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.layout == DIFFUSERS_LAYOUT:
+            return dict(state_dict)
+        return _convert(state_dict)
+
+    def _read(self, name: str) -> torch.Tensor:
+        """One source tensor in float form, with a scaled-fp8 scale applied."""
+        key = self.prefix + name
+        tensor = self.source.get(key)
+        scale_key = key[: -len("weight")] + "scale_weight" if key.endswith(".weight") else None
+        if scale_key and scale_key in self.source:
+            tensor = tensor.float() * self.source.get(scale_key).float()
+        elif tensor.dtype in _FLOAT8_DTYPES:
+            tensor = tensor.float()
+        return tensor
+
+    def state_dict(self, dtype=torch.bfloat16, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        dtype = _as_load_dtype(dtype)
+        converted = self._to_diffusers({k: self._read(k) for k in self.weight_keys})
+        return {k: v.to(device, torch.float32 if _keeps_float32(k) else dtype).contiguous() for k, v in converted.items()}
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> "WanCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_wan_config(path: str | Path) -> dict:
+    """The inferred ``WanTransformer3DModel`` config, from headers only (for early validation)."""
+    with WanCheckpoint(path) as checkpoint:
+        return dict(checkpoint.config)
+
+
+def wan_transformer_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor], device: str | torch.device = "cpu"):
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    model = _meta_model(config)
+    # The rotary tables are computed buffers, not weights: build them for real.
+    model.rope = WanRotaryPosEmbed(model.config.attention_head_dim, model.config.patch_size,
+                                   model.config.rope_max_seq_len).to(device)
+    return assign_weights(model, state_dict, f"WanTransformer3DModel({config})")
+
+
+def load_wan_transformer(path: str | Path, dtype=torch.bfloat16, device: str | torch.device = "cpu"):
+    """Load a Wan 2.1 / 2.2 text-to-video transformer from a single file or a diffusers folder, fully offline."""
+    with WanCheckpoint(path) as checkpoint:
+        return wan_transformer_from_state_dict(checkpoint.config, checkpoint.state_dict(dtype=dtype, device=device), device)

@@ -93,11 +93,10 @@ def _infer_config(shape, keys: list[str], layout: str) -> dict:
                                   "yet; use a Wan 2.1 model or a Wan 2.2 14B T2V expert")
         raise CheckpointError(f"the model takes {in_channels} latent channels and makes {out_channels}; text-to-video Wan "
                               f"models take {WAN_LATENT_CHANNELS}")
-    if dim % WAN_HEAD_DIM:
-        raise CheckpointError(f"model width {dim} is not a multiple of Wan's head width {WAN_HEAD_DIM}")
     prefix = "blocks.0."
     return {
         "patch_size": tuple(patch_size),
+        # Wan's head width; a diffusers folder's config may say otherwise (checked in _check_heads).
         "num_attention_heads": dim // WAN_HEAD_DIM,
         "attention_head_dim": WAN_HEAD_DIM,
         "in_channels": in_channels,
@@ -136,9 +135,13 @@ def _merge_folder_config(config: dict, config_path: Path) -> dict:
     for name in ("eps", "rope_max_seq_len", "qk_norm"):
         if name in stored:
             merged[name] = stored[name]
-    if merged["attention_head_dim"] * merged["num_attention_heads"] != config["attention_head_dim"] * config["num_attention_heads"]:
-        raise CheckpointError(f"{config_path}: heads x head width does not match the model width of the weights")
     return merged
+
+
+def _check_heads(config: dict, width: int) -> None:
+    if config["attention_head_dim"] * config["num_attention_heads"] != width:
+        raise CheckpointError(f"model width {width} is not {config['num_attention_heads']} heads x {config['attention_head_dim']} "
+                              f"(Wan's heads are {WAN_HEAD_DIM} wide; a diffusers folder's config.json may say otherwise)")
 
 
 def _meta_model(config: dict):
@@ -177,6 +180,7 @@ class WanCheckpoint:
             config = _infer_config(lambda name: self.source.shape(self.prefix + name), self.weight_keys, self.layout)
             if config_path is not None:
                 config = _merge_folder_config(config, config_path)
+            _check_heads(config, self.source.shape(self.prefix + "patch_embedding.weight")[0])
             self.config = config
             self._validate()
         except CheckpointError as error:

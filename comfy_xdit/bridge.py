@@ -23,7 +23,7 @@ from .models import families
 from .page_errors import page_safe
 from .pool.backends import LOCAL, Backend
 from .requests import (ControlNetRequest, FluxConditioning, ModelSpec, PixArtConditioning, SampleRequest, SD3Conditioning,
-                       VaeDecodeRequest, VaeWeights)
+                       VaeDecodeRequest, VaeWeights, WanConditioning)
 
 log = logging.getLogger("comfy_xdit")
 
@@ -290,7 +290,7 @@ def check_lora(model: XditModel, path: str, strength: float) -> None:
 # --- conditioning and latents ----------------------------------------------------------------
 
 
-def _conditioning_entry(conditioning, which: str, family: families.ModelFamily, needs_pooled: bool = True):
+def _conditioning_entry(conditioning, which: str, family: families.ModelFamily):
     """The one (tokens, extras) entry of a CONDITIONING, checked for what the family's sampler can use."""
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError(f"{which}: expected CONDITIONING from a text encoder node")
@@ -305,14 +305,16 @@ def _conditioning_entry(conditioning, which: str, family: families.ModelFamily, 
         names = ", ".join(f"'{k}' ({CONDITIONING_FEATURES.get(k, 'unknown feature')})" for k in unsupported)
         raise ValueError(f"{which}: ParallelSampler does not implement conditioning feature(s) {names}; "
                          "remove those nodes or use the stock KSampler")
-    pooled = extras.get("pooled_output") if needs_pooled else None
-    if pooled is None and needs_pooled:
+    pooled = extras.get("pooled_output")
+    takes_pooled = "pooled_output" in family.conditioning_keys
+    if pooled is None and takes_pooled:
         raise ValueError(f"{which}: the conditioning has no pooled output; {family.display_name} needs the "
                          f"{family.text_encoders} text encoders")
+    pooled = pooled if takes_pooled else None  # Wan takes none (its stock encoder sets pooled_output None)
     for name, value in (("text tokens", tensor), ("pooled output", pooled)):
         if value is not None and not torch.isfinite(value).all():
             raise ValueError(f"{which}: the {name} contain NaN or infinity")
-    return tensor.float().cpu(), pooled.float().cpu() if pooled is not None else None, extras
+    return tensor.float().cpu(), None if pooled is None else pooled.float().cpu(), extras
 
 
 def flux_conditioning(conditioning, which: str) -> FluxConditioning:
@@ -326,22 +328,31 @@ def sd3_conditioning(conditioning, which: str) -> SD3Conditioning:
 
 
 def pixart_conditioning(conditioning, which: str) -> PixArtConditioning:
-    tokens, _, extras = _conditioning_entry(conditioning, which, families.PIXART, needs_pooled=False)
+    tokens, _, extras = _conditioning_entry(conditioning, which, families.PIXART)
     # CLIPTextEncodePixArtAlpha's resolution micro-condition; ComfyUI uses the latent's size without it.
     size = (float(extras["height"]), float(extras["width"])) if "width" in extras and "height" in extras else None
     return PixArtConditioning(tokens, size)
 
 
-CONDITIONING_READERS = {"flux": flux_conditioning, "sd3": sd3_conditioning, "pixart": pixart_conditioning}
+def wan_conditioning(conditioning, which: str) -> WanConditioning:
+    tokens, _, _ = _conditioning_entry(conditioning, which, families.WAN)
+    return WanConditioning(tokens)
 
 
-def check_latent(latent: dict) -> None:
+CONDITIONING_READERS = {"flux": flux_conditioning, "sd3": sd3_conditioning, "pixart": pixart_conditioning,
+                        "wan": wan_conditioning}
+
+
+def check_latent(latent: dict, family: families.ModelFamily = families.FLUX) -> None:
     if "noise_mask" in latent:
         raise ValueError("the latent has a noise mask (inpainting); ParallelSampler does not implement it yet, "
                          "use the stock KSampler for inpainting")
     samples = latent["samples"]
-    if samples.ndim != 4:
-        raise ValueError(f"expected an image latent [B, C, H, W], got shape {list(samples.shape)}")
+    # A video model also takes an image latent (one frame), as stock ComfyUI does.
+    allowed = (4, 5) if family.latent.dimensions == 3 else (4,)
+    if samples.ndim not in allowed:
+        kind = "a video latent [B, C, T, H, W] (e.g. EmptyHunyuanLatentVideo)" if family.latent.dimensions == 3 else "an image latent [B, C, H, W]"
+        raise ValueError(f"{family.display_name} takes {kind}, got shape {list(samples.shape)}")
 
 
 # --- jobs ------------------------------------------------------------------------------------
@@ -354,8 +365,8 @@ def sample(model: XditModel, *, positive, negative, latent: dict, seed: int, ste
     import comfy.model_management
     import comfy.utils
 
-    check_latent(latent)
     family = families.get(model.spec.family)
+    check_latent(latent, family)
     if max_shift is not None and not family.resolution_shift:
         raise ValueError(f"the resolution shift (ModelSamplingFlux) does not apply to {family.display_name}; "
                          "set the sampler's shift to 'model default'")
@@ -395,7 +406,8 @@ def _preview_image(latent: torch.Tensor, family: families.ModelFamily):
 
     from .preview import latent_to_rgb
 
-    rgb = latent_to_rgb(latent[0], family.latent.rgb_factors, family.latent.rgb_bias)
+    frame = latent[0] if latent.ndim == 4 else latent[0, :, 0]  # a video's first frame
+    rgb = latent_to_rgb(frame, family.latent.rgb_factors, family.latent.rgb_bias)
     return ("JPEG", Image.fromarray(rgb.numpy()), 512)
 
 
@@ -409,6 +421,9 @@ def vae_decode(vae, latent: dict) -> torch.Tensor:
     from .vae import decoder_state_dict, infer_vae_config, state_dict_fingerprint
 
     samples = latent["samples"]
+    if samples.ndim != 4:
+        raise ValueError(f"Parallel VAE Decode decodes image latents [B, C, H, W], got shape {list(samples.shape)}: "
+                         "for a video latent (Wan) use the stock VAE Decode node")
     module = vae.first_stage_model
     fingerprint = _VAE_FINGERPRINTS.get(module)
     state = None

@@ -144,18 +144,19 @@ CLIP_LOADERS = ("DualCLIPLoader", "CLIPLoader", "TripleCLIPLoader")
 def with_demo_conditioning(graph: dict, context_dim: int, pooled_dim: int) -> dict:
     """A shipped API workflow with its text encoders swapped for the demo conditioning node.
 
-    The workflow's CLIP loader says which layout to emit: TripleCLIPLoader is SD3's, CLIPLoader of
-    type pixart PixArt's, others Flux's.
+    The workflow's CLIP loader says which layout to emit: TripleCLIPLoader is SD3's, a CLIPLoader of
+    type pixart PixArt's, of type wan Wan's (no pooled output), others Flux's.
     """
     graph = json.loads(json.dumps(graph))
     sd3 = any(node["class_type"] == "TripleCLIPLoader" for node in graph.values())
-    pixart = any(node["class_type"] == "CLIPLoader" and node["inputs"].get("type") == "pixart" for node in graph.values())
+    clip_type = next((node["inputs"].get("type") for node in graph.values() if node["class_type"] == "CLIPLoader"), None)
     for node_id, node in list(graph.items()):
         if node["class_type"] in TEXT_ENCODERS:
             seed = int(node_id)
             inputs = {"seed": seed, "tokens": 7 + seed, "context_dim": context_dim, "pooled_dim": pooled_dim}
-            if pixart:  # T5 tokens only
-                graph[node_id] = {"class_type": "XditTestPixArtConditioning",
+            if clip_type in ("pixart", "wan"):  # T5 / umt5 tokens only
+                node_class = "XditTestPixArtConditioning" if clip_type == "pixart" else "XditTestWanConditioning"
+                graph[node_id] = {"class_type": node_class,
                                   "inputs": {"seed": seed, "tokens": 7 + seed, "context_dim": context_dim}}
             elif sd3:
                 graph[node_id] = {"class_type": "XditTestSD3Conditioning", "inputs": inputs}

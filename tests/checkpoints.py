@@ -434,9 +434,12 @@ def diffusers_to_wan_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
     return out
 
 
-def write_wan_file(model, path: str | Path, prefix: str = "", dtype: torch.dtype | None = None) -> Path:
+def write_wan_file(model, path: str | Path, prefix: str = "", dtype: torch.dtype | None = None,
+                   scaled_fp8: bool = False) -> Path:
     """Write the model as one original-Wan-layout safetensors file (prefix COMFY_PREFIX for ComfyUI's)."""
     sd = diffusers_to_wan_state_dict(_contiguous(model.state_dict(), dtype))
+    if scaled_fp8:
+        sd = _quantize_scaled_fp8(sd)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({prefix + k: v for k, v in sd.items()}, str(path))

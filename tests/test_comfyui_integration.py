@@ -16,14 +16,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from checkpoints import (make_flux_diffusers_model, make_sd3_diffusers_model, sd3_checkpoint_extras, write_bfl_file,
-                         write_sd3_file)
+from checkpoints import (make_flux_diffusers_model, make_sd3_diffusers_model, make_wan_diffusers_model, sd3_checkpoint_extras,
+                         write_bfl_file, write_sd3_file, write_wan_file)
 from comfy_xdit.comfyui_server import COMFYUI, ComfyServer, error_message, status_str, with_demo_conditioning
 from comfy_xdit.comfyui_server import shipped_workflow as load_workflow
 from controlnet_files import make_flux_controlnet, write_instantx_file, write_sd15_controlnet_file
 from lora_files import random_flux_lora, write_peft_lora, write_sd15_lora
 from pixart_files import make_pixart_diffusers_model, write_original_pixart_file
 from vae_files import make_ldm_encoder_state_dict, make_ldm_vae_state_dict
+from wan_vae_file import write_wan_vae_file
 
 pytestmark = pytest.mark.skipif(not (COMFYUI / "main.py").exists(), reason="tools/setup.sh installs the test ComfyUI")
 
@@ -62,6 +63,11 @@ def server(tmp_path_factory):
                                       joint_attention_dim=CONTEXT_DIM, pooled_projection_dim=POOLED_DIM)
     write_instantx_file(controlnet, models / "controlnet" / "tiny_flux_controlnet.safetensors")
     write_sd15_controlnet_file(models / "controlnet" / "sd15_canny.safetensors")
+    # Wan 2.1 T2V in the original layout with ComfyUI's prefix (width 256: Wan's heads are 128 wide), and a
+    # tiny Wan 2.1 VAE that stock VAELoader + VAEDecode take.
+    wan = make_wan_diffusers_model(num_layers=1, heads=2, head_dim=128, ffn_dim=64, text_dim=CONTEXT_DIM, freq_dim=32, seed=6)
+    write_wan_file(wan, models / "diffusion_models" / "tiny_wan.safetensors", prefix="model.diffusion_model.")
+    write_wan_vae_file(models / "vae" / "tiny_wan_vae.safetensors")
     # A file in the DiT folder that is not a DiT: a VAE.
     save_file(make_ldm_vae_state_dict(seed=3), str(models / "diffusion_models" / "not_a_dit.safetensors"))
     Image.new("RGB", (64, 48), (200, 60, 40)).save(base / "input" / "example.png")
@@ -402,3 +408,65 @@ def test_flux_conditioning_into_pixart_is_refused_with_what_to_change(server):
     entry = server.run(graph)
     assert status_str(entry) == "error"
     assert "text tokens are 4096 wide but this PixArt-alpha / PixArt-Sigma model takes 32" in error_message(entry)
+
+
+# --- Wan 2.1 / 2.2 text-to-video --------------------------------------------------------------------
+
+
+def wan_workflow(**loader) -> dict:
+    graph = with_demo_conditioning(load_workflow("wan_txt2video_parallel"), CONTEXT_DIM, POOLED_DIM)
+    for node in graph.values():
+        cls = node["class_type"]
+        if cls == "ParallelLoader":
+            node["inputs"].update(model_name="tiny_wan.safetensors", devices="cpu,cpu", **loader)
+        elif cls == "ParallelSampler":
+            node["inputs"].update(steps=2)
+        elif cls == "EmptyHunyuanLatentVideo":
+            node["inputs"].update(width=80, height=48, length=9)  # latent [1, 16, 3, 6, 10]
+        elif cls == "VAELoader":
+            node["inputs"]["vae_name"] = "tiny_wan_vae.safetensors"
+    return graph
+
+
+def test_wan_video_workflow_runs_with_cfg_parallel_and_stock_vae_decode(server):
+    graph = wan_workflow()
+    assert node_of(graph, "XditTestWanConditioning") and node_of(graph, "VAEDecode")
+    decode_id = next(k for k, n in graph.items() if n["class_type"] == "VAEDecode")
+    # The frames one by one too (an animated WebP merges identical frames of a random VAE).
+    graph["91"] = {"class_type": "SaveImage", "inputs": {"images": [decode_id, 0], "filename_prefix": "wan_frames"}}
+    entry = server.run(graph)
+    assert status_str(entry) == "success", error_message(entry) + server.log()[-2000:]
+    video = entry["outputs"][next(k for k, n in graph.items() if n["class_type"] == "SaveAnimatedWEBP")]["images"][0]
+    assert Image.open(server.base / "output" / video.get("subfolder", "") / video["filename"]).size == (80, 48)
+    assert len(entry["outputs"]["91"]["images"]) == 9  # 3 latent frames: 1 + 2 x 4 video frames
+    pool = pool_status(server)
+    assert len(pool["workers"]) == 2 and pool["model"]["family"] == "wan"
+
+
+def test_wan_two_workers_give_the_video_latents_of_one(server):
+    def latent_graph(devices: str, **loader) -> dict:
+        graph = wan_workflow(**loader)
+        node_of(graph, "ParallelLoader")["inputs"]["devices"] = devices
+        node_of(graph, "ParallelSampler")["inputs"]["seed"] = 13
+        sampler_id = next(k for k, n in graph.items() if n["class_type"] == "ParallelSampler")
+        for node_id in [k for k, n in graph.items() if n["class_type"] in ("VAELoader", "VAEDecode", "SaveAnimatedWEBP")]:
+            del graph[node_id]
+        graph["90"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler_id, 0], "filename_prefix": f"wan_{devices}"}}
+        return graph
+
+    # Two workers as Ulysses this time (the shipped workflow's cfg parallel ran above).
+    two = server.run(latent_graph("cpu,cpu", use_cfg_parallel=False, ulysses_degree=2))
+    one = server.run(latent_graph("cpu", use_cfg_parallel=False))
+    assert status_str(two) == status_str(one) == "success", error_message(two) + error_message(one)
+    a, b = saved_latent(server, two), saved_latent(server, one)
+    assert a.shape == (1, 16, 3, 6, 10)
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+
+
+def test_a_video_latent_into_parallel_vae_decode_names_the_stock_node(server):
+    graph = wan_workflow()
+    decode = node_of(graph, "VAEDecode")
+    decode["class_type"] = "ParallelVAEDecode"
+    entry = server.run(graph)
+    assert status_str(entry) == "error"
+    assert "for a video latent (Wan) use the stock VAE Decode node" in error_message(entry)

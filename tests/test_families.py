@@ -28,9 +28,9 @@ def test_every_family_entry_is_complete(name):
     assert family.name == name
     assert set(family.methods) <= set(families.METHODS)
     assert family.latent.channels == len(family.latent.rgb_factors)
-    assert family.conditioning_keys
-    # Every CONDITIONING key a stock encoder of the family emits is used or knowingly ignored.
+    # Every stock text encoder puts pooled_output on the conditioning (None for Wan's umt5): used or ignored.
     assert "pooled_output" in family.conditioning_keys | family.ignored_keys
+    assert ("vae" in family.methods) != bool(family.vae_note), f"{name}: say how its latents decode without ParallelVAEDecode"
     sampling = family.sampling(1.0)
     if is_flow(sampling):
         assert float(sampling.table[-1]) == pytest.approx(1.0)
@@ -49,6 +49,12 @@ def test_pixart_latent_formats_are_comfyuis():
     assert families.PIXART.latent_format({"use_additional_conditions": True}).scale == 0.18215
     assert families.PIXART.latent_format({"use_additional_conditions": False}).scale == 0.13025
     assert families.PIXART.latent_format({"use_additional_conditions": None, "sample_size": 128}).scale == 0.18215
+def test_wan_latent_format_and_sampling_are_comfyuis():
+    # comfy/latent_formats.py Wan21 (per-channel mean/std, 3 latent dimensions); WAN21_T2V: shift 8.
+    latent = families.WAN.latent
+    assert (latent.channels, latent.dimensions, latent.scale) == (16, 3, 1.0)
+    assert latent.channel_mean[:2] == (-0.7571, -0.7089) and latent.channel_std[-1] == 1.9160
+    assert families.WAN.default_shift(None) == 8.0 and families.WAN.sampling(8.0).multiplier == 1000.0
 
 
 def test_an_unknown_family_is_refused_with_the_choices():

@@ -83,6 +83,15 @@ def test_bfloat16_load_keeps_diffusers_float32_modules(tmp_path, model):
     assert loaded.rope.freqs_cos.dtype == torch.float32 and not loaded.rope.freqs_cos.is_meta
 
 
+def test_scaled_fp8_file_is_upcast_and_scaled(tmp_path, model):
+    # ComfyUI's wan2.1_t2v_*_fp8_scaled files: float8 weights with a per-layer scale_weight.
+    path = write_wan_file(model, tmp_path / "wan_fp8_scaled.safetensors", prefix=COMFY_PREFIX, scaled_fp8=True)
+    loaded = load_wan_transformer(path, dtype=torch.float32).state_dict()
+    for key, want in model.state_dict().items():
+        # float8_e4m3fn keeps 3 mantissa bits: at most 1/16 relative error per element
+        assert (loaded[key] - want).abs().max() <= want.abs().max() / 16 + 1e-6, key
+
+
 def test_family_detection_tells_wan_from_others(tmp_path, model):
     wan = write_wan_file(model, tmp_path / "wan.safetensors", prefix=COMFY_PREFIX)
     sd3 = write_sd3_file(make_sd3_diffusers_model(num_layers=1, heads=2, head_dim=8, pos_embed_max_size=8),

@@ -18,6 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 NODE_TYPES = {
     "DualCLIPLoader": (["clip_name1", "clip_name2", "type", "device"], [], [("CLIP", "CLIP")]),
     "TripleCLIPLoader": (["clip_name1", "clip_name2", "clip_name3"], [], [("CLIP", "CLIP")]),
+    "CLIPLoader": (["clip_name", "type", "device"], [], [("CLIP", "CLIP")]),
+    "EmptyHunyuanLatentVideo": (["width", "height", "length", "batch_size"], [], [("LATENT", "LATENT")]),
+    "VAEDecode": ([], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
+    "SaveAnimatedWEBP": (["filename_prefix", "fps", "lossless", "quality", "method"], [("images", "IMAGE")], []),
     "CLIPTextEncode": (["text"], [("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
     "FluxGuidance": (["guidance"], [("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
     "EmptySD3LatentImage": (["width", "height", "batch_size"], [], [("LATENT", "LATENT")]),
@@ -142,6 +146,26 @@ def pixart_text_to_image() -> dict:
     }
 
 
+def wan_text_to_video() -> dict:
+    """Wan 2.1 T2V 1.3B as ComfyUI's Wan example builds it (umt5-xxl via CLIPLoader type wan, 832x480, 33 frames,
+    shift 8, cfg 6), with the MODEL nodes swapped for ours. Wan needs cfg, so the loader puts the conditional and
+    unconditional branch on two worker groups and gives the rest of the devices to Ulysses. The Wan 3D VAE is not
+    patch-parallel yet: the stock VAE Decode turns the video latent into frames, saved as an animated WebP."""
+    return {
+        "1": ("CLIPLoader", dict(clip_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors", type="wan", device="default"), {}),
+        "2": ("CLIPTextEncode", dict(text="a red fox running through fresh snow, morning light, tracking shot"), {"clip": ("1", 0)}),
+        "4": ("CLIPTextEncode", dict(text="blurry, low quality, static, overexposed, worst quality"), {"clip": ("1", 0)}),
+        "5": ("EmptyHunyuanLatentVideo", dict(width=832, height=480, length=33, batch_size=1), {}),
+        "6": ("ParallelLoader", dict(LOADER, model_name="wan2.1_t2v_1.3B_fp16.safetensors", use_cfg_parallel=True), {}),
+        "7": ("ParallelSampler", dict(SAMPLER, steps=30, cfg=6.0),
+              {"model": ("6", 0), "positive": ("2", 0), "negative": ("4", 0), "latent_image": ("5", 0)}),
+        "8": ("VAELoader", dict(vae_name="wan_2.1_vae.safetensors"), {}),
+        "9": ("VAEDecode", {}, {"samples": ("7", 0), "vae": ("8", 0)}),
+        "10": ("SaveAnimatedWEBP", dict(filename_prefix="xdit_wan", fps=16.0, lossless=False, quality=90, method="default"),
+               {"images": ("9", 0)}),
+    }
+
+
 WORKFLOWS = {
     "flux_txt2img_parallel": text_to_image(),
     "flux_lora_parallel": with_lora(),
@@ -149,6 +173,7 @@ WORKFLOWS = {
     "flux_controlnet_parallel": with_controlnet(),
     "sd3_txt2img_parallel": sd3_text_to_image(),
     "pixart_txt2img_parallel": pixart_text_to_image(),
+    "wan_txt2video_parallel": wan_text_to_video(),
 }
 
 

@@ -80,5 +80,27 @@ class XditTestPixArtConditioning:
         return ([[torch.randn(1, tokens, context_dim, generator=g), {}]],)
 
 
+class XditTestWanConditioning:
+    """Wan's layout (CLIPLoader type wan + CLIPTextEncode): umt5 tokens, pooled_output None."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                "tokens": ("INT", {"default": 512, "min": 1, "max": 4096}),
+                "context_dim": ("INT", {"default": 4096, "min": 1, "max": 8192}),
+            }
+        }
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "testing"
+
+    def encode(self, seed, tokens, context_dim):
+        g = torch.Generator().manual_seed(seed)
+        return ([[torch.randn(1, tokens, context_dim, generator=g), {"pooled_output": None}]],)
+
+
 NODE_CLASS_MAPPINGS = {"XditTestFluxConditioning": XditTestFluxConditioning, "XditTestSD3Conditioning": XditTestSD3Conditioning,
-                       "XditTestPixArtConditioning": XditTestPixArtConditioning}
+                       "XditTestPixArtConditioning": XditTestPixArtConditioning, "XditTestWanConditioning": XditTestWanConditioning}

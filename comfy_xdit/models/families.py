@@ -106,7 +106,7 @@ class ModelFamily:
     # model config -> {conditioning field: width the model takes}, checked before sampling
     conditioning_widths: Callable[[object], dict[str, int]] = lambda config: {
         "context": config.joint_attention_dim, "pooled": config.pooled_projection_dim}
-    # what decodes its latents in a workflow, for the README (ParallelVAEDecode or a stock node)
+    # what decodes its latents where ParallelVAEDecode cannot (no "vae" method), for the README
     vae_note: str = ""
 
     def matches(self, keys) -> bool:
@@ -410,7 +410,7 @@ WAN = ModelFamily(
     methods=frozenset({"ulysses", "ring", "cfg", "data"}),
     resolution_shift=False,
     conditioning_widths=lambda config: {"context": config.text_dim},
-    vae_note="stock VAELoader + VAEDecode (the Wan 3D VAE is not patch-parallel yet)",
+    vae_note="the stock VAELoader + VAE Decode nodes (the Wan 3D VAE is not patch-parallel yet; Parallel VAE Decode refuses video latents)",
 )
 
 
@@ -457,4 +457,5 @@ def markdown_table() -> str:
     for family in FAMILIES.values():
         marks = " | ".join("yes" if method in family.methods else "-" for method in METHODS)
         lines.append(f"| {family.display_name} | {family.formats} | {family.sampling_note} | {marks} |")
-    return "\n".join(lines)
+    notes = [f"- {family.display_name}: decode with {family.vae_note}." for family in FAMILIES.values() if family.vae_note]
+    return "\n".join(lines + ([""] + notes if notes else []))

@@ -67,9 +67,6 @@ class FlowSampling(ConstPrediction):
     def timestep(self, sigma):
         return sigma
 
-    def percent_to_sigma(self, percent: float) -> float:
-        return self.sigma(1.0 - percent)
-
     @property
     def table(self) -> torch.Tensor:
         return self.sigma(torch.arange(1, TIMESTEPS + 1, 1) / TIMESTEPS)

@@ -196,6 +196,9 @@ class RankEngine:
                 hooks=hooks,
                 device=self.device,
                 make_sampling=family.sampling,
+                # One call for both CFG branches, except where a call must see one branch: the
+                # step cache and PipeFusion keep state per branch, ControlNet hints are per row.
+                batch_cfg=not cache and self.mesh.size("pipefusion") == 1 and not controls,
             )
 
     def _job_controls(self, request: SampleRequest, dtype: torch.dtype):

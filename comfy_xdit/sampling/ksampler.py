@@ -19,6 +19,7 @@ import torch
 from ..mesh import ParallelMesh
 from ..models.sharding import gather_along
 from ..requests import FluxConditioning, SampleRequest, SamplingCancelled, StepHooks
+from .cfg_batch import stack_branches
 from .noise import comfy_noise
 from .samplers import NoiseSource, get_sampler
 from .schedules import FlowSampling, ModelSampling, resolution_shift, sigmas_for
@@ -106,7 +107,11 @@ def run_ksampler(
     hooks: StepHooks,
     device: torch.device,
     make_sampling: Callable[[float], ModelSampling] = FlowSampling,
+    batch_cfg: bool = False,
 ) -> torch.Tensor:
+    """batch_cfg: without cfg parallel, evaluate the two CFG branches as one call of twice the
+    batch where their conditionings allow it (cfg_batch.py); the caller turns it off where a
+    call must see one branch (per-branch caches and pipelines)."""
     latent = widen_empty_latent(request.latent.float(), latent_channels, latent_dimensions)
     if request.denoise == 0:  # stock KSampler: no sigmas, the (widened) latent comes back unchanged
         return latent.clone()
@@ -127,6 +132,9 @@ def run_ksampler(
 
     cfg_group = mesh.group("cfg")
     cfg_rank = mesh.local_rank("cfg")
+    both_branches = None
+    if uses_cfg and cfg_group is None and batch_cfg:
+        both_branches = stack_branches(positive, negative, rows.stop - rows.start)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         model_input = sampling.calculate_input(sigma, x)
@@ -135,6 +143,8 @@ def run_ksampler(
         if cfg_group is not None:
             mine = velocity(model_input, sigma, positive if cfg_rank == 0 else negative)
             v_cond, v_uncond = gather_along(mine, 0, cfg_group).chunk(2, dim=0)
+        elif both_branches is not None:
+            v_cond, v_uncond = velocity(torch.cat([model_input, model_input]), sigma, both_branches).chunk(2, dim=0)
         else:
             v_cond, v_uncond = velocity(model_input, sigma, positive), velocity(model_input, sigma, negative)
         cond, uncond = sampling.calculate_denoised(sigma, v_cond, x), sampling.calculate_denoised(sigma, v_uncond, x)

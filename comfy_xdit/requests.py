@@ -109,14 +109,27 @@ class WanConditioning:
 
 
 @dataclass
+class QwenImageConditioning:
+    """One prompt's conditioning in ComfyUI's Qwen-Image layout (CLIPLoader type qwen_image).
+
+    context: Qwen2.5-VL-7B hidden states of the prompt's tokens (the chat template stripped, as
+    ComfyUI's encoder does) [B or 1, T, 3584]. No pooled vector and no attention mask: ComfyUI's
+    Qwen-Image model attends to every token it is given.
+    """
+
+    context: torch.Tensor
+    pooled: None = None
+
+
+@dataclass
 class SampleRequest:
     """One KSampler-equivalent call. Latents are ComfyUI's raw VAE latents [B, 16, H/8, W/8]
     (video families: [B, 16, T, H/8, W/8])."""
 
     latent: torch.Tensor
     # the loaded model family's type
-    positive: FluxConditioning | SD3Conditioning | PixArtConditioning | WanConditioning
-    negative: FluxConditioning | SD3Conditioning | PixArtConditioning | WanConditioning | None
+    positive: FluxConditioning | SD3Conditioning | PixArtConditioning | WanConditioning | QwenImageConditioning
+    negative: FluxConditioning | SD3Conditioning | PixArtConditioning | WanConditioning | QwenImageConditioning | None
     seed: int
     steps: int
     cfg: float = 1.0

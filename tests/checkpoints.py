@@ -444,3 +444,43 @@ def write_wan_file(model, path: str | Path, prefix: str = "", dtype: torch.dtype
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({prefix + k: v for k, v in sd.items()}, str(path))
     return path
+
+
+def make_qwen_image_diffusers_model(num_layers: int = 1, heads: int = 2, head_dim: int = 32, joint_attention_dim: int = 32,
+                                    seed: int = 0):
+    """A tiny float32 QwenImageTransformer2DModel with every parameter random (norm scales around 1).
+
+    The rotary axes follow the releases' proportion (16 / 56 / 56 of 128), as the loader infers them.
+    """
+    from diffusers import QwenImageTransformer2DModel
+
+    from comfy_xdit.loading.qwen_image import RELEASE_AXES_DIMS, rotary_axes
+
+    model = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=num_layers, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=joint_attention_dim,
+        axes_dims_rope=RELEASE_AXES_DIMS if head_dim == 128 else rotary_axes(head_dim),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.ndim >= 2:
+                param.copy_(noise / param[0].numel() ** 0.5)
+            elif "norm" in name:
+                param.copy_(1 + 0.1 * noise)
+            else:
+                param.copy_(0.1 * noise)
+    return model.eval()
+
+
+def write_qwen_image_file(model, path: str | Path, prefix: str = "", dtype: torch.dtype | None = None,
+                          scaled_fp8: bool = False) -> Path:
+    """A Qwen-Image single file as ComfyUI users keep it (diffusers' key names, ComfyUI's prefix or none)."""
+    state = _contiguous(model.state_dict(), dtype)
+    if scaled_fp8:
+        state = _quantize_scaled_fp8(state)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({prefix + k: v for k, v in state.items()}, str(path))
+    return path

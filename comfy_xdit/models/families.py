@@ -21,7 +21,7 @@ import torch
 
 from ..loading.safetensors_files import CheckpointError, SafetensorsSource, find_layouts, find_weight_files
 from ..preview import FLUX_LATENT_RGB_BIAS, FLUX_LATENT_RGB_FACTORS
-from ..requests import FluxConditioning, PixArtConditioning, SD3Conditioning, WanConditioning
+from ..requests import FluxConditioning, PixArtConditioning, QwenImageConditioning, SD3Conditioning, WanConditioning
 from ..sampling.discrete_sampling import DiscreteSampling
 from ..sampling.schedules import FLUX_DEV_SHIFT, FLUX_SCHNELL_SHIFT, DiscreteFlowSampling, FlowSampling
 
@@ -414,7 +414,69 @@ WAN = ModelFamily(
 )
 
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, PIXART, WAN)}
+# --- Qwen-Image text-to-image ---------------------------------------------------------------------
+
+QWEN_IMAGE_SHIFT = 1.15  # ComfyUI's QwenImage model config (sampling_settings); a FLUX-type model: ModelSamplingFlux
+
+
+def _qwen_image_read_config(path: str) -> dict:
+    from ..loading.qwen_image import read_qwen_image_config
+
+    return read_qwen_image_config(path)
+
+
+def _qwen_image_load(path: str, dtype, device):
+    from ..loading.qwen_image import load_qwen_image_transformer
+
+    return load_qwen_image_transformer(path, dtype=dtype, device=device)
+
+
+def _qwen_image_denoiser(model, mesh, lse_kernel, dtype):
+    from . import qwen_image
+
+    return qwen_image.QwenImageDenoiser(qwen_image.install_sequence_parallel(model, mesh, lse_kernel), dtype)
+
+
+def _qwen_image_velocity(denoiser, x, sigma, cond: QwenImageConditioning, controls=()):
+    return denoiser(x, sigma, cond.context)
+
+
+def _qwen_image_signatures() -> dict[str, tuple[str, ...]]:
+    from ..loading.qwen_image import QWEN_IMAGE_SIGNATURES
+
+    return QWEN_IMAGE_SIGNATURES
+
+
+QWEN_IMAGE = ModelFamily(
+    name="qwen_image",
+    display_name="Qwen-Image text-to-image",
+    formats="single file (ComfyUI's, with its `model.diffusion_model.` prefix or none; bf16 or fp8), diffusers folder",
+    key_signatures=_qwen_image_signatures(),
+    diffusers_class="QwenImageTransformer2DModel",
+    read_config=_qwen_image_read_config,
+    load=_qwen_image_load,
+    # ComfyUI's QwenImage uses latent_formats.Wan21 (the Wan 2.1 VAE): one-frame video latents.
+    latent=WAN.latent,
+    sampling=FlowSampling,
+    default_shift=lambda config: QWEN_IMAGE_SHIFT,
+    sampling_note="ModelSamplingFlux: shift 1.15, timestep = sigma",
+    build_denoiser=_qwen_image_denoiser,
+    velocity=_qwen_image_velocity,
+    conditioning=QwenImageConditioning,
+    text_encoders="Qwen2.5-VL 7B (CLIPLoader, type qwen_image)",
+    conditioning_keys=frozenset(),
+    # Stock Qwen-Image passes neither the encoder's pooled output nor its attention mask to its model,
+    # and has no guidance input.
+    ignored_keys=frozenset({"pooled_output", "attention_mask", "guidance"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    resolution_shift=False,
+    conditioning_widths=lambda config: {"context": config.joint_attention_dim},
+    vae_note="the stock VAELoader + VAE Decode nodes with the Wan 2.1 VAE (qwen_image_vae.safetensors; "
+             "Parallel VAE Decode refuses its 3D VAE)",
+)
+
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, PIXART, WAN, QWEN_IMAGE)}
 
 
 def get(name: str) -> ModelFamily:

@@ -1,0 +1,53 @@
+"""One worker matches stock ComfyUI's KSampler on the same Qwen-Image file (a few cases).
+
+tests/stock_qwen_image_compare.py runs both sides in one subprocess (ComfyUI's top-level modules
+must stay out of this process): a Qwen-Image file with ComfyUI's prefix through stock UNETLoader,
+float32, each case within DESIGN.md's 1e-5 relative error (measured at most 1.5e-6). ComfyUI pins
+Qwen-Image's width, so the file is full width with one block (1.4 GB written to the test's
+temporary folder); about 80 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "stock_qwen_image_compare.py"
+COMFYUI = HERE.parent / ".comfyui" / "ComfyUI"
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> dict:
+    if not (COMFYUI / "nodes.py").exists():
+        pytest.skip(f"pristine ComfyUI not found at {COMFYUI} (tools/setup.sh puts it there)")
+    workdir = tmp_path_factory.mktemp("stock_qwen_image")
+    out = workdir / "result.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--workdir", str(workdir), "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=str(workdir))
+    if proc.returncode != 0 or not out.exists():
+        pytest.fail(f"{SCRIPT.name} failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.loads(out.read_text())
+
+
+def test_stock_side_is_qwen_image_in_float32_with_comfyuis_sampling(result):
+    stock = result["stock"]
+    assert (stock["model_class"], stock["config_class"], stock["latent_format"]) == ("QwenImage", "QwenImage", "Wan21")
+    assert stock["weight_dtype"] == "torch.float32" and stock["manual_cast_dtype"] == "None"
+    # ModelSamplingFlux (a FLUX-type model): shift 1.15, the model's timestep is sigma itself.
+    assert (stock["shift"], stock["timestep_of_sigma_half"]) == (1.15, 0.5)
+
+
+def test_one_worker_matches_stock_ksampler(result):
+    bad = [c for c in result["cases"] if not c["rel_error"] < TOLERANCE]
+    listing = "\n".join(f"{c['name']}: rel {c['rel_error']:.2e} {c.get('error', '')}\n{c.get('traceback', '')}" for c in bad)
+    assert not bad, f"{len(bad)} cases differ from stock KSampler by {TOLERANCE:g} or more:\n{listing}"
+    assert len(result["cases"]) >= 5 and not any(math.isnan(c["rel_error"]) for c in result["cases"])
+    # Stock KSampler returns one-frame latents [B, 16, 1, H, W] for Qwen-Image; so do we.
+    assert all(c["shapes"][0] == c["shapes"][1] and len(c["shapes"][0]) == 5 for c in result["cases"])

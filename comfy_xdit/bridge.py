@@ -23,7 +23,7 @@ from .models import families
 from .page_errors import page_safe
 from .pool.backends import LOCAL, Backend
 from .requests import (ControlNetRequest, FluxConditioning, ModelSpec, PixArtConditioning, SampleRequest, SD3Conditioning,
-                       VaeDecodeRequest, VaeWeights, WanConditioning)
+                       QwenImageConditioning, VaeDecodeRequest, VaeWeights, WanConditioning)
 
 log = logging.getLogger("comfy_xdit")
 
@@ -339,8 +339,14 @@ def wan_conditioning(conditioning, which: str) -> WanConditioning:
     return WanConditioning(tokens)
 
 
+def qwen_image_conditioning(conditioning, which: str) -> QwenImageConditioning:
+    # A prompt with padding carries an attention mask, which stock Qwen-Image does not use either.
+    tokens, _, _ = _conditioning_entry(conditioning, which, families.QWEN_IMAGE)
+    return QwenImageConditioning(tokens)
+
+
 CONDITIONING_READERS = {"flux": flux_conditioning, "sd3": sd3_conditioning, "pixart": pixart_conditioning,
-                        "wan": wan_conditioning}
+                        "wan": wan_conditioning, "qwen_image": qwen_image_conditioning}
 
 
 def check_latent(latent: dict, family: families.ModelFamily = families.FLUX) -> None:

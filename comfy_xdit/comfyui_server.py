@@ -154,7 +154,8 @@ def with_demo_conditioning(graph: dict, context_dim: int, pooled_dim: int) -> di
         if node["class_type"] in TEXT_ENCODERS:
             seed = int(node_id)
             inputs = {"seed": seed, "tokens": 7 + seed, "context_dim": context_dim, "pooled_dim": pooled_dim}
-            if clip_type in ("pixart", "wan"):  # T5 / umt5 tokens only
+            if clip_type in ("pixart", "wan", "qwen_image"):  # T5 / umt5 / Qwen2.5-VL tokens only
+                # Qwen-Image's layout is Wan's: tokens with pooled_output None.
                 node_class = "XditTestPixArtConditioning" if clip_type == "pixart" else "XditTestWanConditioning"
                 graph[node_id] = {"class_type": node_class,
                                   "inputs": {"seed": seed, "tokens": 7 + seed, "context_dim": context_dim}}

@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from checkpoints import (make_flux_diffusers_model, make_sd3_diffusers_model, make_wan_diffusers_model, sd3_checkpoint_extras,
-                         write_bfl_file, write_sd3_file, write_wan_file)
+from checkpoints import (make_flux_diffusers_model, make_qwen_image_diffusers_model, make_sd3_diffusers_model,
+                         make_wan_diffusers_model, sd3_checkpoint_extras, write_bfl_file, write_qwen_image_file, write_sd3_file,
+                         write_wan_file)
 from comfy_xdit.comfyui_server import COMFYUI, ComfyServer, error_message, status_str, with_demo_conditioning
 from comfy_xdit.comfyui_server import shipped_workflow as load_workflow
 from controlnet_files import make_flux_controlnet, write_instantx_file, write_sd15_controlnet_file
@@ -68,6 +69,9 @@ def server(tmp_path_factory):
     wan = make_wan_diffusers_model(num_layers=1, heads=2, head_dim=128, ffn_dim=64, text_dim=CONTEXT_DIM, freq_dim=32, seed=6)
     write_wan_file(wan, models / "diffusion_models" / "tiny_wan.safetensors", prefix="model.diffusion_model.")
     write_wan_vae_file(models / "vae" / "tiny_wan_vae.safetensors")
+    # Qwen-Image as ComfyUI keeps it (its prefix); it decodes with the same Wan 2.1 VAE.
+    qwen = make_qwen_image_diffusers_model(num_layers=1, heads=2, head_dim=32, joint_attention_dim=CONTEXT_DIM, seed=7)
+    write_qwen_image_file(qwen, models / "diffusion_models" / "tiny_qwen_image.safetensors", prefix="model.diffusion_model.")
     # A file in the DiT folder that is not a DiT: a VAE.
     save_file(make_ldm_vae_state_dict(seed=3), str(models / "diffusion_models" / "not_a_dit.safetensors"))
     Image.new("RGB", (64, 48), (200, 60, 40)).save(base / "input" / "example.png")
@@ -470,3 +474,63 @@ def test_a_video_latent_into_parallel_vae_decode_names_the_stock_node(server):
     entry = server.run(graph)
     assert status_str(entry) == "error"
     assert "for a video latent (Wan) use the stock VAE Decode node" in error_message(entry)
+
+
+# --- Qwen-Image text-to-image ---------------------------------------------------------------------
+
+
+def qwen_image_workflow(**loader) -> dict:
+    graph = with_demo_conditioning(load_workflow("qwen_image_txt2img_parallel"), CONTEXT_DIM, POOLED_DIM)
+    for node in graph.values():
+        cls = node["class_type"]
+        if cls == "ParallelLoader":
+            node["inputs"].update(model_name="tiny_qwen_image.safetensors", devices="cpu,cpu", **loader)
+        elif cls == "ParallelSampler":
+            node["inputs"].update(steps=2)
+        elif cls == "EmptySD3LatentImage":
+            node["inputs"].update(width=64, height=48)  # latent [1, 16, 6, 8]: 3 x 4 tokens
+        elif cls == "VAELoader":
+            node["inputs"]["vae_name"] = "tiny_wan_vae.safetensors"
+    return graph
+
+
+def test_qwen_image_workflow_runs_with_cfg_parallel_and_stock_vae_decode(server):
+    graph = qwen_image_workflow()
+    assert node_of(graph, "XditTestWanConditioning") and node_of(graph, "VAEDecode")
+    entry = server.run(graph)
+    assert status_str(entry) == "success", error_message(entry) + server.log()[-2000:]
+    image = entry["outputs"][next(k for k, n in graph.items() if n["class_type"] == "SaveImage")]["images"]
+    assert len(image) == 1
+    assert Image.open(server.base / "output" / image[0].get("subfolder", "") / image[0]["filename"]).size == (64, 48)
+    pool = pool_status(server)
+    assert len(pool["workers"]) == 2 and pool["model"]["family"] == "qwen_image"
+
+
+def test_qwen_image_two_workers_give_the_latents_of_one(server):
+    def latent_graph(devices: str, **loader) -> dict:
+        graph = qwen_image_workflow(**loader)
+        node_of(graph, "ParallelLoader")["inputs"]["devices"] = devices
+        node_of(graph, "ParallelSampler")["inputs"]["seed"] = 17
+        sampler_id = next(k for k, n in graph.items() if n["class_type"] == "ParallelSampler")
+        for node_id in [k for k, n in graph.items() if n["class_type"] in ("VAELoader", "VAEDecode", "SaveImage")]:
+            del graph[node_id]
+        graph["90"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler_id, 0], "filename_prefix": f"qwen_{devices}"}}
+        return graph
+
+    # Two workers as Ring this time (the shipped workflow's cfg parallel ran above).
+    two = server.run(latent_graph("cpu,cpu", use_cfg_parallel=False, ulysses_degree=1, ring_degree=2))
+    one = server.run(latent_graph("cpu", use_cfg_parallel=False))
+    assert status_str(two) == status_str(one) == "success", error_message(two) + error_message(one)
+    a, b = saved_latent(server, two), saved_latent(server, one)
+    assert a.shape == (1, 16, 1, 6, 8)  # stock KSampler's one-frame latent for Qwen-Image
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+
+
+def test_wan_conditioning_width_into_qwen_image_is_refused_with_what_to_change(server):
+    graph = qwen_image_workflow()
+    for node in graph.values():
+        if node["class_type"] == "XditTestWanConditioning":
+            node["inputs"]["context_dim"] = 4096
+    entry = server.run(graph)
+    assert status_str(entry) == "error"
+    assert "text tokens are 4096 wide but this Qwen-Image text-to-image model takes 32" in error_message(entry)

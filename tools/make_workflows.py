@@ -166,6 +166,27 @@ def wan_text_to_video() -> dict:
     }
 
 
+def qwen_image_text_to_image() -> dict:
+    """Qwen-Image txt2img as ComfyUI's Qwen-Image example builds it (Qwen2.5-VL 7B via CLIPLoader type qwen_image,
+    1328x1328, euler / simple, cfg 2.5), with the MODEL nodes swapped for ours. It needs cfg, so the loader puts the
+    conditional and unconditional branch on two worker groups and gives the rest of the devices to Ulysses. The
+    example's ModelSamplingAuraFlow (shift 3.1) is a MODEL node, which our sampler does not take yet: it samples
+    with the model's default ModelSamplingFlux shift 1.15, as stock KSampler without that node. The decode is the
+    stock VAE Decode with the Wan 2.1 VAE."""
+    return {
+        "1": ("CLIPLoader", dict(clip_name="qwen_2.5_vl_7b_fp8_scaled.safetensors", type="qwen_image", device="default"), {}),
+        "2": ("CLIPTextEncode", dict(text="a red fox in fresh snow, morning light, a sign that reads \"xDiT\""), {"clip": ("1", 0)}),
+        "4": ("CLIPTextEncode", dict(text=""), {"clip": ("1", 0)}),
+        "5": ("EmptySD3LatentImage", dict(width=1328, height=1328, batch_size=1), {}),
+        "6": ("ParallelLoader", dict(LOADER, model_name="qwen_image_fp8_e4m3fn.safetensors", use_cfg_parallel=True), {}),
+        "7": ("ParallelSampler", dict(SAMPLER, steps=20, cfg=2.5),
+              {"model": ("6", 0), "positive": ("2", 0), "negative": ("4", 0), "latent_image": ("5", 0)}),
+        "8": ("VAELoader", dict(vae_name="qwen_image_vae.safetensors"), {}),
+        "9": ("VAEDecode", {}, {"samples": ("7", 0), "vae": ("8", 0)}),
+        "10": ("SaveImage", dict(filename_prefix="xdit_qwen_image"), {"images": ("9", 0)}),
+    }
+
+
 WORKFLOWS = {
     "flux_txt2img_parallel": text_to_image(),
     "flux_lora_parallel": with_lora(),
@@ -174,6 +195,7 @@ WORKFLOWS = {
     "sd3_txt2img_parallel": sd3_text_to_image(),
     "pixart_txt2img_parallel": pixart_text_to_image(),
     "wan_txt2video_parallel": wan_text_to_video(),
+    "qwen_image_txt2img_parallel": qwen_image_text_to_image(),
 }
 
 

@@ -359,6 +359,13 @@ def check_latent(latent: dict, family: families.ModelFamily = families.FLUX) -> 
     if samples.ndim not in allowed:
         kind = "a video latent [B, C, T, H, W] (e.g. EmptyHunyuanLatentVideo)" if family.latent.dimensions == 3 else "an image latent [B, C, H, W]"
         raise ValueError(f"{family.display_name} takes {kind}, got shape {list(samples.shape)}")
+    check_frames(samples.shape, family)
+
+
+def check_frames(shape, family: families.ModelFamily) -> None:
+    if family.max_frames is not None and len(shape) == 5 and shape[2] > family.max_frames:
+        raise ValueError(f"{family.display_name} makes single images, but the latent has {shape[2]} frames; "
+                         "use an image latent (EmptySD3LatentImage)")
 
 
 # --- jobs ------------------------------------------------------------------------------------

@@ -265,6 +265,10 @@ def _check_request_fits(request: SampleRequest, family: families.ModelFamily, co
                 raise ValueError(f"the {which} conditioning's {name} are {tensor.shape[-1]} wide but this "
                                  f"{family.display_name} model takes {width}: encode the prompt with the model's own "
                                  f"text encoders ({family.text_encoders})")
+    latent = request.latent
+    if family.max_frames is not None and latent.ndim == 5 and latent.shape[2] > family.max_frames:
+        raise ValueError(f"{family.display_name} makes single images, but the latent has {latent.shape[2]} frames; "
+                         "use an image latent [B, C, H, W]")
     if request.max_shift is not None and not family.resolution_shift:
         raise ValueError(f"the resolution-dependent shift (ModelSamplingFlux) does not apply to {family.display_name}; "
                          "use the model's default shift")

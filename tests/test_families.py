@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from comfy_xdit.sampling.samplers import is_flow
 
@@ -55,6 +56,19 @@ def test_wan_latent_format_and_sampling_are_comfyuis():
     assert (latent.channels, latent.dimensions, latent.scale) == (16, 3, 1.0)
     assert latent.channel_mean[:2] == (-0.7571, -0.7089) and latent.channel_std[-1] == 1.9160
     assert families.WAN.default_shift(None) == 8.0 and families.WAN.sampling(8.0).multiplier == 1000.0
+
+
+def test_qwen_image_latent_format_and_sampling_are_comfyuis():
+    # comfy/supported_models.py QwenImage: latent_formats.Wan21, a FLUX-type model (ModelSamplingFlux), shift 1.15.
+    from comfy_xdit.bridge import check_latent
+    from comfy_xdit.sampling.schedules import FlowSampling
+
+    assert families.QWEN_IMAGE.latent == families.WAN.latent
+    assert families.QWEN_IMAGE.default_shift(None) == 1.15 and families.QWEN_IMAGE.sampling(1.15) == FlowSampling(1.15)
+    check_latent({"samples": torch.zeros(1, 16, 6, 8)}, families.QWEN_IMAGE)
+    check_latent({"samples": torch.zeros(1, 16, 1, 6, 8)}, families.QWEN_IMAGE)
+    with pytest.raises(ValueError, match="Qwen-Image text-to-image makes single images, but the latent has 3 frames"):
+        check_latent({"samples": torch.zeros(1, 16, 3, 6, 8)}, families.QWEN_IMAGE)
 
 
 def test_an_unknown_family_is_refused_with_the_choices():

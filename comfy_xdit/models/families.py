@@ -108,6 +108,8 @@ class ModelFamily:
         "context": config.joint_attention_dim, "pooled": config.pooled_projection_dim}
     # what decodes its latents where ParallelVAEDecode cannot (no "vae" method), for the README
     vae_note: str = ""
+    # frames a 5-D latent may have (None: any); an image family on a video VAE takes one
+    max_frames: int | None = None
 
     def matches(self, keys) -> bool:
         return bool(find_layouts(keys, self.key_signatures))
@@ -473,6 +475,7 @@ QWEN_IMAGE = ModelFamily(
     conditioning_widths=lambda config: {"context": config.joint_attention_dim},
     vae_note="the stock VAELoader + VAE Decode nodes with the Wan 2.1 VAE (qwen_image_vae.safetensors; "
              "Parallel VAE Decode refuses its 3D VAE)",
+    max_frames=1,
 )
 
 

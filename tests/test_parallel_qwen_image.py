@@ -28,10 +28,10 @@ def tiny_qwen_image():
     return make_qwen_image_diffusers_model(num_layers=2, heads=2, head_dim=32, joint_attention_dim=32, seed=0)
 
 
-def request(batch: int = 1, cfg: float = 4.0, sampler: str = "euler") -> SampleRequest:
+def request(batch: int = 1, cfg: float = 4.0, sampler: str = "euler", negative_tokens: int = 5) -> SampleRequest:
     g = torch.Generator().manual_seed(1)
     positive = QwenImageConditioning(torch.randn(1, 9, 32, generator=g))
-    negative = QwenImageConditioning(torch.randn(1, 5, 32, generator=g))
+    negative = QwenImageConditioning(torch.randn(1, negative_tokens, 32, generator=g))
     return SampleRequest(torch.zeros(batch, *LATENT), positive, negative, seed=42, steps=3, cfg=cfg, sampler_name=sampler)
 
 
@@ -43,23 +43,25 @@ def engine_for(config_kwargs: dict) -> RankEngine:
     return engine
 
 
-def generate(config_kwargs: dict, batch: int, wrong_shard_order: bool = False, sampler: str = "euler") -> torch.Tensor:
+def generate(config_kwargs: dict, batch: int, wrong_shard_order: bool = False, sampler: str = "euler",
+             negative_tokens: int = 5) -> torch.Tensor:
     engine = engine_for(config_kwargs)
     if wrong_shard_order:
         # Deliberately hand each rank another rank's shard: the comparison must catch it.
         forward = engine._denoiser.forward
         forward.shard_index = forward.degree - 1 - forward.shard_index
-    return engine.sample(request(batch, sampler=sampler))
+    return engine.sample(request(batch, sampler=sampler, negative_tokens=negative_tokens))
 
 
 @pytest.fixture(scope="module")
 def reference():
     cache = {}
 
-    def get(batch: int, sampler: str = "euler") -> torch.Tensor:
-        if (batch, sampler) not in cache:
-            cache[(batch, sampler)] = generate({}, batch, sampler=sampler)
-        return cache[(batch, sampler)]
+    def get(batch: int, sampler: str = "euler", negative_tokens: int = 5) -> torch.Tensor:
+        key = (batch, sampler, negative_tokens)
+        if key not in cache:
+            cache[key] = generate({}, batch, sampler=sampler, negative_tokens=negative_tokens)
+        return cache[key]
 
     return get
 
@@ -72,6 +74,8 @@ CASES = {
 }
 WRONG_ORDER = "ulysses=2, shards swapped"
 ANCESTRAL = "ring=2, euler_ancestral"
+# Text of one length in both branches: they share one model call of twice the batch.
+ONE_CALL = "ulysses=2 and data=2, both CFG branches in one call"
 
 
 def generate_all_cases() -> dict:
@@ -79,6 +83,8 @@ def generate_all_cases() -> dict:
     results = {name: generate(config_kwargs, batch) for name, (config_kwargs, batch) in CASES.items()}
     results[WRONG_ORDER] = generate(dict(ulysses_degree=2), 1, wrong_shard_order=True)
     results[ANCESTRAL] = generate(dict(ring_degree=2), 1, sampler="euler_ancestral")
+    results[ONE_CALL] = (generate(dict(ulysses_degree=2), 1, negative_tokens=9),
+                         generate(dict(data_parallel_degree=2), 2, negative_tokens=9))
     return results
 
 
@@ -101,6 +107,13 @@ def test_parallel_equals_one_worker(name, two_workers, reference):
 def test_ancestral_sampler_on_ring_equals_one_worker(two_workers, reference):
     for rank, results in enumerate(two_workers):
         assert relative_error(results[ANCESTRAL], reference(1, "euler_ancestral")) < TOLERANCE, f"rank {rank}"
+
+
+def test_both_cfg_branches_in_one_call_under_ulysses_and_data_equal_one_worker(two_workers, reference):
+    for rank, results in enumerate(two_workers):
+        ulysses, data = results[ONE_CALL]
+        assert relative_error(ulysses, reference(1, negative_tokens=9)) < TOLERANCE, f"rank {rank}"
+        assert relative_error(data, reference(2, negative_tokens=9)) < TOLERANCE, f"rank {rank}"
 
 
 def test_wrong_shard_order_is_caught(two_workers, reference):

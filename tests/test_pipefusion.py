@@ -52,13 +52,13 @@ def pipefusion_flux(num_layers: int = 2, num_single_layers: int = 2):
     return model
 
 
-def make_request(steps: int = STEPS, cfg: float = 1.0) -> SampleRequest:
+def make_request(steps: int = STEPS, cfg: float = 1.0, batch: int = 1) -> SampleRequest:
     g = torch.Generator().manual_seed(1)
     positive = FluxConditioning(torch.randn(1, 7, 32, generator=g), torch.randn(1, 24, generator=g), 3.5)
     negative = FluxConditioning(torch.randn(1, 5, 32, generator=g), torch.randn(1, 24, generator=g), 3.5)
     # 12x14 latent: 6x7 token rows x columns, so two patches are bands of 3 rows (21 tokens),
     # which Ulysses=2 must pad.
-    return SampleRequest(torch.zeros(1, 4, 12, 14), positive, negative, seed=42, steps=steps, cfg=cfg)
+    return SampleRequest(torch.zeros(batch, 4, 12, 14), positive, negative, seed=42, steps=steps, cfg=cfg)
 
 
 def engine_for(config_kwargs: dict) -> RankEngine:
@@ -69,8 +69,8 @@ def engine_for(config_kwargs: dict) -> RankEngine:
     return engine
 
 
-def generate(config_kwargs: dict, steps: int, cfg: float) -> torch.Tensor:
-    return engine_for(config_kwargs).sample(make_request(steps, cfg))
+def generate(config_kwargs: dict, steps: int, cfg: float, batch: int = 1) -> torch.Tensor:
+    return engine_for(config_kwargs).sample(make_request(steps, cfg, batch))
 
 
 def generate_with_and_without_stale_kv(config_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,10 +85,10 @@ def generate_with_and_without_stale_kv(config_kwargs: dict) -> tuple[torch.Tenso
 def reference():
     cache = {}
 
-    def get(steps: int, cfg: float) -> torch.Tensor:
-        if (steps, cfg) not in cache:
-            cache[(steps, cfg)] = generate({}, steps, cfg)
-        return cache[(steps, cfg)]
+    def get(steps: int, cfg: float, batch: int = 1) -> torch.Tensor:
+        if (steps, cfg, batch) not in cache:
+            cache[(steps, cfg, batch)] = generate({}, steps, cfg, batch)
+        return cache[(steps, cfg, batch)]
 
     return get
 
@@ -100,6 +100,7 @@ EXACT_CASES = {
     "pipefusion=2 x ulysses=2": (4, dict(pipefusion_parallel_degree=2, ulysses_degree=2, warmup_steps=3)),
     "cfg x pipefusion=2": (4, dict(use_cfg_parallel=True, pipefusion_parallel_degree=2, warmup_steps=3)),
 }
+
 
 
 @pytest.mark.parametrize("name", list(EXACT_CASES))
@@ -243,3 +244,31 @@ def test_cfg_parallel_x_pipefusion_after_warmup_matches_pipefusion_alone():
     alone = run_on_ranks(2, generate, config, 3, 2.0)[0]
     for result in run_on_ranks(4, generate, dict(config, use_cfg_parallel=True), 3, 2.0):
         assert relative_error(result, alone) < TOLERANCE
+
+
+
+def generate_in_warmup_then_after(config_kwargs: dict, steps: int, cfg: float, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One job with warmup on every step (exact), then one with warmup 1 (stale K/V), same engine."""
+    engine = engine_for(dict(config_kwargs, warmup_steps=steps))
+    exact = engine.sample(make_request(steps, cfg, batch))
+    engine._denoiser.warmup_steps = 1
+    return exact, engine.sample(make_request(steps, cfg, batch))
+
+
+def test_data_parallel_x_pipefusion_equals_one_worker_in_warmup_and_pipefusion_alone_after(reference):
+    # A batch of 2 over data=2: each data row runs its own pipeline on its own image. In warmup
+    # the result is one worker's; after warmup each row is what PipeFusion alone gives it (the
+    # K/V cache is per image, so splitting the batch must not change the stale path).
+    results = run_on_ranks(4, generate_in_warmup_then_after, dict(data_parallel_degree=2, pipefusion_parallel_degree=2), 3, 2.0, 2)
+    expected = reference(3, 2.0, 2)
+    alone = run_on_ranks(2, generate, dict(pipefusion_parallel_degree=2, warmup_steps=1), 3, 2.0, 2)[0]
+    assert relative_error(alone, expected) > 10 * TOLERANCE  # the stale path really differs from exact
+    for rank, (exact, stale) in enumerate(results):
+        assert exact.shape == stale.shape == expected.shape
+        error = relative_error(exact, expected)
+        print(f"data x pipefusion rank {rank}: warmup {error:.2e} from one worker, after warmup "
+              f"{max(relative_error(stale[r], alone[r]) for r in range(2)):.2e} from PipeFusion alone")
+        assert error < TOLERANCE, f"rank {rank} in warmup differs from one worker by {error:.2e}"
+        for row in range(2):
+            error = relative_error(stale[row], alone[row])
+            assert error < TOLERANCE, f"rank {rank}, row {row} after warmup differs from PipeFusion alone by {error:.2e}"

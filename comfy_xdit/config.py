@@ -47,12 +47,6 @@ class ParallelConfig:
             raise ConfigError(f"warmup_steps must be a whole number of at least 0, got {self.warmup_steps!r}")
         if self.num_pipeline_patches is not None and self.num_pipeline_patches < 1:
             raise ConfigError(f"num_pipeline_patches must be at least 1, got {self.num_pipeline_patches!r}")
-        if self.pipefusion_parallel_degree > 1 and self.ring_degree > 1:
-            raise ConfigError(
-                f"pipefusion_parallel_degree={self.pipefusion_parallel_degree} with ring_degree={self.ring_degree} is "
-                "not supported (the stale K/V cache is not wired through ring attention); inside PipeFusion stages "
-                "use ulysses_degree instead of ring_degree"
-            )
         if self.tensor_parallel_degree > 1:
             others = [f"{name}={value}" for name, value in (
                 ("ulysses_degree", self.ulysses_degree), ("ring_degree", self.ring_degree),

@@ -11,6 +11,12 @@ cached entry is overwritten before it is read, so the pass is exact and fills th
 
 With Ulysses inside a stage the cache lives after the all-to-all: every rank caches all image
 tokens for its own slice of heads, so no extra communication is needed for the stale part.
+
+With Ring inside a stage each ring rank holds one chunk of the patch's tokens. The ring passes
+the patch's fresh K/V chunks around as usual; every chunk that passes by is also written to the
+cache, so after the ring every ring rank's cache again holds the whole image (for its heads)
+without any extra communication. The stale K/V of the other patches are one more block of the
+ring, merged with the fresh blocks through their log-sum-exp.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention.kernels import plain_attention
+from yunchang.ring.utils import RingComm, update_out_and_lse
+
+from ..attention.kernels import Kernel, plain_attention
 from ..attention.usp import SequenceLayout, SequenceParallelAttention
 
 
@@ -46,10 +54,10 @@ class PatchWindowState:
 
 
 class StaleKVAttention(SequenceParallelAttention):
-    """One attention layer's PipeFusion attention (Ulysses inside the stage; no ring)."""
+    """One attention layer's PipeFusion attention (Ulysses and Ring inside the stage)."""
 
-    def __init__(self, state: PatchWindowState, ulysses_group):
-        super().__init__(ulysses_group, None, None)
+    def __init__(self, state: PatchWindowState, ulysses_group, ring_group=None, lse_kernel: Kernel | None = None):
+        super().__init__(ulysses_group, ring_group, lse_kernel)
         self.state = state
         self.caches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # branch -> (keys, values)
 
@@ -73,6 +81,10 @@ class StaleKVAttention(SequenceParallelAttention):
         t = layout.text_tokens
         text_q, text_k, text_v = (self._local_heads(x[:, :t]) for x in (q, k, v))
         image_q, image_k, image_v = self._ulysses_scatter_heads(q[:, t:], k[:, t:], v[:, t:])
+        if self.ring_degree > 1:
+            out = self._ring_with_stale(torch.cat([text_q, image_q], dim=1), text_k, text_v, image_k, image_v, window)
+            text_out, image_out = out[:, :t], out[:, t:]
+            return torch.cat([self._gather_heads(text_out), self._ulysses_gather_sequence(image_out)], dim=1)
         # After the all-to-all this rank holds the whole (padded) patch for its heads; padding
         # sits at the end and is never written to the cache nor attended.
         fresh_k, fresh_v = image_k[:, : window.tokens], image_v[:, : window.tokens]
@@ -91,3 +103,43 @@ class StaleKVAttention(SequenceParallelAttention):
         )
         text_out, image_out = out[:, :t], out[:, t:]
         return torch.cat([self._gather_heads(text_out), self._ulysses_gather_sequence(image_out)], dim=1)
+
+    def _ring_with_stale(self, queries, text_k, text_v, image_k, image_v, window: PatchWindow) -> torch.Tensor:
+        """Attention over text + stale K/V of the other patches + the patch's fresh chunks from the ring."""
+        chunk = image_k.shape[1]  # padded patch tokens per ring rank; padding sits at the patch end
+        cache_k, cache_v = self._cache(window, image_k)
+        stop = window.start + window.tokens
+        # The first block: text and the other patches' cached K/V (copied before the ring below
+        # overwrites this patch's range; in a whole-image pass there is nothing stale).
+        if window.attend_stale:
+            first_k = torch.cat([text_k, cache_k[:, :window.start], cache_k[:, stop:]], dim=1)
+            first_v = torch.cat([text_v, cache_v[:, :window.start], cache_v[:, stop:]], dim=1)
+        else:
+            first_k, first_v = text_k, text_v
+        out, lse = None, None
+
+        def merge(block_k, block_v):
+            nonlocal out, lse
+            if block_k.shape[1] > 0:
+                block_out, block_lse = self.lse_kernel.fn(queries, block_k, block_v)
+                out, lse = update_out_and_lse(out, lse, block_out, block_lse)
+
+        comm = RingComm(self.ring_group)
+        kv = torch.cat([image_k, image_v], dim=0).contiguous()
+        for step in range(self.ring_degree):
+            if step + 1 < self.ring_degree:
+                next_kv = comm.send_recv(kv)  # overlaps with this step's attention
+                comm.commit()
+            if step == 0:
+                merge(first_k, first_v)
+            source = (self.ring_rank - step) % self.ring_degree
+            valid = max(0, min(chunk, window.tokens - source * chunk))
+            block_k, block_v = kv[:, :valid].chunk(2, dim=0)
+            at = window.start + source * chunk
+            cache_k[:, at:at + valid] = block_k
+            cache_v[:, at:at + valid] = block_v
+            merge(block_k, block_v)
+            if step + 1 < self.ring_degree:
+                comm.wait()
+                kv = next_kv
+        return out.to(queries.dtype)

@@ -4,8 +4,8 @@ Every rank runs the same ComfyUI sampler (so all samplers, their noise and CFG s
 calls this denoiser for each model evaluation. Inside one evaluation:
 
 - The image tokens are split into M patches: bands of whole token rows, as even as possible
-  (the first bands one row taller). With Ulysses inside a stage each patch is further split
-  over the stage's Ulysses ranks (padded at its end to divide).
+  (the first bands one row taller). With Ulysses and/or Ring inside a stage each patch is
+  further split over the stage's ring x Ulysses ranks (padded at its end to divide).
 - Stage 0 embeds patch m (and the text), runs its blocks and sends text + patch hidden states
   to stage 1 with a non-blocking send, then starts on patch m+1 while stage 1 works on patch
   m; receives for all patches are posted up front. The last stage applies the output layers.
@@ -15,7 +15,7 @@ calls this denoiser for each model evaluation. Inside one evaluation:
   instead forwards the text states of patch 0 only; carrying them with every patch costs one
   text-sized message per patch and keeps each pass self-consistent.
 - The last stage's output for the whole image is broadcast over the pipefusion group (and
-  gathered over Ulysses), so the sampler step is identical on every rank.
+  gathered over Ulysses and Ring), so the sampler step is identical on every rank.
 
 Warmup: a model evaluation is synchronous (one patch = the whole image, exact, and it fills the
 caches) while fewer than ``warmup_steps`` sampler steps have completed, and for the first
@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..attention.kernels import choose_lse_kernel
 from ..attention.usp import SequenceLayout
 from ..config import ConfigError
 from ..models.flux import PATCH, ParallelFluxAttnProcessor, image_ids, pack, unpack
@@ -75,8 +76,6 @@ class PipeFusionFluxDenoiser:
 
     def __init__(self, stage, mesh, dtype: torch.dtype, has_guidance: bool):
         config = mesh.config
-        if mesh.size("ring") > 1:
-            raise ConfigError("pipefusion_parallel_degree > 1 with ring_degree > 1 is not supported; use ulysses_degree inside the stages")
         self.stage = stage
         self.plan = stage.pipefusion_stage
         self.dtype = dtype
@@ -94,12 +93,19 @@ class PipeFusionFluxDenoiser:
         self.ulysses_group = mesh.group("ulysses")
         self.ulysses_degree = mesh.size("ulysses")
         self.ulysses_rank = mesh.local_rank("ulysses")
+        self.ring_group = mesh.group("ring")
+        self.ring_degree = mesh.size("ring")
+        # A patch's tokens are split over the stage's ring x ulysses ranks (ring-major).
+        self.sequence_degree = self.ring_degree * self.ulysses_degree
+        self.sequence_rank = mesh.sequence_parallel_rank
+        # Ring merges its blocks through their log-sum-exp: it needs a kernel that returns it.
+        lse_kernel = choose_lse_kernel(config.attention_backend, mesh.device, dtype) if self.ring_degree > 1 else None
 
         self.window_state = PatchWindowState()
         processors = {}
         self.attentions: list[StaleKVAttention] = []
         for name in stage.attn_processors:
-            attention = StaleKVAttention(self.window_state, self.ulysses_group)
+            attention = StaleKVAttention(self.window_state, self.ulysses_group, self.ring_group, lse_kernel)
             self.attentions.append(attention)
             processors[name] = ParallelFluxAttnProcessor(attention)
         stage.set_attn_processor(processors)
@@ -159,16 +165,16 @@ class PipeFusionFluxDenoiser:
         return unpack(out.float(), c, hp, wp)[:, :, :h, :w]
 
     def _shard(self, x: torch.Tensor, dim: int, window: PatchWindow) -> torch.Tensor:
-        """This rank's Ulysses shard of the patch's tokens along ``dim`` (padded at the end)."""
+        """This rank's ring x Ulysses shard of the patch's tokens along ``dim`` (padded at the end)."""
         part = x.narrow(dim, window.start, window.tokens)
-        if self.ulysses_degree == 1:
+        if self.sequence_degree == 1:
             return part
-        return pad_to_multiple(part, dim, self.ulysses_degree).chunk(self.ulysses_degree, dim=dim)[self.ulysses_rank]
+        return pad_to_multiple(part, dim, self.sequence_degree).chunk(self.sequence_degree, dim=dim)[self.sequence_rank]
 
     def _pipeline(self, windows, tokens, context, temb, img_ids, txt_ids) -> torch.Tensor:
         stage, plan = self.stage, self.plan
         batch, text_len = context.shape[:2]
-        shards = [-(-w.tokens // self.ulysses_degree) for w in windows]
+        shards = [-(-w.tokens // self.sequence_degree) for w in windows]
         # Post every receive first: patch m+1 arrives while this stage computes patch m.
         receives = []
         if not plan.is_first:
@@ -180,7 +186,7 @@ class PipeFusionFluxDenoiser:
         try:
             for i, window in enumerate(windows):
                 self.window_state.window = window
-                layout = SequenceLayout(text_len, window.tokens, shards[i] * self.ulysses_degree)
+                layout = SequenceLayout(text_len, window.tokens, shards[i] * self.sequence_degree)
                 rotary = stage.pos_embed(torch.cat([txt_ids, self._shard(img_ids, 0, window)]))
                 if plan.is_first:
                     text, image = text_embedded, stage.x_embedder(self._shard(tokens, 1, window))
@@ -201,16 +207,25 @@ class PipeFusionFluxDenoiser:
         return self._whole_output(outputs, windows, shards, batch, tokens)
 
     def _whole_output(self, outputs, windows, shards, batch: int, like: torch.Tensor) -> torch.Tensor:
-        """The last stage's output for every patch, on every rank: broadcast, then Ulysses gather."""
+        """The last stage's output for every patch, on every rank: broadcast, then gather the shards."""
         if self.plan.is_last:
             packed = torch.cat(outputs, dim=1).contiguous()
         else:
             packed = like.new_empty(batch, sum(shards), self.stage.out_channels)
         dist.broadcast(packed, src=self.last_rank, group=self.group)
+        # Ulysses shards first, then ring chunks: a ring rank's tokens are its Ulysses group's shards.
+        packed, shards = _gather_patch_shards(packed, shards, self.ulysses_group, self.ulysses_degree)
+        packed, shards = _gather_patch_shards(packed, shards, self.ring_group, self.ring_degree)
         pieces = packed.split(shards, dim=1)
-        if self.ulysses_degree > 1:
-            gathered = [torch.empty_like(packed) for _ in range(self.ulysses_degree)]
-            dist.all_gather(gathered, packed, group=self.ulysses_group)
-            per_rank = [g.split(shards, dim=1) for g in gathered]
-            pieces = [torch.cat([part[i] for part in per_rank], dim=1) for i in range(len(windows))]
         return torch.cat([piece[:, : window.tokens] for piece, window in zip(pieces, windows)], dim=1)
+
+
+def _gather_patch_shards(packed: torch.Tensor, shards: list[int], group, degree: int) -> tuple[torch.Tensor, list[int]]:
+    """All-gather every patch's shards over ``group``: each patch's pieces joined in rank order."""
+    if degree == 1:
+        return packed, shards
+    gathered = [torch.empty_like(packed) for _ in range(degree)]
+    dist.all_gather(gathered, packed, group=group)
+    per_rank = [g.split(shards, dim=1) for g in gathered]
+    pieces = [torch.cat([part[i] for part in per_rank], dim=1) for i in range(len(shards))]
+    return torch.cat(pieces, dim=1), [shard * degree for shard in shards]

@@ -20,8 +20,11 @@ class ConfigError(ValueError):
 class ParallelConfig:
     """How one generation is spread over workers.
 
-    The workers form a mesh of shape (data, cfg, pipefusion, ring, ulysses, tensor); the product of
-    the degrees is the number of workers, one per entry of ``devices``.
+    The workers form a mesh of shape (data, cfg, pipefusion, ring, ulysses, tensor, distrifusion); the
+    product of the degrees is the number of workers, one per entry of ``devices``.
+
+    ``warmup_steps``: the synchronous (exact) sampler steps before PipeFusion and DistriFusion
+    switch to one-step-stale keys/values of the other patches.
     """
 
     ulysses_degree: int = 1
@@ -34,12 +37,14 @@ class ParallelConfig:
     warmup_steps: int = 1
     attention_backend: str = "auto"
     devices: tuple[str, ...] = field(default=("cpu",))
+    # DistriFusion: every worker of a group holds the whole model and denoises its patch of the image
+    distrifusion_degree: int = 1
 
     def __post_init__(self) -> None:
         # Accept lists from JSON or the command line but keep the config hashable.
         object.__setattr__(self, "devices", tuple(str(d) for d in self.devices))
         for name in ("ulysses_degree", "ring_degree", "pipefusion_parallel_degree", "data_parallel_degree",
-                     "tensor_parallel_degree"):
+                     "tensor_parallel_degree", "distrifusion_degree"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
@@ -58,6 +63,20 @@ class ParallelConfig:
                     f"tensor_parallel_degree={self.tensor_parallel_degree} with {' and '.join(others)} is not supported; "
                     "tensor parallelism combines with use_cfg_parallel and data_parallel_degree only: set "
                     f"{' and '.join(o.split('=')[0] for o in others)} to 1, or tensor_parallel_degree to 1"
+                )
+        if self.distrifusion_degree > 1:
+            others = [f"{name}={value}" for name, value in (
+                ("ulysses_degree", self.ulysses_degree), ("ring_degree", self.ring_degree),
+                ("pipefusion_parallel_degree", self.pipefusion_parallel_degree),
+                ("tensor_parallel_degree", self.tensor_parallel_degree)) if value > 1]
+            if others:
+                # DistriFusion's patches are its own split of the image tokens; its stale K/V exchange is
+                # not written for a rank that holds a further shard (sequence parallel), a stage
+                # (PipeFusion) or a slice of the heads (tensor parallel).
+                raise ConfigError(
+                    f"distrifusion_degree={self.distrifusion_degree} with {' and '.join(others)} is not supported; "
+                    "DistriFusion combines with use_cfg_parallel and data_parallel_degree only: set "
+                    f"{' and '.join(o.split('=')[0] for o in others)} to 1, or distrifusion_degree to 1"
                 )
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(
@@ -90,7 +109,7 @@ class ParallelConfig:
         return math.prod(self.mesh_shape)
 
     @property
-    def mesh_shape(self) -> tuple[int, int, int, int, int, int]:
+    def mesh_shape(self) -> tuple[int, int, int, int, int, int, int]:
         return (
             self.data_parallel_degree,
             self.cfg_degree,
@@ -98,6 +117,7 @@ class ParallelConfig:
             self.ring_degree,
             self.ulysses_degree,
             self.tensor_parallel_degree,
+            self.distrifusion_degree,
         )
 
     @property
@@ -123,6 +143,7 @@ class ParallelConfig:
             f"data={self.data_parallel_degree} x cfg={self.cfg_degree} x "
             f"pipefusion={self.pipefusion_parallel_degree} x ring={self.ring_degree} x ulysses={self.ulysses_degree}"
             + (f" x tensor={self.tensor_parallel_degree}" if self.tensor_parallel_degree > 1 else "")
+            + (f" x distrifusion={self.distrifusion_degree}" if self.distrifusion_degree > 1 else "")
         )
 
     def check_model(self, *, num_heads: int, family: str, num_blocks: int | None = None) -> None:

@@ -43,7 +43,7 @@ class RankEngine:
         self.mesh = mesh
         self.spec: ModelSpec | None = None
         self.model: torch.nn.Module | None = None
-        self._denoiser = None  # the family's denoiser (FluxDenoiser, SD3Denoiser, PipeFusionFluxDenoiser)
+        self._denoiser = None  # the family's denoiser (FluxDenoiser, SD3Denoiser, PipeFusionFluxDenoiser, ...)
         self.family: families.ModelFamily | None = None
         self._default_shift: float | None = None
         self.load_count = 0
@@ -104,6 +104,13 @@ class RankEngine:
                                   "turn them off")
             model = cut_to_stage(model, self._stage_plan(dict(config)))  # a whole model keeps only its stage
             self._denoiser = PipeFusionFluxDenoiser(model, self.mesh, dtype, has_guidance=bool(config.guidance_embeds))
+        elif self.mesh.size("distrifusion") > 1:
+            from .distrifusion.runner import DistriFusionDenoiser
+
+            if spec.compile or spec.cuda_graphs:
+                raise ConfigError("compile and cuda_graphs with distrifusion_degree > 1 are not supported yet; "
+                                  "turn them off")
+            self._denoiser = DistriFusionDenoiser(family, model, self.mesh, dtype)
         else:
             if self.mesh.size("tensor") > 1:
                 from .models.tensor_parallel import ShardedView, plan_for, shard_model
@@ -140,6 +147,10 @@ class RankEngine:
         if self.mesh.size("pipefusion") > 1 and "pipefusion" not in family.methods:
             raise ConfigError(f"PipeFusion is not supported for {family.display_name} models yet; use ulysses_degree, "
                               "ring_degree or use_cfg_parallel instead of pipefusion_parallel_degree")
+
+        if self.mesh.size("distrifusion") > 1 and "distrifusion" not in family.methods:
+            raise ConfigError(f"DistriFusion is not supported for {family.display_name} models yet; use ulysses_degree, "
+                              "ring_degree or use_cfg_parallel instead of distrifusion_degree")
 
     def _stage_plan(self, model_config: dict):
         from .pipefusion.partition import plan_stages
@@ -180,6 +191,12 @@ class RankEngine:
             denoiser.check_latent(request.latent.shape[-2])
             denoiser.start_job()
             hooks = denoiser.count_steps(hooks)
+        if self.mesh.size("distrifusion") > 1:  # DistriFusion: fresh K/V state, warmup counted in steps
+            if request.controlnets:
+                raise ConfigError("ControlNet with distrifusion_degree > 1 is not supported yet; "
+                                  "use ulysses_degree / ring_degree for ControlNet workflows")
+            denoiser.start_job()
+            hooks = denoiser.count_steps(hooks)
 
         self.last_cache_record = cache.record if cache else []
         latent = family.latent_format(self.model.config)
@@ -197,8 +214,9 @@ class RankEngine:
                 device=self.device,
                 make_sampling=family.sampling,
                 # One call for both CFG branches, except where a call must see one branch: the
-                # step cache and PipeFusion keep state per branch, ControlNet hints are per row.
-                batch_cfg=not cache and self.mesh.size("pipefusion") == 1 and not controls,
+                # step cache, PipeFusion and DistriFusion keep state per branch, ControlNet hints are per row.
+                batch_cfg=not cache and self.mesh.size("pipefusion") == 1 and self.mesh.size("distrifusion") == 1
+                and not controls,
             )
 
     def _job_controls(self, request: SampleRequest, dtype: torch.dtype):

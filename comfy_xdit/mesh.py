@@ -4,6 +4,8 @@ Dimensions follow xDiT's decomposition, outermost first: data, cfg, pipefusion, 
 then tensor. Tensor parallelism (an all-reduce after every attention and MLP) talks most often, so
 it is innermost, on neighbouring ranks; next Ulysses, whose all-to-all also wants one NVLink
 island, and a ring rank's tokens are the concatenation of its Ulysses group's shards.
+DistriFusion's patch dimension comes last (appended, so the others keep their places); it combines
+only with data and cfg, so its groups are neighbouring ranks too.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .config import ParallelConfig
 
-MESH_DIMS = ("data", "cfg", "pipefusion", "ring", "ulysses", "tensor")
+MESH_DIMS = ("data", "cfg", "pipefusion", "ring", "ulysses", "tensor", "distrifusion")
 
 
 @dataclass

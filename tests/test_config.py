@@ -9,7 +9,7 @@ from comfy_xdit.config import ConfigError, ParallelConfig
 
 def test_a_valid_hybrid_config_has_the_expected_mesh():
     config = ParallelConfig(ulysses_degree=2, ring_degree=2, use_cfg_parallel=True, devices=("cpu",) * 8)
-    assert config.mesh_shape == (1, 2, 1, 2, 2, 1)  # data, cfg, pipefusion, ring, ulysses, tensor
+    assert config.mesh_shape == (1, 2, 1, 2, 2, 1, 1)  # data, cfg, pipefusion, ring, ulysses, tensor, distrifusion
     assert config.sequence_parallel_degree == 4
 
 

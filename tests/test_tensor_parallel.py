@@ -257,7 +257,7 @@ def test_invalid_tensor_parallel_settings_are_refused_with_what_to_change():
     config = ParallelConfig(tensor_parallel_degree=4, devices=("cpu",) * 4)
     with pytest.raises(ConfigError, match=r"tensor_parallel_degree=4 does not divide the 6 attention heads .*\[1, 2, 3, 6\]"):
         config.check_model(num_heads=6, family="Flux", num_blocks=2)
-    assert ParallelConfig(tensor_parallel_degree=2, use_cfg_parallel=True, devices=("cpu",) * 4).mesh_shape == (1, 2, 1, 1, 1, 2)
+    assert ParallelConfig(tensor_parallel_degree=2, use_cfg_parallel=True, devices=("cpu",) * 4).mesh_shape == (1, 2, 1, 1, 1, 2, 1)
 
 
 # --- through the worker pool and the command line -------------------------------------------------

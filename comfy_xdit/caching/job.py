@@ -103,6 +103,9 @@ def cache_job_for(request, model: torch.nn.Module, mesh, default_shift: float, f
     if mesh.size("pipefusion") > 1:
         raise ConfigError("the step cache does not work with PipeFusion: set the sampler's cache to none, or use "
                          "Ulysses/Ring sequence parallelism (pipefusion_parallel_degree 1)")
+    if mesh.size("distrifusion") > 1:
+        raise ConfigError("the step cache does not work with DistriFusion: set the sampler's cache to none, or use "
+                         "Ulysses/Ring sequence parallelism (distrifusion_degree 1)")
     from ..models.families import get as get_family
     from ..sampling.ksampler import flow_sampling_for
     from ..sampling.schedules import sigmas_for

@@ -75,6 +75,7 @@ METHODS = {
     "controlnet": "ControlNet",
     "compile": "torch.compile",
     "tensor": "tensor parallel",
+    "distrifusion": "DistriFusion",
 }
 
 
@@ -176,7 +177,7 @@ FLUX = ModelFamily(
     conditioning_keys=frozenset({"pooled_output", "guidance"}),
     ignored_keys=frozenset(),
     methods=frozenset({"ulysses", "ring", "cfg", "data", "pipefusion", "tensor", "vae", "lora", "controlnet", "compile",
-                       "cache"}),
+                       "cache", "distrifusion"}),
     resolution_shift=True,
 )
 

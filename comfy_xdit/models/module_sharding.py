@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention.usp import SequenceLayout
-from .sharding import gather_along, pad_to_multiple
+from .sharding import gather_along, pad_to_multiple, token_split
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,10 @@ class ModuleShardedForward:
     processor sets the text length of its own call.
     """
 
-    def __init__(self, model: torch.nn.Module, plan: ModuleSequencePlan, mesh):
+    def __init__(self, model: torch.nn.Module, plan: ModuleSequencePlan, mesh, split_over: str | None = None):
         self.model = model
         self.plan = plan
-        self.ulysses_group = mesh.group("ulysses")
-        self.ring_group = mesh.group("ring")
-        self.degree = mesh.size("ulysses") * mesh.size("ring")
-        self.shard_index = mesh.sequence_parallel_rank
+        self.ulysses_group, self.ring_group, self.degree, self.shard_index = token_split(mesh, split_over)
         self._layout: SequenceLayout | None = None  # set only while __call__ runs
         if self.degree > 1:
             for name in (plan.split_output_of, *plan.also_split_outputs_of):

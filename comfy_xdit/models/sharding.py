@@ -44,16 +44,25 @@ def gather_along(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> 
     return torch.cat(parts, dim=dim)
 
 
+def token_split(mesh, split_over: str | None):
+    """(inner group, outer group, degree, this rank's shard) of the image-token split.
+
+    Sequence parallelism splits over Ulysses x Ring (None); DistriFusion names its own mesh
+    dimension, whose group then plays the inner group's part and there is no outer one.
+    """
+    if split_over is None:
+        return (mesh.group("ulysses"), mesh.group("ring"), mesh.size("ulysses") * mesh.size("ring"),
+                mesh.sequence_parallel_rank)
+    return mesh.group(split_over), None, mesh.size(split_over), mesh.local_rank(split_over)
+
+
 class SequenceShardedForward:
     """Calls ``model`` on this rank's shard of the image tokens and returns the whole output."""
 
-    def __init__(self, model: torch.nn.Module, plan: SequencePlan, mesh):
+    def __init__(self, model: torch.nn.Module, plan: SequencePlan, mesh, split_over: str | None = None):
         self.model = model
         self.plan = plan
-        self.ulysses_group = mesh.group("ulysses")
-        self.ring_group = mesh.group("ring")
-        self.degree = mesh.size("ulysses") * mesh.size("ring")
-        self.shard_index = mesh.sequence_parallel_rank
+        self.ulysses_group, self.ring_group, self.degree, self.shard_index = token_split(mesh, split_over)
 
     def __call__(self, **inputs):
         inputs["return_dict"] = False

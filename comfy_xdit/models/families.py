@@ -330,7 +330,7 @@ PIXART = ModelFamily(
     conditioning_keys=frozenset({"width", "height"}),
     # Stock PixArt reads neither a pooled output, an attention mask nor a guidance value.
     ignored_keys=frozenset({"pooled_output", "attention_mask", "guidance"}),
-    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data", "distrifusion"}),
     resolution_shift=False,
     conditioning_widths=lambda config: {"context": config.caption_channels},
     vae_note="stock VAELoader + VAEDecode (ParallelVAEDecode is not checked against stock on 4-channel VAEs yet)",

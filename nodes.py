@@ -76,7 +76,7 @@ class ParallelLoader(io.ComfyNode):
                                  "resolution compiles (tens of seconds), later ones run faster"),
                 # Optional and last, so workflows saved before they existed still load unchanged.
                 io.Int.Input("num_pipeline_patches", default=0, min=0, max=64, optional=True, tooltip="PipeFusion: image patches (bands of rows) flowing through the pipeline; 0: the pipefusion degree"),
-                io.Int.Input("warmup_steps", default=1, min=0, max=10000, optional=True, tooltip="PipeFusion: the first steps run exactly (whole image per stage); later steps reuse one-step-stale attention K/V of the other patches"),
+                io.Int.Input("warmup_steps", default=1, min=0, max=10000, optional=True, tooltip="PipeFusion and DistriFusion: the first steps run exactly (whole image per stage, or all K/V exchanged synchronously); later steps reuse one-step-stale attention K/V of the other patches"),
                 io.Boolean.Input("cuda_graphs", default=False, optional=True, tooltip="GPU workers: replay each step as a captured CUDA "
                                  "graph (removes kernel-launch time; the first step of each shape captures)"),
                 io.Combo.Input("backend", options=["local", "ray"], default="local", optional=True,
@@ -88,6 +88,11 @@ class ParallelLoader(io.ComfyNode):
                              tooltip="tensor parallel: attention heads and MLP columns split over this many workers (each "
                                      "holds about 1/N of the block weights, one all-reduce per attention and MLP); combines "
                                      "with use_cfg_parallel and data_parallel_degree, not with ulysses/ring/pipefusion"),
+                io.Int.Input("distrifusion_degree", default=1, min=1, max=64, optional=True,
+                             tooltip="DistriFusion: every worker holds the whole model and denoises its patch of the image, "
+                                     "attending to the other patches' one-step-stale K/V (exchanged asynchronously); exact "
+                                     "during warmup_steps, approximate after. Combines with use_cfg_parallel and "
+                                     "data_parallel_degree, not with ulysses/ring/pipefusion/tensor"),
             ],
             outputs=[XditModelType.Output()],
         )
@@ -95,7 +100,8 @@ class ParallelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model_name, weight_dtype, ulysses_degree, ring_degree, use_cfg_parallel, data_parallel_degree,
                 pipefusion_parallel_degree, devices, attention_backend, compile=False, num_pipeline_patches=0,
-                warmup_steps=1, cuda_graphs=False, backend="local", address="auto", tensor_parallel_degree=1) -> io.NodeOutput:
+                warmup_steps=1, cuda_graphs=False, backend="local", address="auto", tensor_parallel_degree=1,
+                distrifusion_degree=1) -> io.NodeOutput:
         from .comfy_xdit.requests import ModelSpec
 
         bridge = _bridge()
@@ -105,7 +111,7 @@ class ParallelLoader(io.ComfyNode):
             data_parallel_degree=data_parallel_degree, pipefusion_parallel_degree=pipefusion_parallel_degree,
             attention_backend=attention_backend, devices=devices, backend=pool_backend,
             num_pipeline_patches=num_pipeline_patches or None, warmup_steps=warmup_steps,
-            tensor_parallel_degree=tensor_parallel_degree,
+            tensor_parallel_degree=tensor_parallel_degree, distrifusion_degree=distrifusion_degree,
         )
         if weight_dtype == "default":
             weight_dtype = "float32" if config.device_type == "cpu" else "bfloat16"

@@ -191,9 +191,9 @@ def ray_devices(devices: str, count: int | None, backend: Backend) -> str:
 def make_config(*, ulysses_degree: int, ring_degree: int, use_cfg_parallel: bool, data_parallel_degree: int,
                 pipefusion_parallel_degree: int, attention_backend: str, devices: str,
                 num_pipeline_patches: int | None = None, warmup_steps: int = 1,
-                backend: Backend = LOCAL, tensor_parallel_degree: int = 1) -> ParallelConfig:
+                backend: Backend = LOCAL, tensor_parallel_degree: int = 1, distrifusion_degree: int = 1) -> ParallelConfig:
     others = ring_degree * data_parallel_degree * pipefusion_parallel_degree * (2 if use_cfg_parallel else 1)
-    others *= tensor_parallel_degree
+    others *= tensor_parallel_degree * distrifusion_degree
     if backend.kind == "ray":  # Ray places the workers: the devices only say how many and of which kind
         devices = ray_devices(devices, None if ulysses_degree == 0 else ulysses_degree * others, backend)
     if ulysses_degree == 0:  # 0: whatever the other degrees leave over of the devices
@@ -204,13 +204,13 @@ def make_config(*, ulysses_degree: int, ring_degree: int, use_cfg_parallel: bool
     degrees = dict(
         ulysses_degree=ulysses_degree, ring_degree=ring_degree, use_cfg_parallel=use_cfg_parallel,
         data_parallel_degree=data_parallel_degree, pipefusion_parallel_degree=pipefusion_parallel_degree,
-        tensor_parallel_degree=tensor_parallel_degree,
+        tensor_parallel_degree=tensor_parallel_degree, distrifusion_degree=distrifusion_degree,
     )
     resolved, note = resolve_devices(devices, ulysses_degree * others)
     if note:
         log.warning(note)
         degrees = dict(ulysses_degree=1, ring_degree=1, use_cfg_parallel=False, data_parallel_degree=1,
-                       pipefusion_parallel_degree=1, tensor_parallel_degree=1)
+                       pipefusion_parallel_degree=1, tensor_parallel_degree=1, distrifusion_degree=1)
     return ParallelConfig(attention_backend=attention_backend, devices=resolved, num_pipeline_patches=num_pipeline_patches,
                           warmup_steps=warmup_steps, **degrees)
 

@@ -21,12 +21,17 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pipefusion-parallel-degree", type=int, default=1, help="PipeFusion degree: layers split over this many stages")
     group.add_argument("--num-pipeline-patch", dest="num_pipeline_patches", type=int, default=None,
                        help="PipeFusion patches (bands of token rows); default: the pipefusion degree")
-    group.add_argument("--warmup-steps", type=int, default=1, help="PipeFusion: steps run exactly before stale K/V is reused")
+    group.add_argument("--warmup-steps", type=int, default=1,
+                       help="PipeFusion and DistriFusion: steps run exactly before stale K/V is reused")
     group.add_argument("--use-cfg-parallel", action="store_true", help="conditional and unconditional branch on two groups")
     group.add_argument("--data-parallel-degree", type=int, default=1, help="split the batch over this many groups")
     group.add_argument("--tensor-parallel-degree", "--tp", dest="tensor_parallel_degree", type=int, default=1,
                        help="tensor parallel: attention heads and MLP columns split over this many workers (each holds "
                             "about 1/N of the block weights); combines with --use-cfg-parallel and --data-parallel-degree")
+    group.add_argument("--distrifusion-degree", type=int, default=1,
+                       help="DistriFusion: each worker holds the whole model and denoises its patch of the image, with the "
+                            "other patches' one-step-stale K/V after --warmup-steps; combines with --use-cfg-parallel and "
+                            "--data-parallel-degree")
     group.add_argument("--attention-backend", default="auto", help="auto, sdpa, cudnn, flash, flash_attn, cpu_flash")
     group.add_argument("--devices", default=None, help="comma-separated, e.g. cuda:0,cuda:1 (default: all GPUs, or 2 CPU workers)")
     group.add_argument("--workers", type=int, default=None, help="how many workers when --devices is not given")
@@ -72,7 +77,7 @@ def config_from_flags(args: argparse.Namespace) -> ParallelConfig:
     if ulysses is None:
         # Whatever the other degrees leave over goes to Ulysses, the cheapest exact method.
         others = args.ring_degree * args.pipefusion_parallel_degree * args.data_parallel_degree * (2 if args.use_cfg_parallel else 1)
-        others *= getattr(args, "tensor_parallel_degree", 1)
+        others *= getattr(args, "tensor_parallel_degree", 1) * getattr(args, "distrifusion_degree", 1)
         ulysses = max(1, len(devices) // others)
     return ParallelConfig(
         ulysses_degree=ulysses,
@@ -81,6 +86,7 @@ def config_from_flags(args: argparse.Namespace) -> ParallelConfig:
         use_cfg_parallel=args.use_cfg_parallel,
         data_parallel_degree=args.data_parallel_degree,
         tensor_parallel_degree=getattr(args, "tensor_parallel_degree", 1),
+        distrifusion_degree=getattr(args, "distrifusion_degree", 1),
         num_pipeline_patches=args.num_pipeline_patches,
         warmup_steps=args.warmup_steps,
         attention_backend=args.attention_backend,

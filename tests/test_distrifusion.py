@@ -238,3 +238,40 @@ def test_stale_kv_of_an_unchanged_input_converge_to_the_exact_result(family):
         assert errors[0] < TOLERANCE, "the first evaluation of a branch is synchronous"
         assert errors[1] > 100 * TOLERANCE, "the first evaluation at x2 reads K/V computed at x"
         assert errors[-1] < TOLERANCE, f"rank {rank}: K/V should have converged to x2's, errors {errors}"
+
+
+# --- from the command line, the loader node's config and the worker pool -----------------------
+
+
+def test_command_line_and_loader_select_distrifusion():
+    import argparse
+
+    from comfy_xdit.bridge import make_config
+    from comfy_xdit.cli import add_parallel_flags, config_from_flags
+
+    parser = argparse.ArgumentParser()
+    add_parallel_flags(parser)
+    args = parser.parse_args(["--distrifusion-degree", "2", "--use-cfg-parallel", "--warmup-steps", "3",
+                              "--devices", "cpu,cpu,cpu,cpu"])
+    config = config_from_flags(args)  # Ulysses takes what is left over: nothing
+    assert (config.distrifusion_degree, config.cfg_degree, config.ulysses_degree, config.warmup_steps) == (2, 2, 1, 3)
+    config = make_config(ulysses_degree=0, ring_degree=1, use_cfg_parallel=False, data_parallel_degree=1,
+                         pipefusion_parallel_degree=1, attention_backend="auto", devices="cpu,cpu", distrifusion_degree=2)
+    assert (config.distrifusion_degree, config.ulysses_degree) == (2, 1)
+
+
+@pytest.mark.timeout(180)
+def test_pool_with_distrifusion_equals_one_worker(tmp_path):
+    from checkpoints import write_diffusers_folder
+    from comfy_xdit.pool import WorkerPool
+
+    spec = ModelSpec(str(write_diffusers_folder(pipefusion_flux(), tmp_path / "flux")), dtype="float32")
+    one = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu")))
+    one.load(spec)
+    request = make_request(steps=3, cfg=2.0)
+    expected = one.sample(request)
+    config = ParallelConfig(distrifusion_degree=2, warmup_steps=3, devices=("cpu", "cpu"))
+    with WorkerPool(config, job_timeout_s=60, start_timeout_s=120) as pool:
+        pool.load(spec)
+        result = pool.sample(request)
+    assert relative_error(result, expected) < TOLERANCE

@@ -69,21 +69,22 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 # set-up
 
 
-def parse_degrees(text: str) -> tuple[int, int, int, int]:
-    """(ulysses, ring, pipefusion, tensor): 'u2' -> (2, 1, 1, 1), 'r2' -> (1, 2, 1, 1), 'u2r2' -> (2, 2, 1, 1),
-    'p2' (PipeFusion) -> (1, 1, 2, 1), 't2' (tensor parallel) -> (1, 1, 1, 2), '1' -> (1, 1, 1, 1)."""
-    degrees = {"u": 1, "r": 1, "p": 1, "t": 1}
+def parse_degrees(text: str) -> tuple[int, int, int, int, int]:
+    """(ulysses, ring, pipefusion, tensor, distrifusion): 'u2' -> (2, 1, 1, 1, 1), 'r2' -> (1, 2, 1, 1, 1),
+    'u2r2' -> (2, 2, 1, 1, 1), 'p2' (PipeFusion) -> (1, 1, 2, 1, 1), 't2' (tensor parallel) -> (1, 1, 1, 2, 1),
+    'd2' (DistriFusion) -> (1, 1, 1, 1, 2), '1' -> (1, 1, 1, 1, 1)."""
+    degrees = {"u": 1, "r": 1, "p": 1, "t": 1, "d": 1}
     rest = text.strip().lower()
     if rest in ("1", "u1", "r1", "u1r1", ""):
-        return 1, 1, 1, 1
+        return 1, 1, 1, 1, 1
     import re
 
-    found = re.findall(r"([urpt])(\d+)", rest)
+    found = re.findall(r"([urptd])(\d+)", rest)
     for key, value in found:
         degrees[key] = int(value)
     if "".join(f"{k}{v}" for k, v in found) != rest:
-        raise SystemExit(f"cannot read degrees {text!r}; write e.g. u2, r2, u2r2, p2, p2u2, t2")
-    return degrees["u"], degrees["r"], degrees["p"], degrees["t"]
+        raise SystemExit(f"cannot read degrees {text!r}; write e.g. u2, r2, u2r2, p2, p2u2, t2, d2")
+    return degrees["u"], degrees["r"], degrees["p"], degrees["t"], degrees["d"]
 
 
 def world() -> tuple[int, int, int]:
@@ -133,7 +134,7 @@ def build_model(cls, config: dict, device: torch.device, dtype: torch.dtype, see
     return model.eval().requires_grad_(False)
 
 
-def build_stage(config: dict, degrees: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+def build_stage(config: dict, degrees: tuple[int, ...], device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
     """This rank's PipeFusion stage of the transformer, with random weights (ranks are pipefusion-major
     inside a data=cfg=1 mesh: rank // (ulysses * ring) is the stage)."""
     from diffusers import FluxTransformer2DModel
@@ -141,7 +142,7 @@ def build_stage(config: dict, degrees: tuple[int, int, int, int], device: torch.
     from comfy_xdit.pipefusion.partition import plan_stages
     from comfy_xdit.pipefusion.stage import cut_to_stage
 
-    u, r, p, _ = degrees
+    u, r, p, *_ = degrees
     plan = plan_stages(config, p)[(dist.get_rank() if dist.is_initialized() else 0) // (u * r)]
     with torch.device("meta"):
         model = cut_to_stage(FluxTransformer2DModel(**config), plan)
@@ -277,14 +278,14 @@ class OursLoop:
         from comfy_xdit.mesh import ParallelMesh
         from comfy_xdit.requests import FluxConditioning, ModelSpec
 
-        u, r, p, t = degrees
-        n = u * r * p * t
+        u, r, p, t, d = degrees
+        n = u * r * p * t * d
         if device.type == "cuda":
             devices = tuple(f"cuda:{i}" for i in range(n))
         else:
             devices = ("cpu",) * n
         config = ParallelConfig(ulysses_degree=u, ring_degree=r, pipefusion_parallel_degree=p, tensor_parallel_degree=t,
-                                devices=devices, num_pipeline_patches=args.pipeline_patches,
+                                distrifusion_degree=d, devices=devices, num_pipeline_patches=args.pipeline_patches,
                                 warmup_steps=args.pipefusion_warmup, attention_backend=args.attention_backend)
         self.mesh = ParallelMesh.build(config, device)
         self.engine = RankEngine(self.mesh)
@@ -363,8 +364,8 @@ def setup_xdit(args, config, device, dtype, degrees):
     from xfuser.core.distributed import get_runtime_state, init_distributed_environment, initialize_runtime_state
     from xfuser.model_executor.models.transformers.transformer_flux import xFuserFlux1Transformer2DWrapper
 
-    u, r, p, t = degrees
-    if p > 1 or t > 1:
+    u, r, p, t, d = degrees
+    if p > 1 or t > 1 or d > 1:
         raise SystemExit("xdit rows here are USP only (xfuser's Flux pipeline runs PipeFusion synchronously only)")
     init_distributed_environment()
     xargs = xFuserArgs(
@@ -529,7 +530,8 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="", help="free text stored with each row")
     p.add_argument("--attention-backend", default="auto", help="ours: ParallelConfig.attention_backend (auto, cudnn, flash, ...)")
     p.add_argument("--pipeline-patches", type=int, default=None, help="PipeFusion rows: patches M (default: the degree)")
-    p.add_argument("--pipefusion-warmup", type=int, default=1, help="PipeFusion rows: synchronous warmup steps")
+    p.add_argument("--pipefusion-warmup", type=int, default=1,
+                   help="PipeFusion and DistriFusion (d<N>) rows: synchronous warmup steps")
     p.add_argument("--cache", default=None, help="ours rows with step caches, comma list of " + ", ".join(CACHE_ROWS) +
                    " (give none first: the others' latents are compared with it)")
     args = p.parse_args(argv)
@@ -557,9 +559,9 @@ def main(argv=None) -> int:
         if args.text_len == 512:
             args.text_len = 8
     degrees_list = [parse_degrees(d) for d in (args.degrees.split(",") if args.degrees else [f"u{world_size}"])]
-    for u, r, p, t in degrees_list:
-        if u * r * p * t != world_size:
-            raise SystemExit(f"degrees u{u}r{r}p{p}t{t} need {u * r * p * t} processes; this run has {world_size}")
+    for u, r, p, t, d in degrees_list:
+        if u * r * p * t * d != world_size:
+            raise SystemExit(f"degrees u{u}r{r}p{p}t{t}d{d} need {u * r * p * t * d} processes; this run has {world_size}")
     if "diffusers" in impls and world_size != 1:
         raise SystemExit("the diffusers baseline runs on one GPU: launch it without torchrun")
 
@@ -596,9 +598,9 @@ def main(argv=None) -> int:
     compiled_now = False
 
     def run_row(loop, impl, degrees, extra=None, after=None):
-        u, r, p, t = (*degrees, 1, 1)[:4]
+        u, r, p, t, d = (*degrees, 1, 1)[:5]
         graphs = impl == "ours" and args.cuda_graphs
-        label = f"{impl} u{u}r{r}{f'p{p}' if p > 1 else ''}{f't{t}' if t > 1 else ''}{' compiled' if compiled_now else ''}{' cuda-graphs' if graphs else ''}"
+        label = f"{impl} u{u}r{r}{f'p{p}' if p > 1 else ''}{f't{t}' if t > 1 else ''}{f'd{d}' if d > 1 else ''}{' compiled' if compiled_now else ''}{' cuda-graphs' if graphs else ''}"
         if extra and extra.get("cond") == "device":
             label += " cond-on-device"
         if extra and extra.get("cache"):
@@ -609,16 +611,18 @@ def main(argv=None) -> int:
             row["graphs_vs_eager_rel"] = graphs_against_eager(loop, args.steps)
             log(f"   {label}: CUDA graphs against eager, relative difference {row['graphs_vs_eager_rel']}")
         row.update(
-            impl=impl, ulysses=u, ring=r, pipefusion=p, tensor=t, gpus=u * r * p * t, compiled=compiled_now,
-            cuda_graphs=graphs,
+            impl=impl, ulysses=u, ring=r, pipefusion=p, tensor=t, distrifusion=d, gpus=u * r * p * t * d,
+            compiled=compiled_now, cuda_graphs=graphs,
             steps=args.steps,
-            tflop_per_loop=flops / 1e12, tflops_per_gpu=flops / row["median_s"] / (u * r * p * t) / 1e12,
+            tflop_per_loop=flops / 1e12, tflops_per_gpu=flops / row["median_s"] / (u * r * p * t * d) / 1e12,
             env=env, tag=args.tag, **(extra or {}),
         )
         if impl == "ours":
             row.update(attention_backend=args.attention_backend)
         if p > 1:
             row.update(pipefusion_warmup=args.pipefusion_warmup, pipeline_patches=args.pipeline_patches or p)
+        if d > 1:
+            row.update(distrifusion_warmup=args.pipefusion_warmup)
         if after is not None:
             row.update(after())
         rows.append(row)
@@ -657,7 +661,7 @@ def main(argv=None) -> int:
         if impls == ["diffusers-tp"]:
             # diffusers' own tensor parallel: the whole model on every GPU, then sharded into DTensors by
             # enable_parallelism with the model's _tp_plan (issue 10's 20.2 s against 5.12 s on 1 GPU).
-            if degrees_list != [(1, 1, 1, world_size)]:
+            if degrees_list != [(1, 1, 1, world_size, 1)]:
                 raise SystemExit("diffusers-tp: --degrees t<N> with N the number of launched processes")
             model = build_model(FluxTransformer2DModel, config, device, dtype, args.seed)
             model.enable_parallelism(config=diffusers.TensorParallelConfig(tp_degree=world_size))

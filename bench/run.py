@@ -20,6 +20,10 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
                     latents against no cache (consistency only: random weights); median of 3.
   flux-pipefusion   ours at pipefusion=2 (layers split over 2 GPUs, 2 patches, 1 warmup step)
                     beside ours at ulysses=2 and the 1-GPU baselines; eager.
+  flux-distrifusion ours at distrifusion=2 (whole model on each GPU, half the image each, the other
+                    half's K/V one step stale after 1 warmup step) beside ours at ulysses=2, ring=2,
+                    pipefusion=2 and the 1-GPU baselines; eager. CPU dry run: --smoke --extra
+                    "--device cpu --tiny".
   flux-tp           ours at tensor parallel 2 (heads and MLP columns split, one all-reduce per attention
                     and MLP output) beside ours at ulysses=2 and pipefusion=2, diffusers' own tensor
                     parallel at 2 (DTensor, 2 runs) and the 1-GPU baselines; eager. CPU dry run (all but
@@ -56,7 +60,7 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 
 
 GROUPS = ("flux-usp", "flux-usp-compile", "flux-usp-ring", "flux-pipefusion", "flux-4gpu", "flux-graphs", "flux-cache",
-          "sd3-medium", "flux-4gpu-target", "sd3-4gpu", "sd3-graphs", "flux-tp")
+          "sd3-medium", "flux-4gpu-target", "sd3-4gpu", "sd3-graphs", "flux-tp", "flux-distrifusion")
 
 
 def launches(group: str) -> list[tuple[str, int, list[str]]]:
@@ -86,6 +90,14 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
             ("1gpu", 1, ["--impl", "diffusers,ours"]),
             ("ours-u2", 2, ["--impl", "ours", "--degrees", "u2"]),
             ("ours-p2", 2, ["--impl", "ours", "--degrees", "p2"]),
+        ]
+    if group == "flux-distrifusion":
+        # DistriFusion beside the other ways to use 2 GPUs for one Flux-dev 1024px image (issue 10).
+        return [
+            ("1gpu", 1, ["--impl", "diffusers,ours"]),
+            ("ours-u2r2", 2, ["--impl", "ours", "--degrees", "u2,r2"]),
+            ("ours-p2", 2, ["--impl", "ours", "--degrees", "p2"]),
+            ("ours-d2", 2, ["--impl", "ours", "--degrees", "d2"]),
         ]
     if group == "flux-tp":
         # Tensor parallel beside the other ways to use 2 GPUs, with its 1-GPU baselines in the same run
@@ -175,6 +187,7 @@ def row_name(row: dict) -> str:
         parts += [f"ring={row['ring']}"] if row["ring"] > 1 else []
         parts += [f"pipefusion={row['pipefusion']} (warmup {row.get('pipefusion_warmup', 1)})"] if row.get("pipefusion", 1) > 1 else []
         parts += [f"tensor parallel={row['tensor']}"] if row.get("tensor", 1) > 1 else []
+        parts += [f"distrifusion={row['distrifusion']} (warmup {row.get('distrifusion_warmup', 1)})"] if row.get("distrifusion", 1) > 1 else []
         how = f"{row['gpus']} GPUs, {' x '.join(parts)}"
     mode = "compiled" if row.get("compiled") else "eager"
     if row.get("cuda_graphs"):
@@ -199,7 +212,8 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         speed = f"{base['median_s'] / r['median_s']:.2f}x" if base else "-"
-        peer = xdit.get((r["ulysses"], r["ring"])) if r.get("pipefusion", 1) == 1 and r.get("tensor", 1) == 1 else None
+        peer = (xdit.get((r["ulysses"], r["ring"]))
+                if r.get("pipefusion", 1) == 1 and r.get("tensor", 1) == 1 and r.get("distrifusion", 1) == 1 else None)
         ratio = f"{r['median_s'] / peer['median_s']:.3f}" if peer and r["impl"] != "xdit" and r["gpus"] > 1 and not r.get("compiled") else "-"
         runs = " / ".join(f"{t:.2f}" for t in r["times"])
         mem = max(r["peak_gib_per_rank"])

@@ -275,3 +275,20 @@ def test_pool_with_distrifusion_equals_one_worker(tmp_path):
         pool.load(spec)
         result = pool.sample(request)
     assert relative_error(result, expected) < TOLERANCE
+
+
+def test_bench_has_a_distrifusion_group_beside_usp_and_pipefusion():
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    modules = {}
+    for name in ("run", "flux_loop"):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[name])
+    launches = {name: (nproc, args) for name, nproc, args in modules["run"].launches("flux-distrifusion")}
+    assert launches["ours-d2"] == (2, ["--impl", "ours", "--degrees", "d2"])
+    assert launches["ours-u2r2"] == (2, ["--impl", "ours", "--degrees", "u2,r2"])
+    assert launches["ours-p2"] == (2, ["--impl", "ours", "--degrees", "p2"])
+    assert modules["flux_loop"].parse_degrees("d2") == (1, 1, 1, 1, 2)

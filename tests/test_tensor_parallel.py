@@ -312,5 +312,5 @@ def test_bench_has_a_tensor_parallel_group():
     assert launches["ours-t2"] == (2, ["--impl", "ours", "--degrees", "t2"])
     assert {"1gpu", "ours-u2", "ours-p2"} <= set(launches)
     assert launches["diffusers-t2"][1][:4] == ["--impl", "diffusers-tp", "--degrees", "t2"]
-    assert modules["flux_loop"].parse_degrees("t2") == (1, 1, 1, 2)
-    assert modules["flux_loop"].parse_degrees("u2") == (2, 1, 1, 1)
+    assert modules["flux_loop"].parse_degrees("t2") == (1, 1, 1, 2, 1)
+    assert modules["flux_loop"].parse_degrees("u2") == (2, 1, 1, 1, 1)

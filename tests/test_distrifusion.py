@@ -69,40 +69,55 @@ def generate_with_and_without_exchange(config_kwargs: dict) -> tuple[torch.Tenso
     return with_exchange, without_exchange, again
 
 
-@pytest.fixture(scope="module")
-def reference():
-    cache = {}
-
-    def get(steps: int, cfg: float) -> torch.Tensor:
-        if (steps, cfg) not in cache:
-            cache[(steps, cfg)] = generate({}, steps, cfg)
-        return cache[(steps, cfg)]
-
-    return get
+def flux_runs(cases: dict) -> dict:
+    """Every Flux case of one world size on one process start (each spawn costs seconds of imports)."""
+    return {name: (generate_with_and_without_exchange(config) if steps is None else generate(config, steps, cfg))
+            for name, (config, steps, cfg) in cases.items()}
 
 
+# name -> (config, steps, cfg); steps None: STEPS with cfg 1, with and without the exchange, twice.
 # warmup_steps == steps: every evaluation is synchronous, so DistriFusion is exact. cfg 2 with a
 # negative prompt runs both branches (each with its own K/V state).
-EXACT_CASES = {
-    "distrifusion=2": (2, dict(distrifusion_degree=2, warmup_steps=3)),
-    "cfg x distrifusion=2": (4, dict(use_cfg_parallel=True, distrifusion_degree=2, warmup_steps=3)),
+TWO_RANK_CASES = {
+    "exact": (dict(distrifusion_degree=2, warmup_steps=3), 3, 2.0),
+    "stale": (dict(distrifusion_degree=2, warmup_steps=1), None, None),
+    "cfg 2 after warmup": (dict(distrifusion_degree=2, warmup_steps=1), 3, 2.0),
+}
+FOUR_RANK_CASES = {
+    "exact": (dict(use_cfg_parallel=True, distrifusion_degree=2, warmup_steps=3), 3, 2.0),
+    "cfg 2 after warmup": (dict(use_cfg_parallel=True, distrifusion_degree=2, warmup_steps=1), 3, 2.0),
 }
 
 
-@pytest.mark.parametrize("name", list(EXACT_CASES))
-def test_flux_distrifusion_with_warmup_on_every_step_equals_one_worker(name, reference):
-    world, config_kwargs = EXACT_CASES[name]
-    results = run_on_ranks(world, generate, config_kwargs, 3, 2.0)
-    expected = reference(3, 2.0)
-    for rank, result in enumerate(results):
-        assert result.shape == expected.shape
-        error = relative_error(result, expected)
-        assert error < TOLERANCE, f"{name}: rank {rank} differs from one worker by {error:.2e}"
+@pytest.fixture(scope="module")
+def one_worker():
+    return {(steps, cfg): generate({}, steps, cfg) for steps, cfg in ((3, 2.0), (STEPS, 1.0))}
 
 
-def test_flux_stale_kv_after_one_warmup_step_is_bounded_and_the_exchange_matters(reference):
-    results = run_on_ranks(2, generate_with_and_without_exchange, dict(distrifusion_degree=2, warmup_steps=1))
-    expected = reference(STEPS, 1.0)
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_on_ranks(2, flux_runs, TWO_RANK_CASES)
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return run_on_ranks(4, flux_runs, FOUR_RANK_CASES)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_flux_distrifusion_with_warmup_on_every_step_equals_one_worker(world, one_worker, request):
+    # world 2: distrifusion=2; world 4: cfg parallel x distrifusion=2.
+    ranks = request.getfixturevalue("two_ranks" if world == 2 else "four_ranks")
+    expected = one_worker[(3, 2.0)]
+    for rank, results in enumerate(ranks):
+        assert results["exact"].shape == expected.shape
+        error = relative_error(results["exact"], expected)
+        assert error < TOLERANCE, f"world {world}: rank {rank} differs from one worker by {error:.2e}"
+
+
+def test_flux_stale_kv_after_one_warmup_step_is_bounded_and_the_exchange_matters(two_ranks, one_worker):
+    results = [ranks["stale"] for ranks in two_ranks]
+    expected = one_worker[(STEPS, 1.0)]
     assert torch.equal(results[0][0], results[1][0]), "both patches' ranks must return the same latents"
     assert torch.equal(results[0][0], results[0][2]), "a second job must start from a fresh K/V state"
     with_exchange = relative_error(results[0][0], expected)
@@ -112,13 +127,12 @@ def test_flux_stale_kv_after_one_warmup_step_is_bounded_and_the_exchange_matters
     assert without_exchange >= 5 * with_exchange
 
 
-def test_flux_cfg_parallel_x_distrifusion_after_warmup_matches_distrifusion_alone():
+def test_flux_cfg_parallel_x_distrifusion_after_warmup_matches_distrifusion_alone(two_ranks, four_ranks):
     # Each cfg group runs one branch with its own K/V state; one group running both branches keeps
     # one state per branch, so the stale path gives the same latents.
-    config = dict(distrifusion_degree=2, warmup_steps=1)
-    alone = run_on_ranks(2, generate, config, 3, 2.0)[0]
-    for result in run_on_ranks(4, generate, dict(config, use_cfg_parallel=True), 3, 2.0):
-        assert relative_error(result, alone) < TOLERANCE
+    alone = two_ranks[0]["cfg 2 after warmup"]
+    for results in four_ranks:
+        assert relative_error(results["cfg 2 after warmup"], alone) < TOLERANCE
 
 
 # --- refused settings --------------------------------------------------------------------------
@@ -179,9 +193,20 @@ def pixart_runs(world: int) -> dict:
     return results
 
 
-def test_pixart_distrifusion_exact_with_warmup_and_bounded_after_it():
-    one = pixart_runs(1)
-    ranks = run_on_ranks(2, pixart_runs, 2)
+def pixart_and_repeated_runs() -> dict:
+    """The PixArt runs and both families' repeated evaluations on one process start."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return {"pixart": pixart_runs(world), "flux": repeated_evaluations("flux"), "repeated pixart": repeated_evaluations("pixart")}
+
+
+@pytest.fixture(scope="module")
+def pixart_and_repeated():
+    return pixart_and_repeated_runs(), run_on_ranks(2, pixart_and_repeated_runs)
+
+
+def test_pixart_distrifusion_exact_with_warmup_and_bounded_after_it(pixart_and_repeated):
+    one = pixart_and_repeated[0]["pixart"]
+    ranks = [results["pixart"] for results in pixart_and_repeated[1]]
     for rank, results in enumerate(ranks):
         error = relative_error(results["exact"], one["exact"])
         assert error < TOLERANCE, f"warmup on every step: rank {rank} differs from one worker by {error:.2e}"
@@ -231,9 +256,10 @@ def repeated_evaluations(family: str) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("family", ["flux", "pixart"])
-def test_stale_kv_of_an_unchanged_input_converge_to_the_exact_result(family):
-    one = repeated_evaluations(family)
-    for rank, results in enumerate(run_on_ranks(2, repeated_evaluations, family)):
+def test_stale_kv_of_an_unchanged_input_converge_to_the_exact_result(family, pixart_and_repeated):
+    key = "flux" if family == "flux" else "repeated pixart"
+    one = pixart_and_repeated[0][key]
+    for rank, results in enumerate(ranks[key] for ranks in pixart_and_repeated[1]):
         errors = [relative_error(a, b) for a, b in zip(results, one)]
         assert errors[0] < TOLERANCE, "the first evaluation of a branch is synchronous"
         assert errors[1] > 100 * TOLERANCE, "the first evaluation at x2 reads K/V computed at x"

@@ -246,7 +246,7 @@ def test_invalid_pipefusion_settings_are_refused_with_what_to_change():
         ParallelConfig(pipefusion_parallel_degree=2, ulysses_degree=2, devices=("cpu",) * 2)
     # The full hybrid mesh: every degree multiplies into the worker count, outermost first.
     hybrid = dict(data_parallel_degree=2, use_cfg_parallel=True, pipefusion_parallel_degree=2, ring_degree=2, ulysses_degree=2)
-    assert ParallelConfig(**hybrid, devices=("cpu",) * 32).mesh_shape == (2, 2, 2, 2, 2, 1)
+    assert ParallelConfig(**hybrid, devices=("cpu",) * 32).mesh_shape == (2, 2, 2, 2, 2, 1, 1)
     with pytest.raises(ConfigError, match="multiply to 32 workers .*data=2 x cfg=2 x pipefusion=2 x ring=2 x ulysses=2.* 16 device"):
         ParallelConfig(**hybrid, devices=("cpu",) * 16)
     with pytest.raises(ConfigError, match="num_pipeline_patches must be at least 1"):

@@ -40,11 +40,11 @@ PIXART_WARMUP = 4
 PIXART_STALE_BOUND = 1e-5
 
 
-def make_request(steps: int = STEPS, cfg: float = 1.0) -> SampleRequest:
+def make_request(steps: int = STEPS, cfg: float = 1.0, batch: int = 1) -> SampleRequest:
     g = torch.Generator().manual_seed(1)
     positive = FluxConditioning(torch.randn(1, 7, 32, generator=g), torch.randn(1, 24, generator=g), 3.5)
     negative = FluxConditioning(torch.randn(1, 5, 32, generator=g), torch.randn(1, 24, generator=g), 3.5)
-    return SampleRequest(torch.zeros(1, 4, 10, 14), positive, negative, seed=42, steps=steps, cfg=cfg)
+    return SampleRequest(torch.zeros(batch, 4, 10, 14), positive, negative, seed=42, steps=steps, cfg=cfg)
 
 
 def engine_for(config_kwargs: dict) -> RankEngine:
@@ -55,8 +55,8 @@ def engine_for(config_kwargs: dict) -> RankEngine:
     return engine
 
 
-def generate(config_kwargs: dict, steps: int, cfg: float) -> torch.Tensor:
-    return engine_for(config_kwargs).sample(make_request(steps, cfg))
+def generate(config_kwargs: dict, steps: int, cfg: float, batch: int = 1) -> torch.Tensor:
+    return engine_for(config_kwargs).sample(make_request(steps, cfg, batch))
 
 
 def generate_with_and_without_exchange(config_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,27 +71,30 @@ def generate_with_and_without_exchange(config_kwargs: dict) -> tuple[torch.Tenso
 
 def flux_runs(cases: dict) -> dict:
     """Every Flux case of one world size on one process start (each spawn costs seconds of imports)."""
-    return {name: (generate_with_and_without_exchange(config) if steps is None else generate(config, steps, cfg))
-            for name, (config, steps, cfg) in cases.items()}
+    return {name: (generate_with_and_without_exchange(config) if steps is None else generate(config, steps, cfg, batch))
+            for name, (config, steps, cfg, batch) in cases.items()}
 
 
-# name -> (config, steps, cfg); steps None: STEPS with cfg 1, with and without the exchange, twice.
+# name -> (config, steps, cfg, batch); steps None: STEPS with cfg 1, with and without the exchange, twice.
 # warmup_steps == steps: every evaluation is synchronous, so DistriFusion is exact. cfg 2 with a
 # negative prompt runs both branches (each with its own K/V state).
 TWO_RANK_CASES = {
-    "exact": (dict(distrifusion_degree=2, warmup_steps=3), 3, 2.0),
-    "stale": (dict(distrifusion_degree=2, warmup_steps=1), None, None),
-    "cfg 2 after warmup": (dict(distrifusion_degree=2, warmup_steps=1), 3, 2.0),
+    "exact": (dict(distrifusion_degree=2, warmup_steps=3), 3, 2.0, 1),
+    "stale": (dict(distrifusion_degree=2, warmup_steps=1), None, None, 1),
+    "cfg 2 after warmup": (dict(distrifusion_degree=2, warmup_steps=1), 3, 2.0, 1),
+    "batch 2 after warmup": (dict(distrifusion_degree=2, warmup_steps=1), 3, 2.0, 2),
 }
 FOUR_RANK_CASES = {
-    "exact": (dict(use_cfg_parallel=True, distrifusion_degree=2, warmup_steps=3), 3, 2.0),
-    "cfg 2 after warmup": (dict(use_cfg_parallel=True, distrifusion_degree=2, warmup_steps=1), 3, 2.0),
+    "exact": (dict(use_cfg_parallel=True, distrifusion_degree=2, warmup_steps=3), 3, 2.0, 1),
+    "cfg 2 after warmup": (dict(use_cfg_parallel=True, distrifusion_degree=2, warmup_steps=1), 3, 2.0, 1),
+    "data exact": (dict(data_parallel_degree=2, distrifusion_degree=2, warmup_steps=3), 3, 2.0, 2),
+    "batch 2 after warmup": (dict(data_parallel_degree=2, distrifusion_degree=2, warmup_steps=1), 3, 2.0, 2),
 }
 
 
 @pytest.fixture(scope="module")
 def one_worker():
-    return {(steps, cfg): generate({}, steps, cfg) for steps, cfg in ((3, 2.0), (STEPS, 1.0))}
+    return {(steps, cfg, batch): generate({}, steps, cfg, batch) for steps, cfg, batch in ((3, 2.0, 1), (STEPS, 1.0, 1), (3, 2.0, 2))}
 
 
 @pytest.fixture(scope="module")
@@ -106,18 +109,21 @@ def four_ranks():
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_flux_distrifusion_with_warmup_on_every_step_equals_one_worker(world, one_worker, request):
-    # world 2: distrifusion=2; world 4: cfg parallel x distrifusion=2.
+    # world 2: distrifusion=2; world 4: cfg parallel x distrifusion=2 and data=2 x distrifusion=2 (batch 2).
     ranks = request.getfixturevalue("two_ranks" if world == 2 else "four_ranks")
-    expected = one_worker[(3, 2.0)]
-    for rank, results in enumerate(ranks):
-        assert results["exact"].shape == expected.shape
-        error = relative_error(results["exact"], expected)
-        assert error < TOLERANCE, f"world {world}: rank {rank} differs from one worker by {error:.2e}"
+    for case, batch in (("exact", 1), ("data exact", 2)):
+        if case not in ranks[0]:
+            continue
+        expected = one_worker[(3, 2.0, batch)]
+        for rank, results in enumerate(ranks):
+            assert results[case].shape == expected.shape
+            error = relative_error(results[case], expected)
+            assert error < TOLERANCE, f"world {world}, {case}: rank {rank} differs from one worker by {error:.2e}"
 
 
 def test_flux_stale_kv_after_one_warmup_step_is_bounded_and_the_exchange_matters(two_ranks, one_worker):
     results = [ranks["stale"] for ranks in two_ranks]
-    expected = one_worker[(STEPS, 1.0)]
+    expected = one_worker[(STEPS, 1.0, 1)]
     assert torch.equal(results[0][0], results[1][0]), "both patches' ranks must return the same latents"
     assert torch.equal(results[0][0], results[0][2]), "a second job must start from a fresh K/V state"
     with_exchange = relative_error(results[0][0], expected)
@@ -127,12 +133,14 @@ def test_flux_stale_kv_after_one_warmup_step_is_bounded_and_the_exchange_matters
     assert without_exchange >= 5 * with_exchange
 
 
-def test_flux_cfg_parallel_x_distrifusion_after_warmup_matches_distrifusion_alone(two_ranks, four_ranks):
+@pytest.mark.parametrize("case", ["cfg 2 after warmup", "batch 2 after warmup"])
+def test_flux_cfg_and_data_parallel_x_distrifusion_after_warmup_match_distrifusion_alone(case, two_ranks, four_ranks):
     # Each cfg group runs one branch with its own K/V state; one group running both branches keeps
-    # one state per branch, so the stale path gives the same latents.
-    alone = two_ranks[0]["cfg 2 after warmup"]
+    # one state per branch. Each data group runs its rows; attention never mixes rows. So the stale
+    # path gives the same latents as DistriFusion alone.
+    alone = two_ranks[0][case]
     for results in four_ranks:
-        assert relative_error(results["cfg 2 after warmup"], alone) < TOLERANCE
+        assert relative_error(results[case], alone) < TOLERANCE
 
 
 # --- refused settings --------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""LoRA files for Flux, applied in place to a loaded diffusers ``FluxTransformer2DModel``.
+"""LoRA files for Flux and SD3 / SD3.5, applied in place to a loaded diffusers transformer.
+
+SD3 / SD3.5 key names are in ``comfy_xdit.lora_sd3``; the rest of this module (reading, applying,
+restoring) is the same for both. What follows describes the Flux names.
 
 Reading (``read_lora``): a LoRA .safetensors file (never pickle) in any of the common Flux
 layouts, the ones ComfyUI 0.3.75's ``comfy.lora`` maps for Flux plus a few unprefixed spellings:
@@ -68,6 +71,8 @@ __all__ = [
     "apply_loras",
     "check_loras",
     "flux_lora_key_map",
+    "lora_architecture",
+    "lora_key_map",
     "lora_fingerprint",
     "lora_set_key",
     "read_lora",
@@ -196,6 +201,44 @@ def _diffusers_spellings(d: str) -> tuple[str, ...]:
         f"transformer.{d}", d, f"base_model.model.{d}", f"diffusion_model.{d}",
         f"lora_transformer_{u}", f"lycoris_{u}", f"lora_unet_{u}",
     )
+
+
+ARCHITECTURES = {"flux": "Flux", "sd3": "Stable Diffusion 3 / 3.5"}
+# Layer names only one architecture has: a LoRA naming them is refused by name on the other.
+_ARCHITECTURE_MARKERS = {
+    "flux": re.compile(r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]"),
+    "sd3": re.compile(r"(^|[._])joint_blocks[._]"),
+}
+
+
+def lora_architecture(model_or_config) -> str:
+    """``"flux"`` or ``"sd3"``: which key table applies to this diffusers model (or its config)."""
+    config = model_or_config if isinstance(model_or_config, dict) else getattr(model_or_config, "config", None)
+    if config is not None and "num_single_layers" in config and "guidance_embeds" in config:
+        return "flux"
+    if config is not None and "pos_embed_max_size" in config and "caption_projection_dim" in config:
+        return "sd3"
+    raise LoraError("LoRAs can only be applied to a diffusers FluxTransformer2DModel or SD3Transformer2DModel")
+
+
+def lora_key_map(model: torch.nn.Module) -> dict[str, _KeyEntry]:
+    """The key table for this model's architecture."""
+    if lora_architecture(model) == "sd3":
+        from .lora_sd3 import sd3_lora_key_map
+
+        return sd3_lora_key_map(model)
+    return flux_lora_key_map(model)
+
+
+def _foreign_architecture(keys: Iterable[str], architecture: str) -> tuple[str, str] | None:
+    """(architecture, example key) when the file names layers only another architecture has."""
+    for other, marker in _ARCHITECTURE_MARKERS.items():
+        if other == architecture:
+            continue
+        for key in keys:
+            if marker.search(key):
+                return other, key
+    return None
 
 
 def flux_lora_key_map(model: torch.nn.Module) -> dict[str, _KeyEntry]:
@@ -364,7 +407,7 @@ def read_lora(
     key_map: dict[str, _KeyEntry] | None = None,
     load_tensors: bool = True,
 ) -> LoraPatchSet:
-    """Parse a LoRA file and map it onto ``model`` (a diffusers FluxTransformer2DModel).
+    """Parse a LoRA file and map it onto ``model`` (a diffusers Flux or SD3 transformer).
 
     Validates everything before returning (shapes, formats, that it matches this model), so
     ``apply_loras`` never fails half-way. Tensors stay on the CPU in the file's dtype.
@@ -375,10 +418,18 @@ def read_lora(
     path = Path(fingerprint.path)
     shown = path.name
     handle = _open(path)
+    architecture = lora_architecture(model)
+    arch_name = ARCHITECTURES[architecture]
     if key_map is None:
-        key_map = flux_lora_key_map(model)
+        key_map = lora_key_map(model)
 
     file_keys = list(handle.keys())
+    foreign = _foreign_architecture(file_keys, architecture)
+    if foreign is not None:
+        raise LoraError(
+            f"LoRA {shown} is a {ARCHITECTURES[foreign[0]]} LoRA (it has keys such as {foreign[1]}), but the model is "
+            f"{arch_name}; pick a LoRA made for {arch_name}"
+        )
     # name as the lookup sees it -> name in the file
     names = {k: k for k in file_keys}
     if any(_XLABS_KEY.match(k) for k in file_keys):
@@ -405,7 +456,7 @@ def read_lora(
     def mismatch(layer: str, expected, got) -> LoraError:
         return LoraError(
             f"LoRA {shown} was made for a model of another size: layer {layer} expects {_fmt(expected)} "
-            f"got {_fmt(got)}; is it a LoRA for another Flux variant or another model?"
+            f"got {_fmt(got)}; is it a LoRA for another {arch_name} variant or another model?"
         )
 
     present = set(names)
@@ -427,7 +478,7 @@ def read_lora(
                     raise LoraError(f"LoRA {shown}: {names[up_name]} has no matching {names.get(down_name, down_name)}; the file is incomplete")
                 up_shape, down_shape = shape(up_name), shape(down_name)
                 if len(up_shape) != 2 or len(down_shape) != 2:
-                    raise LoraError(f"LoRA {shown}: layer {base} has {len(up_shape)}-D LoRA weights; Flux layers are linear (2-D)")
+                    raise LoraError(f"LoRA {shown}: layer {base} has {len(up_shape)}-D LoRA weights; only LoRAs on linear (2-D) layers are applied")
                 if up_shape[1] != down_shape[0]:
                     raise LoraError(f"LoRA {shown}: layer {base} has up {_fmt(up_shape)} and down {_fmt(down_shape)} of different ranks; the file is corrupt")
                 got = (up_shape[0], down_shape[1])
@@ -468,10 +519,10 @@ def read_lora(
         if ignored and not unused:
             raise LoraError(
                 f"LoRA {shown} holds only text-encoder weights ({len(ignored)} keys such as {ignored[0]}); it matches "
-                "none of this Flux model's layers, and the parallel LoRA loader patches the diffusion model only"
+                f"none of this {arch_name} model's layers, and the parallel LoRA loader patches the diffusion model only"
             )
         raise LoraError(
-            f"LoRA {shown} matches none of this Flux model's layers; is it a LoRA for another model? "
+            f"LoRA {shown} matches none of this {arch_name} model's layers; is it a LoRA for another model? "
             f"(its keys look like: {sample})"
         )
     if ignored:
@@ -496,16 +547,18 @@ def check_loras(loras: Sequence[tuple[str | os.PathLike, float]], model_or_confi
     """Refuse a bad LoRA chain before any weight is read or any GPU is touched.
 
     ``model_or_config``: the loaded model, or the diffusers config of the checkpoint (e.g.
-    ``comfy_xdit.loading.read_flux_config(path)``, read from headers only); a config is turned
-    into a model on the meta device. Reads only the LoRA files' headers. Raises LoraError.
+    ``comfy_xdit.loading.read_flux_config(path)`` or ``read_sd3_config``, read from headers only);
+    a config is turned into a model on the meta device. Reads only the LoRA files' headers.
+    Raises LoraError.
     """
     model = model_or_config
     if isinstance(model_or_config, dict):
-        from diffusers import FluxTransformer2DModel
+        from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
+        cls = SD3Transformer2DModel if lora_architecture(model_or_config) == "sd3" else FluxTransformer2DModel
         with torch.device("meta"):
-            model = FluxTransformer2DModel(**model_or_config)
-    key_map = flux_lora_key_map(model)
+            model = cls(**model_or_config)
+    key_map = lora_key_map(model)
     out = []
     for path, strength in loras:
         _strength(path, strength)
@@ -567,7 +620,7 @@ def apply_loras(model: torch.nn.Module, loras: Sequence[tuple[str | os.PathLike,
         patch_set = state.patch_sets.get(fingerprint)
         if patch_set is None:
             if key_map is None:
-                key_map = flux_lora_key_map(whole)
+                key_map = lora_key_map(whole)
             patch_set = read_lora(path, whole, key_map=key_map)
         chain.append((patch_set, strength))
     requested = tuple((ps.fingerprint, s) for ps, s in chain)

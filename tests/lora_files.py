@@ -216,3 +216,54 @@ def write_sd15_lora(path) -> Path:
         sd[f"{key}.lora_up.weight"] = torch.randn(320, 4, generator=g).to(torch.float16)
         sd[f"{key}.alpha"] = torch.tensor(4.0, dtype=torch.float16)
     return _save(sd, path)
+
+
+# ------------------------------------------------------------------------------------------
+# SD3 / SD3.5: the same FluxLora container, in Stability AI's layer names (``joint_blocks...``).
+
+
+def sd3_sai_layers(model) -> dict[str, BflLayer]:
+    """Every 2-D linear layer of this diffusers SD3 in SAI names, read off the test's own SAI writer.
+
+    Each diffusers tensor is stood in for by a vector numbering its rows; after
+    ``checkpoints.diffusers_to_sai_sd3_state_dict`` (written independently of comfy_xdit's tables)
+    each SAI tensor's numbers say which diffusers rows it holds, in which order (fused q/k/v,
+    swapped adaLN halves).
+    """
+    from checkpoints import diffusers_to_sai_sd3_state_dict
+
+    params = dict(model.named_parameters())
+    names = list(model.state_dict())
+    stride = 2 ** 20
+    numbered = {n: i * stride + torch.arange(model.state_dict()[n].shape[0], dtype=torch.float64) for i, n in enumerate(names)}
+    layers = {}
+    for sai, rows in diffusers_to_sai_sd3_state_dict(numbered).items():
+        if not sai.endswith(".weight"):
+            continue
+        members, sizes = [], []
+        for value in rows.tolist():
+            member = names[int(value // stride)]
+            if not members or members[-1] != member:
+                members.append(member)
+                sizes.append(0)
+            sizes[-1] += 1
+        if params[members[0]].ndim != 2:
+            continue  # conv patch embedding, qk norm scales
+        swap = int(rows[0] % stride) != 0
+        layer = sai[: -len(".weight")]
+        layers[layer] = BflLayer(layer, tuple(m[: -len(".weight")] for m in members) if not swap else (members[0][: -len(".weight")],),
+                                 tuple(sizes) if not swap else (sum(sizes),), params[members[0]].shape[1], swap)
+    return layers
+
+
+def random_sd3_lora(model, rank: int = 4, seed: int = 0, alpha: float | None = 8.0, dtype: torch.dtype = torch.bfloat16,
+                    scale: float = 0.05) -> FluxLora:
+    """A random LoRA on every linear layer of this SD3 model (SAI names)."""
+    layers = sd3_sai_layers(model)
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, layer in layers.items():
+        up = (scale * torch.randn(layer.out_features, rank, generator=g)).to(dtype)
+        down = (torch.randn(rank, layer.in_features, generator=g) / layer.in_features ** 0.5).to(dtype)
+        weights[name] = (up, down, alpha)
+    return FluxLora(layers, weights)

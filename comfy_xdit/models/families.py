@@ -250,7 +250,7 @@ SD3 = ModelFamily(
     conditioning_keys=frozenset({"pooled_output"}),
     # Stock SD3 ignores a FluxGuidance value too (its model has no guidance input).
     ignored_keys=frozenset({"guidance"}),
-    methods=frozenset({"ulysses", "ring", "cfg", "data", "tensor", "vae", "cache"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data", "tensor", "vae", "cache", "lora"}),
     resolution_shift=False,
 )
 

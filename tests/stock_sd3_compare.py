@@ -13,7 +13,9 @@ Two files, each loaded by both sides from the same path, float32:
   ``load_checkpoint_guess_config``, what CheckpointLoaderSimple calls (encoders and VAE not built).
 
 Each case: our RankEngine on one CPU worker vs ``nodes.common_ksampler`` (what KSampler calls),
-same seed, conditioning and latent; the JSON result holds each case's relative error.
+same seed, conditioning and latent; the JSON result holds each case's relative error. LoRA cases
+put stock ``LoraLoaderModelOnly`` (chained) in front of KSampler and give our engine the same files;
+they also record how much the LoRAs change our result (``lora_effect``).
 
     python tests/stock_sd3_compare.py --workdir /tmp/sd3c --out /tmp/sd3c/result.json
 """
@@ -21,6 +23,7 @@ same seed, conditioning and latent; the JSON result holds each case's relative e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -57,7 +60,31 @@ CASES = [
     # An odd latent size: both pad to the 2x2 patch (circular) and crop back.
     dict(file="checkpoint", sampler="euler_ancestral", scheduler="simple", steps=3, cfg=4.5, batch=1, denoise=1.0,
          latent="empty", latent_hw=(11, 13)),
+    # LoRAs (layout, strength, seed): Kohya (SAI names, fused qkv, attn2, swapped adaLN) on the SD3.5 file,
+    # diffusers/PEFT chained with a negative-strength Kohya one on the SD3 file.
+    dict(file="checkpoint", sampler="euler", scheduler="simple", steps=3, cfg=4.5, batch=1, denoise=1.0, latent="empty",
+         loras=[("kohya", 0.8, 1)]),
+    dict(file="unet", sampler="dpmpp_2m", scheduler="sgm_uniform", steps=3, cfg=1.0, batch=1, denoise=0.6, latent="image",
+         loras=[("peft", 1.0, 2), ("kohya", -0.5, 3)]),
 ]
+
+
+def write_loras(case: dict, model, folder: Path) -> list[tuple[str, float]]:
+    """The case's LoRA files for this model's layers (in ``folder``); returns (file name, strength)."""
+    from lora_files import random_sd3_lora, write_kohya_lora, write_peft_lora
+
+    writers = {"kohya": write_kohya_lora, "peft": write_peft_lora}
+    out = []
+    for layout, strength, seed in case["loras"]:
+        name = f"lora_{case['file']}_{layout}_{seed}.safetensors"
+        if not (folder / name).exists():
+            # scale 0.05 changes the result by 26% and 65% (lora_effect). Much larger random LoRAs
+            # (scale 0.2: 135%) push the tiny SD3 medium-style model where float32 rounding grows
+            # to 5e-5 between the two sides, though the patched weights are bit-identical
+            # (tests/test_lora_sd3.py::test_matches_comfyui_patching_bit_for_bit).
+            writers[layout](random_sd3_lora(model, seed=seed, scale=0.05), folder / name)
+        out.append((name, strength))
+    return out
 
 
 def conditioning(seed: int, tokens: int):
@@ -110,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                                      checkpoint_dir / "sd35_tiny.safetensors", prefix=COMFY_PREFIX, extra=sd3_checkpoint_extras()),
     }
     folder_paths.add_model_folder_path("diffusion_models", str(unet_dir))
+    lora_dir = workdir / "loras"
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    folder_paths.add_model_folder_path("loras", str(lora_dir))
     stock_models = {
         "unet": nodes.UNETLoader().load_unet(files["unet"].name, "default")[0],
         "checkpoint": comfy.sd.load_checkpoint_guess_config(str(files["checkpoint"]), output_vae=False, output_clip=False)[0],
@@ -136,21 +166,31 @@ def main(argv: list[str] | None = None) -> int:
     for index, case in enumerate(CASES):
         case = dict(case, seed=2000 + index)
         case["name"] = "{file}: {sampler}/{scheduler} cfg {cfg} batch {batch} denoise {denoise} {latent}".format(**case)
+        if case.get("loras"):
+            case["name"] += " loras " + "+".join(f"{layout} x{strength}" for layout, strength, _ in case["loras"])
         negative_context, negative_pooled = conditioning(2, case.get("negative_tokens", TEXT_TOKENS))
         latent = make_latent(case, case["seed"] + 7)
         try:
+            stock_model = stock_models[case["file"]]
+            loras = write_loras(case, engines[case["file"]].model, lora_dir) if case.get("loras") else []
+            for name, strength in loras:
+                stock_model = nodes.LoraLoaderModelOnly().load_lora_model_only(stock_model, name, strength)[0]
             stock = nodes.common_ksampler(
-                stock_models[case["file"]], case["seed"], case["steps"], case["cfg"], case["sampler"], case["scheduler"],
+                stock_model, case["seed"], case["steps"], case["cfg"], case["sampler"], case["scheduler"],
                 [[positive_context.clone(), {"pooled_output": positive_pooled.clone()}]],
                 [[negative_context.clone(), {"pooled_output": negative_pooled.clone()}]],
                 {"samples": latent.clone()}, denoise=case["denoise"])[0]["samples"]
-            ours = engines[case["file"]].sample(SampleRequest(
+            request = SampleRequest(
                 latent=latent.clone(),
                 positive=SD3Conditioning(positive_context.clone(), positive_pooled.clone()),
                 negative=SD3Conditioning(negative_context.clone(), negative_pooled.clone()),
                 seed=case["seed"], steps=case["steps"], cfg=case["cfg"], sampler_name=case["sampler"],
-                scheduler=case["scheduler"], denoise=case["denoise"]))
+                scheduler=case["scheduler"], denoise=case["denoise"],
+                loras=tuple((str(lora_dir / name), strength) for name, strength in loras))
+            ours = engines[case["file"]].sample(request)
             case["rel_error"], case["abs_error"] = relative_error(ours, stock)
+            if loras:  # how much the LoRAs change the result: the comparison is only as strong as this
+                case["lora_effect"] = relative_error(ours, engines[case["file"]].sample(dataclasses.replace(request, loras=())))[0]
             case["stock_max"] = stock.abs().max().item()
         except Exception as error:  # noqa: BLE001 - recorded per case; the test lists them
             case["rel_error"] = math.inf

@@ -3,7 +3,8 @@
 tests/stock_sd3_compare.py runs both sides in one subprocess (ComfyUI's top-level modules must
 stay out of this process): a transformer-only SD3 medium-style file through UNETLoader and a
 whole SD3.5 medium-style checkpoint through CheckpointLoaderSimple's loader, float32, each case
-within DESIGN.md's 1e-5 relative error. Small files (width 128), so it takes about a minute.
+within DESIGN.md's 1e-5 relative error; two cases put stock LoraLoaderModelOnly (Kohya, and
+PEFT chained with a negative strength) in front of KSampler and give our engine the same files. Small files (width 128), so it takes about a minute.
 """
 
 from __future__ import annotations
@@ -48,3 +49,13 @@ def test_one_worker_matches_stock_ksampler(result):
     listing = "\n".join(f"{c['name']}: rel {c['rel_error']:.2e} {c.get('error', '')}\n{c.get('traceback', '')}" for c in bad)
     assert not bad, f"{len(bad)} cases differ from stock KSampler by {TOLERANCE:g} or more:\n{listing}"
     assert len(result["cases"]) >= 6 and not any(math.isnan(c["rel_error"]) for c in result["cases"])
+
+
+def test_loras_match_stock_lora_loader(result):
+    """The LoRA cases ran (single and chained, a negative strength) and each LoRA really changes the
+    result (else matching stock would prove nothing about LoRA)."""
+    lora_cases = [c for c in result["cases"] if c.get("loras")]
+    assert {len(c["loras"]) for c in lora_cases} == {1, 2} and {c["file"] for c in lora_cases} == {"unet", "checkpoint"}
+    assert any(strength < 0 for c in lora_cases for _, strength, _ in c["loras"])
+    for case in lora_cases:
+        assert case.get("lora_effect", 0.0) > 1e-2, f"{case['name']}: the LoRA barely changes the result"

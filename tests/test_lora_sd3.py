@@ -239,3 +239,22 @@ def test_a_lora_on_two_workers_equals_one_worker_and_is_removed_again(tmp_path):
         for name, (ours_with, ours_without) in rank_results.items():
             assert relative_error(ours_with, with_lora) < PARALLEL_TOLERANCE, name
             assert relative_error(ours_without, without) < PARALLEL_TOLERANCE, name
+
+
+# ------------------------------------------------------------------------------------------
+# The bridge (what the Parallel LoRA Loader node calls): checks from the headers, by family.
+
+
+def test_the_lora_node_check_takes_sd3_loras_and_refuses_flux_ones(tmp_path):
+    from comfy_xdit import bridge
+    from comfy_xdit.config import ParallelConfig
+    from comfy_xdit.requests import ModelSpec
+
+    source = tiny_sd3("sd3.5-dual", torch.float32)
+    model = bridge.XditModel(ModelSpec(str(write_sd3_file(source, tmp_path / "sd35.safetensors")), family="sd3"),
+                             ParallelConfig(devices=("cpu",)))
+    bridge.check_lora(model, str(write_kohya_lora(random_sd3_lora(source, seed=10), tmp_path / "sd3.safetensors")), 1.0)
+    flux = write_peft_lora(random_flux_lora(make_flux_diffusers_model(num_layers=1, num_single_layers=1), seed=11),
+                           tmp_path / "flux.safetensors")
+    with pytest.raises(LoraError, match="is a Flux LoRA .* but the model is Stable Diffusion 3 / 3.5"):
+        bridge.check_lora(model, str(flux), 1.0)

@@ -258,3 +258,14 @@ def test_the_lora_node_check_takes_sd3_loras_and_refuses_flux_ones(tmp_path):
                            tmp_path / "flux.safetensors")
     with pytest.raises(LoraError, match="is a Flux LoRA .* but the model is Stable Diffusion 3 / 3.5"):
         bridge.check_lora(model, str(flux), 1.0)
+
+
+def test_a_lora_on_the_patch_embedding_convolution_is_refused_naming_the_layer(base, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "conv.safetensors"
+    width = base.pos_embed.proj.weight.shape[0]
+    save_file({"lora_unet_x_embedder_proj.lora_down.weight": torch.zeros(4, 16, 2, 2),
+               "lora_unet_x_embedder_proj.lora_up.weight": torch.zeros(width, 4, 1, 1)}, str(path))
+    with pytest.raises(LoraError, match=r"layer lora_unet_x_embedder_proj has 4-D LoRA weights; only LoRAs on linear \(2-D\) layers"):
+        read_lora(path, base)

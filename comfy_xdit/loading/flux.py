@@ -31,7 +31,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from .safetensors_files import CheckpointError, SafetensorsSource, assign_weights, find_layouts, find_weight_files
+from .checkpoint_files import TransformerCheckpoint, as_load_dtype, refuse_key_mismatch, refuse_quantized
+from .safetensors_files import CheckpointError, SafetensorsSource, assign_weights, find_layouts
 
 BFL_LAYOUT = "bfl"
 DIFFUSERS_LAYOUT = "diffusers"
@@ -63,20 +64,6 @@ _BLOCK_PATTERNS = {
     ),
 }
 
-# Companions of weights in ComfyUI's scaled-fp8 files: consumed while reading, never loaded.
-_SCALE_SUFFIXES = (".scale_weight", ".scale_input")
-_SCALED_FP8_MARKER = "scaled_fp8"
-
-_FLOAT8_DTYPES = tuple(
-    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-    if hasattr(torch, name)
-)
-_FLOAT_DTYPE_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-_LOAD_DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
 
 # Flux.1's MLP is 4x the width; diffusers hard-codes it, so a file with another ratio is refused.
 _MLP_RATIO = 4
@@ -281,83 +268,34 @@ def _meta_model(config: dict):
         return FluxTransformer2DModel(**config)
 
 
-def _as_load_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype.lower() not in _LOAD_DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; use bf16, fp16 or fp32")
-        return _LOAD_DTYPES[dtype.lower()]
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"dtype {dtype} is not supported; use torch.bfloat16, torch.float16 or torch.float32")
-    return dtype
+class FluxCheckpoint(TransformerCheckpoint):
+    """An opened Flux.1 checkpoint: layout, config and key table known, no weight read yet."""
 
-
-class FluxCheckpoint:
-    """An opened Flux.1 checkpoint: layout, config and key table known, no weight read yet.
-
-    Opening validates every header-level fact (keys, shapes, dtypes) so a bad file is refused
-    before any weight is read or any GPU is touched.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        files, config_path = find_weight_files(self.path)
-        self.source = SafetensorsSource(files)
-        try:
-            self.layout, self.prefix = _detect_layout(self.source.keys())
-            config = _infer_config(self.source, self.layout, self.prefix)
-            if config_path is not None:
-                config = _merge_folder_config(config, config_path)
-            self.config = config
-            expected = {k: tuple(v.shape) for k, v in _meta_model(config).state_dict().items()}
-            self.target_shapes = expected
-            if self.layout == BFL_LAYOUT:
-                self.rules = bfl_to_diffusers_rules(config)
-            else:
-                self.rules = [TensorRule(key, (key,)) for key in expected]
-            self._validate(expected)
-        except CheckpointError as error:
-            self.source.close()
-            raise CheckpointError(f"{self.path}: {error}") from None
+    def _open(self, config_path: Path | None) -> None:
+        self.layout, self.prefix = _detect_layout(self.source.keys())
+        config = _infer_config(self.source, self.layout, self.prefix)
+        if config_path is not None:
+            config = _merge_folder_config(config, config_path)
+        self.config = config
+        expected = {k: tuple(v.shape) for k, v in _meta_model(config).state_dict().items()}
+        self.target_shapes = expected
+        if self.layout == BFL_LAYOUT:
+            self.rules = bfl_to_diffusers_rules(config)
+        else:
+            self.rules = [TensorRule(key, (key,)) for key in expected]
+        self._validate(expected)
 
     def _validate(self, expected: dict[str, tuple[int, ...]]) -> None:
         made = [t for rule in self.rules for t in rule.targets]
         assert sorted(made) == sorted(expected), "internal: key table and diffusers model disagree"
-
-        present = {k[len(self.prefix):] for k in self.source.keys() if k.startswith(self.prefix)}
-        weights = {k for k in present if not k.endswith(_SCALE_SUFFIXES) and k != _SCALED_FP8_MARKER}
-        wanted = {rule.source for rule in self.rules}
-        missing, unexpected = sorted(wanted - weights), sorted(weights - wanted)
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])})")
-            raise CheckpointError(
-                f"does not match a Flux.1 transformer ({self.layout} layout, prefix {self.prefix!r}): "
-                + "; ".join(parts)
-            )
-
+        refuse_key_mismatch({rule.source for rule in self.rules}, self.weight_names(),
+                            f"a Flux.1 transformer ({self.layout} layout, prefix {self.prefix!r})")
+        refuse_quantized(self.source, [self.prefix + rule.source for rule in self.rules])
         for rule in self.rules:
-            key = self.prefix + rule.source
-            code = self.source.dtype_name(key)
-            if code not in _FLOAT_DTYPE_CODES:
-                raise CheckpointError(
-                    f"tensor {key!r} is stored as {code}: quantized (bitsandbytes, int8, GGUF-style) "
-                    "checkpoints are not supported; use a bf16, fp16 or fp8 file"
-                )
             target_shapes = [expected[t] for t in rule.targets]
             want = (sum(s[0] for s in target_shapes),) + target_shapes[0][1:]
-            if self.source.shape(key) != want:
-                raise CheckpointError(f"tensor {key!r} has shape {self.source.shape(key)}, expected {want}")
-
-    def _read(self, name: str) -> torch.Tensor:
-        """One source tensor in float form, with a scaled-fp8 scale applied."""
-        return to_float(self.source, self.prefix + name, self.source.get(self.prefix + name))
-
-    def read_part(self, name: str, rows: tuple[int, int], cols: tuple[int, int] | None = None) -> torch.Tensor:
-        """Rows (and columns) of one source tensor in float form; only those bytes are read."""
-        return to_float(self.source, self.prefix + name, self.source.get_part(self.prefix + name, rows, cols), part=True)
+            if self.shape(rule.source) != want:
+                raise CheckpointError(f"tensor {self.prefix + rule.source!r} has shape {self.shape(rule.source)}, expected {want}")
 
     def locate(self, target: str) -> tuple[str, int, int]:
         """(source tensor, first row, rows) that a diffusers tensor is taken from (a run of whole rows)."""
@@ -375,7 +313,7 @@ class FluxCheckpoint:
         include: Callable[[str], bool] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The diffusers state dict; ``include(key)`` picks a subset (only those tensors are read)."""
-        dtype = _as_load_dtype(dtype)
+        dtype = as_load_dtype(dtype)
         out: dict[str, torch.Tensor] = {}
         for rule in self.rules:
             if include is not None and not any(include(t) for t in rule.targets):
@@ -385,28 +323,6 @@ class FluxCheckpoint:
                 if include is None or include(name):
                     out[name] = tensor.to(device)
         return out
-
-    def close(self) -> None:
-        self.source.close()
-
-    def __enter__(self) -> "FluxCheckpoint":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def to_float(source: SafetensorsSource, key: str, tensor: torch.Tensor, part: bool = False) -> torch.Tensor:
-    """A tensor (or a ``part`` of it) read from ``key`` in float form, with a scaled-fp8 scale applied."""
-    scale_key = key[: -len("weight")] + "scale_weight" if key.endswith(".weight") else None
-    if scale_key and scale_key in source:
-        scale = source.get(scale_key).float()
-        if part and scale.numel() != 1:  # a per-channel scale would have to be sliced with the part
-            raise CheckpointError(f"{scale_key!r} holds {scale.numel()} scales; only one scale per weight is supported")
-        return tensor.float() * scale
-    if tensor.dtype in _FLOAT8_DTYPES:
-        return tensor.float()
-    return tensor
 
 
 def open_flux_checkpoint(path: str | Path) -> FluxCheckpoint:

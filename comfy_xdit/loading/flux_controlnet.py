@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .flux import TensorRule, _as_load_dtype, bfl_to_diffusers_rules, flux_axes_dims_rope
+from .checkpoint_files import ClosesSource, as_load_dtype, refuse_key_mismatch
+from .flux import TensorRule, bfl_to_diffusers_rules, flux_axes_dims_rope
 from .safetensors_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, CheckpointError, SafetensorsSource
 
 INSTANTX = "instantx"
@@ -79,7 +80,7 @@ def _count(keys, pattern: str) -> int:
     return count
 
 
-class FluxControlNetFile:
+class FluxControlNetFile(ClosesSource):
     """An opened, validated Flux ControlNet file: kind and config known, no weight read yet."""
 
     def __init__(self, path: str | os.PathLike):
@@ -172,14 +173,7 @@ class FluxControlNetFile:
         if made != set(expected):
             raise ControlNetError(f"internal: key table and FluxControlNetModel disagree ({sorted(made ^ set(expected))[:5]})")
         wanted = {rule.source for rule in self.rules} | set(self.hint_keys)
-        missing, unexpected = sorted(wanted - keys), sorted(keys - wanted)
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])})")
-            raise ControlNetError(f"does not match a Flux ControlNet ({self.kind} layout): " + "; ".join(parts))
+        refuse_key_mismatch(wanted, keys, f"a Flux ControlNet ({self.kind} layout)", error=ControlNetError)
         for rule in self.rules:
             want = [expected[t] for t in rule.targets]
             total = (sum(s[0] for s in want),) + want[0][1:]
@@ -212,22 +206,13 @@ class FluxControlNetFile:
 
     def read(self, dtype, device="cpu") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(diffusers state dict, XLabs hint-encoder state dict) in ``dtype``."""
-        dtype = _as_load_dtype(dtype)
+        dtype = as_load_dtype(dtype)
         state = {}
         for rule in self.rules:
             for name, tensor in rule.apply(self.source.get(rule.source).to(dtype)).items():
                 state[name] = tensor.to(device)
         hint = {k.removeprefix("input_hint_block."): self.source.get(k).to(dtype).to(device) for k in self.hint_keys}
         return state, hint
-
-    def close(self) -> None:
-        self.source.close()
-
-    def __enter__(self) -> "FluxControlNetFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _meta_controlnet(config: dict, cond_channels: int):

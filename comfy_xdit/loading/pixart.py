@@ -31,8 +31,8 @@ from typing import Iterable
 
 import torch
 
-from .flux import _FLOAT8_DTYPES, _FLOAT_DTYPE_CODES, _as_load_dtype
-from .safetensors_files import CheckpointError, SafetensorsSource, assign_weights, find_layouts, find_weight_files
+from .checkpoint_files import TransformerCheckpoint, as_load_dtype, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch
+from .safetensors_files import CheckpointError, assign_weights, find_layouts
 
 ORIGINAL_LAYOUT = "original"
 DIFFUSERS_LAYOUT = "diffusers"
@@ -222,49 +222,28 @@ def _materialize_pos_embed(model, device) -> None:
     patch_embed.register_buffer("pos_embed", table.float().unsqueeze(0), persistent=False)
 
 
-class PixArtCheckpoint:
+class PixArtCheckpoint(TransformerCheckpoint):
     """An opened PixArt checkpoint: layout, config and key mapping checked, no weight read yet."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        files, config_path = find_weight_files(self.path)
-        self.source = SafetensorsSource(files)
-        try:
-            self.layout, self.prefix = _detect_layout(self.source.keys())
-            keys = [k[len(self.prefix):] for k in self.source.keys() if k.startswith(self.prefix)]
-            self.weight_keys = sorted(k for k in keys if k not in _NOT_WEIGHTS[self.layout])
-            shape = lambda name: self.source.shape(self.prefix + name)  # noqa: E731
-            config = _infer_config(shape, keys, self.layout)
-            if config_path is not None:
-                config = _merge_folder_config(config, config_path)
-            self.config = config
-            self._validate()
-        except CheckpointError as error:
-            self.source.close()
-            raise CheckpointError(f"{self.path}: {error}") from None
+    def _open(self, config_path: Path | None) -> None:
+        self.layout, self.prefix = _detect_layout(self.source.keys())
+        keys = self.unprefixed_keys()
+        self.weight_keys = sorted(k for k in keys if k not in _NOT_WEIGHTS[self.layout])
+        config = _infer_config(self.shape, keys, self.layout)
+        if config_path is not None:
+            config = _merge_folder_config(config, config_path)
+        self.config = config
+        self._validate()
 
     def _validate(self) -> None:
-        for key in self.weight_keys:
-            code = self.source.dtype_name(self.prefix + key)
-            if code not in _FLOAT_DTYPE_CODES:
-                raise CheckpointError(f"tensor {self.prefix + key!r} is stored as {code}: quantized checkpoints are not "
-                                      "supported; use a bf16, fp16 or fp32 file")
-        metas = {k: torch.empty(self.source.shape(self.prefix + k), device="meta") for k in self.weight_keys}
+        refuse_quantized(self.source, [self.prefix + k for k in self.weight_keys], use="use a bf16, fp16 or fp32 file")
+        metas = {k: torch.empty(self.shape(k), device="meta") for k in self.weight_keys}
         converted, unused = self._to_diffusers(metas)
         expected = {k: tuple(v.shape) for k, v in _meta_model(self.config).state_dict().items()}
-        missing = sorted(set(expected) - set(converted))
-        unexpected = sorted(set(converted) - set(expected)) + unused
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])}; "
-                             "KV-compressed or qk-norm PixArt variants are not supported)")
-            raise CheckpointError(f"does not match a PixArt transformer ({self.layout} layout, prefix {self.prefix!r}): " + "; ".join(parts))
-        for key, tensor in converted.items():
-            if tuple(tensor.shape) != expected[key]:
-                raise CheckpointError(f"tensor {key!r} (diffusers name) has shape {tuple(tensor.shape)}, expected {expected[key]}")
+        refuse_key_mismatch(expected, converted, f"a PixArt transformer ({self.layout} layout, prefix {self.prefix!r})",
+                            also_unexpected=unused,
+                            unexpected_note="; KV-compressed or qk-norm PixArt variants are not supported")
+        refuse_shape_mismatch({k: t.shape for k, t in converted.items()}, expected)
 
     def _to_diffusers(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         if self.layout == DIFFUSERS_LAYOUT:
@@ -272,23 +251,10 @@ class PixArtCheckpoint:
         return original_to_diffusers(state_dict)
 
     def state_dict(self, dtype=torch.bfloat16, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        dtype = _as_load_dtype(dtype)
-        source = {}
-        for key in self.weight_keys:
-            tensor = self.source.get(self.prefix + key)
-            source[key] = (tensor.float() if tensor.dtype in _FLOAT8_DTYPES else tensor).to(dtype)
-        converted, _ = self._to_diffusers(source)
+        dtype = as_load_dtype(dtype)
+        converted, _ = self._to_diffusers({key: self._read(key).to(dtype) for key in self.weight_keys})
         # contiguous: the split chunks are views; each parameter gets its own storage.
         return {k: v.to(device).contiguous() for k, v in converted.items()}
-
-    def close(self) -> None:
-        self.source.close()
-
-    def __enter__(self) -> "PixArtCheckpoint":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def read_pixart_config(path: str | Path) -> dict:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .flux import _FLOAT8_DTYPES, _FLOAT_DTYPE_CODES, _SCALE_SUFFIXES, _SCALED_FP8_MARKER, _as_load_dtype
-from .safetensors_files import CheckpointError, SafetensorsSource, assign_weights, find_layouts, find_weight_files
+from .checkpoint_files import TransformerCheckpoint, as_load_dtype, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch
+from .safetensors_files import CheckpointError, assign_weights, find_layouts
 from .sd3 import _count_blocks
 
 QWEN_IMAGE_LAYOUT = "qwen_image"  # ComfyUI's and diffusers' (the same names)
@@ -133,72 +133,27 @@ def _meta_model(config: dict):
         return QwenImageTransformer2DModel(**config)
 
 
-class QwenImageCheckpoint:
+class QwenImageCheckpoint(TransformerCheckpoint):
     """An opened Qwen-Image checkpoint: prefix, config and key names checked, no weight read yet."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        files, config_path = find_weight_files(self.path)
-        self.source = SafetensorsSource(files)
-        try:
-            self.prefix = _detect_prefix(self.source.keys())
-            keys = [k[len(self.prefix):] for k in self.source.keys() if k.startswith(self.prefix)]
-            self.weight_keys = sorted(k for k in keys if not k.endswith(_SCALE_SUFFIXES) and k != _SCALED_FP8_MARKER)
-            config = _infer_config(lambda name: self.source.shape(self.prefix + name), self.weight_keys)
-            if config_path is not None:
-                config = _merge_folder_config(config, config_path)
-            self.config = config
-            self._validate()
-        except CheckpointError as error:
-            self.source.close()
-            raise CheckpointError(f"{self.path}: {error}") from None
+    def _open(self, config_path: Path | None) -> None:
+        self.prefix = _detect_prefix(self.source.keys())
+        self.weight_keys = self.weight_names()
+        config = _infer_config(self.shape, self.weight_keys)
+        if config_path is not None:
+            config = _merge_folder_config(config, config_path)
+        self.config = config
+        self._validate()
 
     def _validate(self) -> None:
-        for key in self.weight_keys:
-            code = self.source.dtype_name(self.prefix + key)
-            if code not in _FLOAT_DTYPE_CODES:
-                raise CheckpointError(
-                    f"tensor {self.prefix + key!r} is stored as {code}: quantized (bitsandbytes, int8, GGUF-style) "
-                    "checkpoints are not supported; use a bf16, fp16 or fp8 file"
-                )
+        refuse_quantized(self.source, [self.prefix + k for k in self.weight_keys])
         expected = {k: tuple(v.shape) for k, v in _meta_model(self.config).state_dict().items()}
-        missing = sorted(set(expected) - set(self.weight_keys))
-        unexpected = sorted(set(self.weight_keys) - set(expected))
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])})")
-            raise CheckpointError(f"does not match a Qwen-Image transformer (prefix {self.prefix!r}): " + "; ".join(parts))
-        for key in self.weight_keys:
-            shape = tuple(self.source.shape(self.prefix + key))
-            if shape != expected[key]:
-                raise CheckpointError(f"tensor {key!r} has shape {shape}, expected {expected[key]}")
-
-    def _read(self, name: str) -> torch.Tensor:
-        """One tensor in float form, with a scaled-fp8 scale applied."""
-        key = self.prefix + name
-        tensor = self.source.get(key)
-        scale_key = key[: -len("weight")] + "scale_weight" if key.endswith(".weight") else None
-        if scale_key and scale_key in self.source:
-            tensor = tensor.float() * self.source.get(scale_key).float()
-        elif tensor.dtype in _FLOAT8_DTYPES:
-            tensor = tensor.float()
-        return tensor
+        refuse_key_mismatch(expected, self.weight_keys, f"a Qwen-Image transformer (prefix {self.prefix!r})")
+        refuse_shape_mismatch({k: self.shape(k) for k in self.weight_keys}, expected, naming="")
 
     def state_dict(self, dtype=torch.bfloat16, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        dtype = _as_load_dtype(dtype)
+        dtype = as_load_dtype(dtype)
         return {k: self._read(k).to(device, dtype).contiguous() for k in self.weight_keys}
-
-    def close(self) -> None:
-        self.source.close()
-
-    def __enter__(self) -> "QwenImageCheckpoint":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def read_qwen_image_config(path: str | Path) -> dict:

@@ -27,8 +27,8 @@ from typing import Iterable
 
 import torch
 
-from .flux import _FLOAT_DTYPE_CODES, _SCALE_SUFFIXES, _SCALED_FP8_MARKER, _as_load_dtype, to_float
-from .safetensors_files import CheckpointError, SafetensorsSource, assign_weights, find_layouts, find_weight_files
+from .checkpoint_files import TransformerCheckpoint, as_load_dtype, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch
+from .safetensors_files import CheckpointError, assign_weights, find_layouts
 
 SAI_LAYOUT = "sai"
 DIFFUSERS_LAYOUT = "diffusers"
@@ -175,64 +175,32 @@ def _convert(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return converted, sorted(remaining)
 
 
-class SD3Checkpoint:
+class SD3Checkpoint(TransformerCheckpoint):
     """An opened SD3 checkpoint: layout, config and key mapping checked, no weight read yet."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        files, config_path = find_weight_files(self.path)
-        self.source = SafetensorsSource(files)
-        try:
-            self.layout, self.prefix = _detect_layout(self.source.keys())
-            keys = [k[len(self.prefix):] for k in self.source.keys() if k.startswith(self.prefix)]
-            self.weight_keys = sorted(k for k in keys if not k.endswith(_SCALE_SUFFIXES) and k != _SCALED_FP8_MARKER)
-            shape = lambda name: self.source.shape(self.prefix + name)  # noqa: E731
-            config = _infer_config(shape, self.weight_keys, self.layout)
-            if config_path is not None:
-                config = _merge_folder_config(config, config_path)
-            self.config = config
-            self._validate()
-        except CheckpointError as error:
-            self.source.close()
-            raise CheckpointError(f"{self.path}: {error}") from None
+    def _open(self, config_path: Path | None) -> None:
+        self.layout, self.prefix = _detect_layout(self.source.keys())
+        self.weight_keys = self.weight_names()
+        config = _infer_config(self.shape, self.weight_keys, self.layout)
+        if config_path is not None:
+            config = _merge_folder_config(config, config_path)
+        self.config = config
+        self._validate()
 
     def _validate(self) -> None:
-        for key in self.weight_keys:
-            code = self.source.dtype_name(self.prefix + key)
-            if code not in _FLOAT_DTYPE_CODES:
-                raise CheckpointError(
-                    f"tensor {self.prefix + key!r} is stored as {code}: quantized (bitsandbytes, int8, GGUF-style) "
-                    "checkpoints are not supported; use a bf16, fp16 or fp8 file"
-                )
+        refuse_quantized(self.source, [self.prefix + k for k in self.weight_keys])
         # The whole mapping on meta tensors: key names and shapes, without reading any weight.
-        metas = {k: torch.empty(self.source.shape(self.prefix + k), device="meta") for k in self.weight_keys}
+        metas = {k: torch.empty(self.shape(k), device="meta") for k in self.weight_keys}
         converted, unused = self._to_diffusers(metas)
         expected = {k: tuple(v.shape) for k, v in _meta_model(self.config).state_dict().items()}
-        missing = sorted(set(expected) - set(converted))
-        unexpected = sorted(set(converted) - set(expected)) + unused
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])})")
-            raise CheckpointError(f"does not match an SD3 transformer ({self.layout} layout, prefix {self.prefix!r}): " + "; ".join(parts))
-        for key, tensor in converted.items():
-            if tuple(tensor.shape) != expected[key]:
-                raise CheckpointError(f"tensor {key!r} (diffusers name) has shape {tuple(tensor.shape)}, expected {expected[key]}")
+        refuse_key_mismatch(expected, converted, f"an SD3 transformer ({self.layout} layout, prefix {self.prefix!r})",
+                            also_unexpected=unused)
+        refuse_shape_mismatch({k: t.shape for k, t in converted.items()}, expected)
 
     def _to_diffusers(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         if self.layout == DIFFUSERS_LAYOUT:
             return dict(state_dict), []
         return _convert(state_dict)
-
-    def _read(self, name: str) -> torch.Tensor:
-        """One source tensor in float form, with a scaled-fp8 scale applied."""
-        return to_float(self.source, self.prefix + name, self.source.get(self.prefix + name))
-
-    def read_part(self, name: str, rows: tuple[int, int], cols: tuple[int, int] | None = None) -> torch.Tensor:
-        """Rows (and columns) of one source tensor in float form; only those bytes are read."""
-        return to_float(self.source, self.prefix + name, self.source.get_part(self.prefix + name, rows, cols), part=True)
 
     def _row_sources(self) -> dict[str, tuple[str, torch.Tensor]]:
         """diffusers tensor -> (source tensor, its source rows), found by converting row numbers, not weights.
@@ -243,7 +211,7 @@ class SD3Checkpoint:
         """
         if getattr(self, "_row_map", None) is None:
             stride = float(2 ** 32)
-            rows = lambda k: (self.source.shape(self.prefix + k) or (1,))[0]  # noqa: E731
+            rows = lambda k: (self.shape(k) or (1,))[0]  # noqa: E731
             numbered = {k: i * stride + torch.arange(rows(k), dtype=torch.float64) for i, k in enumerate(self.weight_keys)}
             converted, _ = self._to_diffusers(numbered)
             self._row_map = {target: (self.weight_keys[int(v[0] // stride)], (v - (v[0] // stride) * stride).long())
@@ -260,25 +228,16 @@ class SD3Checkpoint:
 
     def state_dict(self, dtype=torch.bfloat16, device: str | torch.device = "cpu", include=None) -> dict[str, torch.Tensor]:
         """The diffusers state dict; ``include(key)`` picks a subset (source tensors only others need are not read)."""
-        dtype = _as_load_dtype(dtype)
+        dtype = as_load_dtype(dtype)
         needed = set(self.weight_keys)
         if include is not None:
             needed = {source for target, (source, _) in self._row_sources().items() if include(target)}
         # Source tensors no included target needs stand in as meta tensors: shapes only, nothing read.
-        source = {k: self._read(k).to(dtype) if k in needed else torch.empty(self.source.shape(self.prefix + k), device="meta")
+        source = {k: self._read(k).to(dtype) if k in needed else torch.empty(self.shape(k), device="meta")
                   for k in self.weight_keys}
         converted, _ = self._to_diffusers(source)
         # contiguous: the converter's chunks are views; each parameter gets its own storage.
         return {k: v.to(device).contiguous() for k, v in converted.items() if include is None or include(k)}
-
-    def close(self) -> None:
-        self.source.close()
-
-    def __enter__(self) -> "SD3Checkpoint":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def read_sd3_config(path: str | Path) -> dict:

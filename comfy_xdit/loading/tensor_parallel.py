@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..models.tensor_parallel import ShardSpec, param_shards, plan_for, shard_model
-from .flux import _as_load_dtype
+from .checkpoint_files import as_load_dtype
 
 
 def read_shard(checkpoint, target: str, spec: ShardSpec, rank: int, degree: int) -> torch.Tensor:
@@ -48,7 +48,7 @@ def load_tensor_parallel(family: str, path: str | Path, group: dist.ProcessGroup
     plan = plan_for(family)
     open_checkpoint, meta_model, from_state_dict = _family_loading(family)
     degree, rank = dist.get_world_size(group), dist.get_rank(group)
-    dtype = _as_load_dtype(dtype)
+    dtype = as_load_dtype(dtype)
     with open_checkpoint(path) as checkpoint:
         specs = param_shards(meta_model(checkpoint.config), plan, degree)
         state_dict = checkpoint.state_dict(dtype=dtype, device=device, include=lambda name: name not in specs)

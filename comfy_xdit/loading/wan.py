@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .flux import _FLOAT8_DTYPES, _FLOAT_DTYPE_CODES, _SCALE_SUFFIXES, _SCALED_FP8_MARKER, _as_load_dtype
-from .safetensors_files import CheckpointError, SafetensorsSource, assign_weights, find_layouts, find_weight_files
+from .checkpoint_files import TransformerCheckpoint, as_load_dtype, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch
+from .safetensors_files import CheckpointError, assign_weights, find_layouts
 from .sd3 import _count_blocks
 
 WAN_LAYOUT = "wan"
@@ -166,82 +166,38 @@ def _keeps_float32(name: str) -> bool:
     return any(module in parts for module in WanTransformer3DModel._keep_in_fp32_modules)
 
 
-class WanCheckpoint:
+class WanCheckpoint(TransformerCheckpoint):
     """An opened Wan checkpoint: layout, config and key mapping checked, no weight read yet."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        files, config_path = find_weight_files(self.path)
-        self.source = SafetensorsSource(files)
-        try:
-            self.layout, self.prefix = _detect_layout(self.source.keys())
-            keys = [k[len(self.prefix):] for k in self.source.keys() if k.startswith(self.prefix)]
-            self.weight_keys = sorted(k for k in keys if not k.endswith(_SCALE_SUFFIXES) and k != _SCALED_FP8_MARKER)
-            config = _infer_config(lambda name: self.source.shape(self.prefix + name), self.weight_keys, self.layout)
-            if config_path is not None:
-                config = _merge_folder_config(config, config_path)
-            _check_heads(config, self.source.shape(self.prefix + "patch_embedding.weight")[0])
-            self.config = config
-            self._validate()
-        except CheckpointError as error:
-            self.source.close()
-            raise CheckpointError(f"{self.path}: {error}") from None
+    def _open(self, config_path: Path | None) -> None:
+        self.layout, self.prefix = _detect_layout(self.source.keys())
+        self.weight_keys = self.weight_names()
+        config = _infer_config(self.shape, self.weight_keys, self.layout)
+        if config_path is not None:
+            config = _merge_folder_config(config, config_path)
+        _check_heads(config, self.shape("patch_embedding.weight")[0])
+        self.config = config
+        self._validate()
 
     def _validate(self) -> None:
-        for key in self.weight_keys:
-            code = self.source.dtype_name(self.prefix + key)
-            if code not in _FLOAT_DTYPE_CODES:
-                raise CheckpointError(
-                    f"tensor {self.prefix + key!r} is stored as {code}: quantized (bitsandbytes, int8, GGUF-style) "
-                    "checkpoints are not supported; use a bf16, fp16 or fp8 file"
-                )
+        refuse_quantized(self.source, [self.prefix + k for k in self.weight_keys])
         # The whole mapping on meta tensors: key names and shapes, without reading any weight.
-        metas = {k: torch.empty(self.source.shape(self.prefix + k), device="meta") for k in self.weight_keys}
+        metas = {k: torch.empty(self.shape(k), device="meta") for k in self.weight_keys}
         converted = self._to_diffusers(metas)
         expected = {k: tuple(v.shape) for k, v in _meta_model(self.config).state_dict().items()}
-        missing = sorted(set(expected) - set(converted))
-        unexpected = sorted(set(converted) - set(expected))
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])})")
-            raise CheckpointError(f"does not match a Wan text-to-video transformer ({self.layout} layout, prefix "
-                                  f"{self.prefix!r}; diffusers names): " + "; ".join(parts))
-        for key, tensor in converted.items():
-            if tuple(tensor.shape) != expected[key]:
-                raise CheckpointError(f"tensor {key!r} (diffusers name) has shape {tuple(tensor.shape)}, expected {expected[key]}")
+        refuse_key_mismatch(expected, converted, f"a Wan text-to-video transformer ({self.layout} layout, prefix "
+                                                 f"{self.prefix!r}; diffusers names)")
+        refuse_shape_mismatch({k: t.shape for k, t in converted.items()}, expected)
 
     def _to_diffusers(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.layout == DIFFUSERS_LAYOUT:
             return dict(state_dict)
         return _convert(state_dict)
 
-    def _read(self, name: str) -> torch.Tensor:
-        """One source tensor in float form, with a scaled-fp8 scale applied."""
-        key = self.prefix + name
-        tensor = self.source.get(key)
-        scale_key = key[: -len("weight")] + "scale_weight" if key.endswith(".weight") else None
-        if scale_key and scale_key in self.source:
-            tensor = tensor.float() * self.source.get(scale_key).float()
-        elif tensor.dtype in _FLOAT8_DTYPES:
-            tensor = tensor.float()
-        return tensor
-
     def state_dict(self, dtype=torch.bfloat16, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        dtype = _as_load_dtype(dtype)
+        dtype = as_load_dtype(dtype)
         converted = self._to_diffusers({k: self._read(k) for k in self.weight_keys})
         return {k: v.to(device, torch.float32 if _keeps_float32(k) else dtype).contiguous() for k, v in converted.items()}
-
-    def close(self) -> None:
-        self.source.close()
-
-    def __enter__(self) -> "WanCheckpoint":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def read_wan_config(path: str | Path) -> dict:

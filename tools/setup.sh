@@ -10,6 +10,14 @@ python=${PYTHON:-python3}
 torch_spec=${COMFY_XDIT_TORCH:-"torch==2.14.1 torchvision==0.29.1"}
 pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 
+# The venv takes about 7 GB and a test run writes up to a few GB of checkpoints under the temp folder.
+for folder in . "${TMPDIR:-/tmp}"; do
+    free_gb=$(df -Pk "$folder" | awk 'NR==2 {print int($4 / 1048576)}')
+    if [ "$free_gb" -lt 15 ]; then
+        echo "warning: only ${free_gb} GB free under $folder; set-up and the tests need about 12 GB" >&2
+    fi
+done
+
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
     # shellcheck disable=SC2086  # the spec is a list of requirements

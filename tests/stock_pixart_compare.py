@@ -20,18 +20,13 @@ same seed, conditioning and latent; the JSON result holds each case's relative e
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from stock_ksampler_compare import DEFAULT_COMFYUI, import_comfyui, relative_error  # noqa: E402
+from stock_family_compare import one_cpu_worker, parse_args, record_case, run, start_comfyui, write_result  # noqa: E402
 
 TEXT_TOKENS = 24
 LATENT_HW = (40, 36)  # 20 x 18 image tokens: not square; ComfyUI's PixArt needs (h + w) / 2 > 32
@@ -66,24 +61,12 @@ def make_latent(case: dict, seed: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--comfyui", type=Path, default=DEFAULT_COMFYUI)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-
+    args = parse_args(__doc__, argv)
     started = time.perf_counter()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    nodes, folder_paths, comfy = import_comfyui(args.comfyui)
+    nodes, folder_paths, comfy = start_comfyui(args)
     import comfy.sd
 
-    from comfy_xdit.config import ParallelConfig
-    from comfy_xdit.engine import RankEngine
-    from comfy_xdit.mesh import ParallelMesh
-    from comfy_xdit.requests import ModelSpec, PixArtConditioning, SampleRequest
+    from comfy_xdit.requests import PixArtConditioning, SampleRequest
     from pixart_files import COMFY_PREFIX, make_pixart_diffusers_model, write_original_pixart_file
 
     workdir = args.workdir.resolve()
@@ -111,11 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             "latent_format": type(model.model.latent_format).__name__,
             "micro_conditioning": bool(model.model.diffusion_model.micro_conditioning),
         }
-    engines = {}
-    for name, path in files.items():
-        engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu")))
-        engine.load(ModelSpec(str(path), family="pixart", dtype="float32"))
-        engines[name] = engine
+    engines = {name: one_cpu_worker(path, "pixart") for name, path in files.items()}
 
     positive_context = conditioning(1, TEXT_TOKENS)
     results = []
@@ -129,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             extras, size = {"width": width, "height": height}, (float(height), float(width))
             case["name"] += f" size {height}x{width}"
         latent = make_latent(case, case["seed"] + 7)
-        try:
+
+        def compare():
             stock = nodes.common_ksampler(
                 stock_models[case["file"]], case["seed"], case["steps"], case["cfg"], case["sampler"], case["scheduler"],
                 [[positive_context.clone(), dict(extras)]], [[negative_context.clone(), dict(extras)]],
@@ -140,27 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                 negative=PixArtConditioning(negative_context.clone(), size),
                 seed=case["seed"], steps=case["steps"], cfg=case["cfg"], sampler_name=case["sampler"],
                 scheduler=case["scheduler"], denoise=case["denoise"]))
-            case["rel_error"], case["abs_error"] = relative_error(ours, stock)
-            case["stock_max"] = stock.abs().max().item()
-        except Exception as error:  # noqa: BLE001 - recorded per case; the test lists them
-            case["rel_error"] = math.inf
-            case["error"] = f"{type(error).__name__}: {error}"
-            case["traceback"] = traceback.format_exc(limit=6)
-        print(f"{'ok  ' if case['rel_error'] < 1e-5 else 'FAIL'} {case['name']:<80} rel {case['rel_error']:.2e}"
-              + (f"  {case['error']}" if "error" in case else ""), file=sys.stderr, flush=True)
-        results.append(case)
+            return ours, stock
 
-    result = {"stock": stock_info, "cases": results, "total_s": time.perf_counter() - started}
-    text = json.dumps(result, indent=1, default=str)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    else:
-        print(text)
-    return 0
+        results.append(record_case(case, compare))
+
+    return write_result(args, stock_info, results, started)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
-    sys.exit(main())
+    run(main)

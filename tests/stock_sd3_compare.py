@@ -22,19 +22,15 @@ they also record how much the LoRAs change our result (``lora_effect``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import math
-import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from stock_ksampler_compare import DEFAULT_COMFYUI, import_comfyui, relative_error  # noqa: E402
+from stock_family_compare import one_cpu_worker, parse_args, record_case, run, start_comfyui, write_result  # noqa: E402
+from stock_ksampler_compare import relative_error  # noqa: E402
 
 TEXT_TOKENS = 40
 LATENT_HW = (12, 16)  # 6 x 8 image tokens: not square, so rows and columns cannot be confused
@@ -107,25 +103,13 @@ def make_latent(case: dict, seed: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--comfyui", type=Path, default=DEFAULT_COMFYUI)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-
+    args = parse_args(__doc__, argv)
     started = time.perf_counter()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    nodes, folder_paths, comfy = import_comfyui(args.comfyui)
+    nodes, folder_paths, comfy = start_comfyui(args)
     import comfy.sd
 
     from checkpoints import COMFY_PREFIX, make_sd3_diffusers_model, sd3_checkpoint_extras, write_sd3_file
-    from comfy_xdit.config import ParallelConfig
-    from comfy_xdit.engine import RankEngine
-    from comfy_xdit.mesh import ParallelMesh
-    from comfy_xdit.requests import ModelSpec, SampleRequest, SD3Conditioning
+    from comfy_xdit.requests import SampleRequest, SD3Conditioning
 
     workdir = args.workdir.resolve()
     unet_dir, checkpoint_dir = workdir / "diffusion_models", workdir / "checkpoints"
@@ -155,11 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             "latent_format": type(model.model.latent_format).__name__,
             "x_block_self_attn_layers": sorted(getattr(model.model.diffusion_model, "x_block_self_attn_layers", []) or []),
         }
-    engines = {}
-    for name, path in files.items():
-        engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu")))
-        engine.load(ModelSpec(str(path), family="sd3", dtype="float32"))
-        engines[name] = engine
+    engines = {name: one_cpu_worker(path, "sd3") for name, path in files.items()}
 
     positive_context, positive_pooled = conditioning(1, TEXT_TOKENS)
     results = []
@@ -170,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             case["name"] += " loras " + "+".join(f"{layout} x{strength}" for layout, strength, _ in case["loras"])
         negative_context, negative_pooled = conditioning(2, case.get("negative_tokens", TEXT_TOKENS))
         latent = make_latent(case, case["seed"] + 7)
-        try:
+
+        def compare():
             stock_model = stock_models[case["file"]]
             loras = write_loras(case, engines[case["file"]].model, lora_dir) if case.get("loras") else []
             for name, strength in loras:
@@ -188,29 +169,14 @@ def main(argv: list[str] | None = None) -> int:
                 scheduler=case["scheduler"], denoise=case["denoise"],
                 loras=tuple((str(lora_dir / name), strength) for name, strength in loras))
             ours = engines[case["file"]].sample(request)
-            case["rel_error"], case["abs_error"] = relative_error(ours, stock)
             if loras:  # how much the LoRAs change the result: the comparison is only as strong as this
                 case["lora_effect"] = relative_error(ours, engines[case["file"]].sample(dataclasses.replace(request, loras=())))[0]
-            case["stock_max"] = stock.abs().max().item()
-        except Exception as error:  # noqa: BLE001 - recorded per case; the test lists them
-            case["rel_error"] = math.inf
-            case["error"] = f"{type(error).__name__}: {error}"
-            case["traceback"] = traceback.format_exc(limit=6)
-        print(f"{'ok  ' if case['rel_error'] < 1e-5 else 'FAIL'} {case['name']:<80} rel {case['rel_error']:.2e}"
-              + (f"  {case['error']}" if "error" in case else ""), file=sys.stderr, flush=True)
-        results.append(case)
+            return ours, stock
 
-    result = {"stock": stock_info, "cases": results, "total_s": time.perf_counter() - started}
-    text = json.dumps(result, indent=1, default=str)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    else:
-        print(text)
-    return 0
+        results.append(record_case(case, compare))
+
+    return write_result(args, stock_info, results, started)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
-    sys.exit(main())
+    run(main)

@@ -17,18 +17,13 @@ case's relative error.
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from stock_ksampler_compare import DEFAULT_COMFYUI, import_comfyui, relative_error  # noqa: E402
+from stock_family_compare import one_cpu_worker, parse_args, record_case, run, start_comfyui, write_result  # noqa: E402
 
 TEXT_TOKENS = 24
 ARCHITECTURE = dict(num_layers=1, heads=2, head_dim=128, ffn_dim=64, text_dim=4096, freq_dim=256)
@@ -66,24 +61,12 @@ def make_latent(case: dict, seed: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--comfyui", type=Path, default=DEFAULT_COMFYUI)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-
+    args = parse_args(__doc__, argv)
     started = time.perf_counter()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    nodes, folder_paths, comfy = import_comfyui(args.comfyui)
+    nodes, folder_paths, comfy = start_comfyui(args)
 
     from checkpoints import COMFY_PREFIX, make_wan_diffusers_model, write_wan_file
-    from comfy_xdit.config import ParallelConfig
-    from comfy_xdit.engine import RankEngine
-    from comfy_xdit.mesh import ParallelMesh
-    from comfy_xdit.requests import ModelSpec, SampleRequest, WanConditioning
+    from comfy_xdit.requests import SampleRequest, WanConditioning
 
     unet_dir = args.workdir.resolve() / "diffusion_models"
     path = write_wan_file(make_wan_diffusers_model(**ARCHITECTURE, seed=0), unet_dir / "wan2.1_t2v_tiny.safetensors",
@@ -100,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "latent_format": type(stock_model.model.latent_format).__name__,
         "num_heads": stock_model.model.diffusion_model.num_heads,
     }
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu")))
-    engine.load(ModelSpec(str(path), family="wan", dtype="float32"))
+    engine = one_cpu_worker(path, "wan")
 
     positive = conditioning(1, TEXT_TOKENS)
     results = []
@@ -110,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         case["name"] = "{sampler}/{scheduler} cfg {cfg} batch {batch} denoise {denoise} {latent} {shape}".format(**case)
         negative = conditioning(2, case.get("negative_tokens", TEXT_TOKENS))
         latent = make_latent(case, case["seed"] + 7)
-        try:
+
+        def compare():
             stock = nodes.common_ksampler(
                 stock_model, case["seed"], case["steps"], case["cfg"], case["sampler"], case["scheduler"],
                 [[positive.clone(), {"pooled_output": None}]], [[negative.clone(), {"pooled_output": None}]],
@@ -119,27 +102,12 @@ def main(argv: list[str] | None = None) -> int:
                 latent=latent.clone(), positive=WanConditioning(positive.clone()), negative=WanConditioning(negative.clone()),
                 seed=case["seed"], steps=case["steps"], cfg=case["cfg"], sampler_name=case["sampler"],
                 scheduler=case["scheduler"], denoise=case["denoise"]))
-            case["rel_error"], case["abs_error"] = relative_error(ours, stock)
-            case["stock_max"] = stock.abs().max().item()
-        except Exception as error:  # noqa: BLE001 - recorded per case; the test lists them
-            case["rel_error"] = math.inf
-            case["error"] = f"{type(error).__name__}: {error}"
-            case["traceback"] = traceback.format_exc(limit=6)
-        print(f"{'ok  ' if case['rel_error'] < 1e-5 else 'FAIL'} {case['name']:<80} rel {case['rel_error']:.2e}"
-              + (f"  {case['error']}" if "error" in case else ""), file=sys.stderr, flush=True)
-        results.append(case)
+            return ours, stock
 
-    result = {"stock": stock_info, "cases": results, "total_s": time.perf_counter() - started}
-    text = json.dumps(result, indent=1, default=str)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    else:
-        print(text)
-    return 0
+        results.append(record_case(case, compare))
+
+    return write_result(args, stock_info, results, started)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
-    sys.exit(main())
+    run(main)

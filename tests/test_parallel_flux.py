@@ -88,3 +88,62 @@ def test_cfg_one_skips_the_negative(reference):
     # cfg 1 must ignore the negative entirely (ComfyUI's optimisation), in parallel too.
     results = run_on_ranks(2, generate, dict(ring_degree=2), 1, 1.0)
     assert relative_error(results[0], reference(1, 1.0)) < TOLERANCE
+
+
+# --- text tokens split across the sequence-parallel ranks -----------------------------------------
+# With a text length that divides by the degree, each rank keeps only its shard of the text (the
+# plan's split_text_inputs); the prompts below have 8 and 12 tokens. The 10x14 latent (35 tokens)
+# still needs image padding, the 8x12 one (24 tokens) needs none.
+
+def text_split_request(latent_hw: tuple[int, int]) -> SampleRequest:
+    g = torch.Generator().manual_seed(2)
+    positive = FluxConditioning(torch.randn(1, 8, 32, generator=g), torch.randn(1, 24, generator=g), 3.5)
+    negative = FluxConditioning(torch.randn(1, 12, 32, generator=g), torch.randn(1, 24, generator=g), 3.5)
+    return SampleRequest(torch.zeros(1, 4, *latent_hw), positive, negative, seed=7, steps=3, cfg=2.0)
+
+
+def generate_text_split(config_kwargs: dict, latent_hw: tuple[int, int]) -> tuple[torch.Tensor, list[int]]:
+    """The latents, and the text lengths this rank's transformer saw (one per model call)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    mesh = ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **config_kwargs), torch.device("cpu"))
+    engine = RankEngine(mesh)
+    model = tiny_flux()
+    engine.set_model(model, ModelSpec("tiny", dtype="float32"))
+    seen = []
+    model.context_embedder.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    return engine.sample(text_split_request(latent_hw)), seen
+
+
+TEXT_SPLIT_CASES = {
+    "ulysses=2": (2, dict(ulysses_degree=2), (10, 14)),
+    "ring=2": (2, dict(ring_degree=2), (10, 14)),
+    "ulysses=2 x ring=2": (4, dict(ulysses_degree=2, ring_degree=2), (10, 14)),
+    "ulysses=4": (4, dict(ulysses_degree=4), (10, 14)),
+    "cfg x ring=2": (4, dict(use_cfg_parallel=True, ring_degree=2), (10, 14)),
+    "ulysses=2, no image padding": (2, dict(ulysses_degree=2), (8, 12)),
+}
+
+
+@pytest.fixture(scope="module")
+def text_split_reference():
+    cache = {}
+
+    def get(latent_hw):
+        if latent_hw not in cache:
+            cache[latent_hw] = generate_text_split({}, latent_hw)
+        return cache[latent_hw]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(TEXT_SPLIT_CASES))
+def test_split_text_equals_one_worker(name, text_split_reference):
+    world, config_kwargs, latent_hw = TEXT_SPLIT_CASES[name]
+    expected, full_lengths = text_split_reference(latent_hw)
+    assert set(full_lengths) == {8, 12}
+    degree = config_kwargs.get("ulysses_degree", 1) * config_kwargs.get("ring_degree", 1)
+    for rank, (result, lengths) in enumerate(run_on_ranks(world, generate_text_split, config_kwargs, latent_hw)):
+        # The text really was split: every call saw its prompt's length over the degree.
+        assert lengths and set(lengths) <= {8 // degree, 12 // degree}, f"rank {rank} saw text lengths {sorted(set(lengths))}"
+        error = relative_error(result, expected)
+        assert error < TOLERANCE, f"{name}: rank {rank} differs from one worker by {error:.2e}"

@@ -31,15 +31,15 @@ def register(attention) -> int:
 @torch.library.custom_op("comfy_xdit::sequence_parallel_attention", mutates_args=())
 def sequence_parallel_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, text_tokens: int, image_tokens: int,
-    padded_image_tokens: int,
+    padded_image_tokens: int, text_sharded: bool,
 ) -> torch.Tensor:
     from .usp import SequenceLayout
 
-    layout = SequenceLayout(text_tokens, image_tokens, padded_image_tokens)
+    layout = SequenceLayout(text_tokens, image_tokens, padded_image_tokens, text_sharded)
     return _ATTENTIONS[handle].attend(q, k, v, layout)
 
 
 @sequence_parallel_attention.register_fake
-def _(q, k, v, handle, text_tokens, image_tokens, padded_image_tokens):
+def _(q, k, v, handle, text_tokens, image_tokens, padded_image_tokens, text_sharded):
     # The output has the queries' layout: [B, text + this rank's image shard, heads, head_dim].
     return torch.empty_like(q)

@@ -13,13 +13,15 @@ from diffusers.models.embeddings import apply_rotary_emb
 from ..attention.usp import SequenceParallelAttention
 from .sharding import SequencePlan, SequenceShardedForward
 
-# Image tokens are split across the sequence-parallel ranks; text tokens, the pooled vector,
-# timestep and guidance are replicated because every image token needs all of them.
+# Image tokens are split across the sequence-parallel ranks, and so are the text tokens where their
+# count divides by the degree (else replicated); the pooled vector, timestep and guidance are
+# replicated because every token needs them.
 FLUX_SEQUENCE_PLAN = SequencePlan(
     split_inputs={"hidden_states": 1, "img_ids": 0},
     text_input="encoder_hidden_states",
     output_dim=1,
     attention_kwargs_name="joint_attention_kwargs",
+    split_text_inputs={"encoder_hidden_states": 1, "txt_ids": 0},
 )
 
 PATCH = 2

@@ -6,7 +6,7 @@ is gathered), so adding a model means writing its plan, not a new forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,9 @@ class SequencePlan:
     output_dim: int
     # the forward keyword that reaches the attention processors
     attention_kwargs_name: str
+    # inputs that carry the text tokens (name -> dimension), split across the ranks like the image
+    # when the text length divides by the degree (else replicated); empty: always replicated
+    split_text_inputs: dict[str, int] = field(default_factory=dict)
 
 
 def pad_to_multiple(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
@@ -63,6 +66,8 @@ class SequenceShardedForward:
         self.model = model
         self.plan = plan
         self.ulysses_group, self.ring_group, self.degree, self.shard_index = token_split(mesh, split_over)
+        # Text is split over sequence parallelism only (USP handles sharded text; DistriFusion does not).
+        self.shard_text = split_over is None
 
     def __call__(self, **inputs):
         inputs["return_dict"] = False
@@ -77,7 +82,13 @@ class SequenceShardedForward:
             elif value is not None:
                 inputs[name] = self._shard(value, dim)
         padded_tokens = image_tokens + (-image_tokens % self.degree)
-        layout = SequenceLayout(inputs[self.plan.text_input].shape[1], image_tokens, padded_tokens)
+        text_tokens = inputs[self.plan.text_input].shape[1]
+        text_sharded = self.shard_text and bool(self.plan.split_text_inputs) and text_tokens % self.degree == 0
+        if text_sharded:
+            for name, dim in self.plan.split_text_inputs.items():
+                inputs[name] = inputs[name].chunk(self.degree, dim=dim)[self.shard_index]
+            text_tokens //= self.degree
+        layout = SequenceLayout(text_tokens, image_tokens, padded_tokens, text_sharded)
         inputs[self.plan.attention_kwargs_name] = {**(inputs.get(self.plan.attention_kwargs_name) or {}), "layout": layout}
         out = self.model(**inputs)[0]
         # Ulysses shards are neighbours inside one ring chunk: gather them first, then the ring chunks.

@@ -171,7 +171,8 @@ class RankEngine:
         check_sample_request(request)
         denoiser, family = self._denoiser, self.family
         _check_request_fits(request, family, self.model.config)
-        cache = cache_job_for(request, self.model, self.mesh, self._default_shift, self.spec.family)  # refuses before any work
+        cache = cache_job_for(request, self.model, self.mesh, self._default_shift, self.spec.family,  # refuses before any work
+                              sharded_forward=getattr(denoiser, "forward", None))
         if cache and self.spec.cuda_graphs and self.device.type == "cuda":
             raise ConfigError("a step cache decides on the host at every step, which a captured CUDA graph cannot; "
                               "set the cache to none or turn the loader's cuda_graphs off")

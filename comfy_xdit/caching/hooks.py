@@ -5,10 +5,13 @@ on the first transformer block decides whether the remaining blocks run; every o
 diffusers' ``FBCBlockHook``, which passes its input through when the step is skipped, and the last
 one records the residual (last block output minus head output) that a skipped step adds back
 (``TailBlockHook``: diffusers' tail hook, also for SD3's last block, which returns no text).
-The blocks' output order (Flux and SD3 joint blocks: text, image) comes from diffusers'
-``TransformerBlockRegistry``.
+The blocks' output order (Flux, SD3 and Qwen-Image joint blocks: text, image; PixArt's and Wan's
+blocks: image only) comes from diffusers' ``TransformerBlockRegistry``. The hooks read a block's
+inputs by binding its call to its forward's signature, since models call their blocks
+positionally (Wan, PixArt's hidden states) or by keyword (Flux, Qwen-Image).
 What is ours is the decision: made on ``ReducedRelativeL1`` (the same value on every rank of the
-images' group) and recorded per call, with TeaCache's metric and schedule rules.
+images' group) and recorded per call, with TeaCache's metric and schedule rules (the family's
+recipe: which tensor, which polynomial, which steps always run; caching/families.py).
 
 State lives in diffusers' ``StateManager`` keyed by the cache context name, so each cfg branch
 (the conditioning a call was made with) has its own cache; ``job.CacheJob`` sets the context on
@@ -18,16 +21,21 @@ diffusers ``CacheMixin``).
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.first_block_cache import FBCBlockHook, FBCHeadBlockHook, FBCSharedBlockState
 from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
+from diffusers.utils.torch_utils import unwrap_module
 
 from .decision import ReducedRelativeL1
-from .settings import FBCACHE, TEACACHE_FLUX_COEFFICIENTS, CacheSettings
+from .settings import FBCACHE, CacheSettings
 
 HEAD_HOOK = "comfy_xdit_cache_head"
 BLOCK_HOOK = "comfy_xdit_cache_block"
@@ -59,8 +67,14 @@ class CacheState(FBCSharedBlockState):
         self.accumulated = 0.0
 
 
-def _layout(kwargs) -> object:
-    return (kwargs.get("joint_attention_kwargs") or {}).get("layout")
+@functools.cache
+def _signature(block_class: type) -> inspect.Signature:
+    return inspect.signature(block_class.forward)
+
+
+def bound_arguments(block: torch.nn.Module, args, kwargs) -> dict:
+    """A block call's arguments by name, however the model passed them (positionally or by keyword)."""
+    return _signature(type(unwrap_module(block))).bind(block, *args, **kwargs).arguments
 
 
 def _forced(settings: CacheSettings, step: int) -> bool | None:
@@ -73,13 +87,14 @@ def _forced(settings: CacheSettings, step: int) -> bool | None:
 class ReducedFirstBlockHook(FBCHeadBlockHook):
     """diffusers' First Block Cache head hook, deciding on the residual change reduced over the group."""
 
-    def __init__(self, state_manager: StateManager, settings: CacheSettings, metric: ReducedRelativeL1, record: list):
-        super().__init__(state_manager, settings.effective_threshold)
-        self.settings, self.metric, self.record = settings, metric, record
+    def __init__(self, state_manager: StateManager, settings: CacheSettings, threshold: float, metric: ReducedRelativeL1,
+                 record: list, layout_of: Callable[[dict], object]):
+        super().__init__(state_manager, threshold)
+        self.settings, self.metric, self.record, self.layout_of = settings, metric, record, layout_of
         self._call_layout = None
 
     def new_forward(self, module, *args, **kwargs):
-        self._call_layout = _layout(kwargs)
+        self._call_layout = self.layout_of(bound_arguments(module, args, kwargs))
         return super().new_forward(module, *args, **kwargs)
 
     @torch.compiler.disable
@@ -97,51 +112,67 @@ class ReducedFirstBlockHook(FBCHeadBlockHook):
 
 
 class TeaCacheHeadHook(ModelHook):
-    """TeaCache (TeaCache4FLUX's rules) as a head hook: decide before the first block runs.
+    """TeaCache as a head hook: decide before the first block runs.
 
-    The metric is the relative L1 change of the first block's modulated input (its norm1 output
-    for the image tokens) since the previous call of this branch, rescaled by the published
-    polynomial and accumulated; the blocks run when the sum reaches the threshold (which resets
-    it), and always on the first and the last step. A skipped call adds the residual of the last
-    computed one (output of the last block minus input of the first) to its input.
+    The metric is the relative L1 change of the recipe's tensor (Flux: the first block's
+    modulated image input; Wan: the blocks' timestep modulation) since the previous call of this
+    branch, rescaled by the published polynomial and accumulated; the blocks run when the sum
+    reaches the threshold (which resets it), and always on the recipe's retained first steps and,
+    where the recipe says so, the last step. A skipped call adds the residual of the last computed
+    one (output of the last block minus input of the first) to its input.
     """
 
     _is_stateful = True
 
-    def __init__(self, state_manager: StateManager, settings: CacheSettings, metric: ReducedRelativeL1, record: list,
-                 modulated_input, coefficients=TEACACHE_FLUX_COEFFICIENTS):
+    def __init__(self, state_manager: StateManager, settings: CacheSettings, threshold: float, metric: ReducedRelativeL1,
+                 record: list, layout_of: Callable[[dict], object], recipe):
         super().__init__()
         self.state_manager = state_manager
-        self.settings, self.metric, self.record = settings, metric, record
-        self.modulated_input = modulated_input  # (block, hidden_states, temb) -> the block's modulated image input
-        self.rescale = np.poly1d(coefficients)
+        self.settings, self.threshold, self.metric, self.record = settings, threshold, metric, record
+        self.layout_of, self.recipe = layout_of, recipe
+        self.rescale = np.poly1d(recipe.coefficients)
+        self._metadata = None
+
+    def initialize_hook(self, module):
+        self._metadata = TransformerBlockRegistry.get(unwrap_module(module).__class__)
+        return module
 
     def new_forward(self, module, *args, **kwargs):
-        hidden, encoder, temb = kwargs["hidden_states"], kwargs["encoder_hidden_states"], kwargs["temb"]
-        modulated = self.modulated_input(module, hidden, temb)
-        compute = self._decide(modulated, _layout(kwargs))
+        arguments = bound_arguments(module, args, kwargs)
+        hidden = arguments["hidden_states"]
+        has_text = self._metadata.return_encoder_hidden_states_index is not None
+        encoder = arguments["encoder_hidden_states"] if has_text else None
+        modulated = self.recipe.modulated_input(module, arguments)
+        compute = self._decide(modulated, self.layout_of(arguments) if self.recipe.per_token else None)
         state = self.state_manager.get_state()
         state.previous_modulated = modulated
         state.should_compute = compute
         if compute:
-            state.head_block_output = (hidden, encoder)  # the residual is taken from the first block's input
+            # The residual is taken from the first block's input, in the tail hook's format.
+            state.head_block_output = (hidden, encoder) if has_text else hidden
             return self.fn_ref.original_forward(*args, **kwargs)
         hidden_residual, encoder_residual = state.tail_block_residuals
-        return encoder + encoder_residual, hidden + hidden_residual  # Flux blocks return (text, image)
+        if not has_text:
+            return hidden + hidden_residual
+        output = [None, None]
+        output[self._metadata.return_hidden_states_index] = hidden + hidden_residual
+        output[self._metadata.return_encoder_hidden_states_index] = encoder + encoder_residual
+        return tuple(output)
 
     @torch.compiler.disable
     def _decide(self, modulated: torch.Tensor, layout) -> bool:
         state = self.state_manager.get_state()
         context = self.state_manager.context
         step, last = context.step_index, context.num_inference_steps - 1
-        if state.previous_modulated is None or state.tail_block_residuals is None or step in (0, last):
+        always = step < self.recipe.retained_steps or (self.recipe.last_step_runs and step == last)
+        if state.previous_modulated is None or state.tail_block_residuals is None or always:
             state.accumulated = 0.0
             self.record.append(CacheDecision(context.name, step, True))
             return True
         change = self.metric(modulated, state.previous_modulated, layout)
         state.accumulated += float(self.rescale(change))
         forced = _forced(self.settings, step)
-        compute = state.accumulated >= self.settings.effective_threshold if forced is None else forced
+        compute = state.accumulated >= self.threshold if forced is None else forced
         self.record.append(CacheDecision(context.name, step, compute, change, self.metric.last_local, state.accumulated))
         if compute:
             state.accumulated = 0.0
@@ -187,19 +218,19 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def flux_modulated_input(block, hidden_states, temb):
-    return block.norm1(hidden_states, emb=temb)[0]
+def install(model: torch.nn.Module, settings: CacheSettings, threshold: float, metric: ReducedRelativeL1, record: list,
+            layout_of: Callable[[dict], object], teacache=None) -> StateManager:
+    """Hook the cache into the model's blocks (undone by ``remove``); returns the hooks' state manager.
 
-
-def install(model: torch.nn.Module, settings: CacheSettings, metric: ReducedRelativeL1, record: list,
-            modulated_input=flux_modulated_input) -> StateManager:
-    """Hook the cache into the model's blocks (undone by ``remove``); returns the hooks' state manager."""
+    layout_of: a block's bound arguments -> the SequenceLayout of the call (None: one shard).
+    teacache: the family's TeaCacheRecipe (caching/families.py), for settings.kind "teacache".
+    """
     state_manager = StateManager(CacheState)
     head, *rest = transformer_blocks(model)
     if settings.kind == FBCACHE:
-        head_hook = ReducedFirstBlockHook(state_manager, settings, metric, record)
+        head_hook = ReducedFirstBlockHook(state_manager, settings, threshold, metric, record, layout_of)
     else:
-        head_hook = TeaCacheHeadHook(state_manager, settings, metric, record, modulated_input)
+        head_hook = TeaCacheHeadHook(state_manager, settings, threshold, metric, record, layout_of, teacache)
     HookRegistry.check_if_exists_or_initialize(head).register_hook(head_hook, HEAD_HOOK)
     *middle, tail = rest
     for block in middle:

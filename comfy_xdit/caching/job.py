@@ -20,22 +20,24 @@ from diffusers.hooks.hooks import CacheContext
 
 from . import hooks
 from .decision import ReducedRelativeL1
-from .settings import CacheSettings
+from .families import FAMILY_CACHES, layout_reader
+from .settings import DEFAULT_THRESHOLDS, FBCACHE, CacheSettings
 
 
 class CacheJob:
     def __init__(self, model: torch.nn.Module, settings: CacheSettings, metric: ReducedRelativeL1, sigmas: torch.Tensor,
-                 modulated_input=hooks.flux_modulated_input):
+                 threshold: float, layout_of=lambda arguments: None, teacache=None):
         self.model, self.settings, self.metric = model, settings, metric
         self.sigmas = [float(s) for s in sigmas]
         self.steps = len(self.sigmas) - 1
-        self.modulated_input = modulated_input
+        self.threshold, self.layout_of, self.teacache = threshold, layout_of, teacache
         self.record: list[hooks.CacheDecision] = []
         self._branches: dict[int, tuple[object, str]] = {}
         self._state_manager = None  # set while the hooks are in
 
     def __enter__(self) -> "CacheJob":
-        self._state_manager = hooks.install(self.model, self.settings, self.metric, self.record, self.modulated_input)
+        self._state_manager = hooks.install(self.model, self.settings, self.threshold, self.metric, self.record,
+                                            self.layout_of, self.teacache)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -72,18 +74,20 @@ class CacheJob:
         return out
 
 
-# The caches each model family has been built and tested for. TeaCache needs the family's own
-# published rescale coefficients and modulated-input function; First-Block-Cache needs blocks
-# that diffusers' block registry knows (Flux's and SD3's JointTransformerBlock, attn2 or not).
-SUPPORTED = {"flux": ("fbcache", "teacache"), "sd3": ("fbcache",)}
+# The caches each model family has been built and tested for (caching/families.py says why).
+SUPPORTED = {family: caches.kinds for family, caches in FAMILY_CACHES.items()}
 # Why a cache is missing for a family, where the reason is not "not wired yet".
-UNAVAILABLE_BECAUSE = {
-    ("sd3", "teacache"): "TeaCache has no published rescale coefficients for SD3/SD3.5",
-}
+UNAVAILABLE_BECAUSE = {(family, "teacache"): caches.no_teacache_because
+                       for family, caches in FAMILY_CACHES.items() if caches.no_teacache_because}
 
 
-def cache_job_for(request, model: torch.nn.Module, mesh, default_shift: float, family: str = "flux") -> CacheJob | None:
-    """The request's cache for this rank, or None; refuses combinations it cannot keep exact."""
+def cache_job_for(request, model: torch.nn.Module, mesh, default_shift: float, family: str = "flux",
+                  sharded_forward=None) -> CacheJob | None:
+    """The request's cache for this rank, or None; refuses combinations it cannot keep exact.
+
+    sharded_forward: the model's ModuleShardedForward, for families whose blocks get no attention
+    kwargs (Wan): the metric asks it for the sequence layout of the call in progress.
+    """
     from ..config import ConfigError
 
     settings: CacheSettings | None = getattr(request, "cache", None)
@@ -114,4 +118,8 @@ def cache_job_for(request, model: torch.nn.Module, mesh, default_shift: float, f
     # The family's own model sampling (SD3: discrete flow), so the step of a sigma is the sampler's.
     sampling = flow_sampling_for(request, default_shift, height, width, get_family(family).sampling)
     sigmas = sigmas_for(sampling, request.scheduler, request.steps, request.denoise, request.sampler_name)
-    return CacheJob(model, settings, ReducedRelativeL1.for_mesh(mesh), sigmas)
+    caches = FAMILY_CACHES[family]
+    teacache = None if settings.kind == FBCACHE else caches.teacache(model.config)
+    threshold = settings.threshold_or(DEFAULT_THRESHOLDS[FBCACHE] if teacache is None else teacache.default_threshold)
+    return CacheJob(model, settings, ReducedRelativeL1.for_mesh(mesh), sigmas, threshold,
+                    layout_reader(caches, sharded_forward), teacache)

@@ -1,13 +1,18 @@
 """What a sampling request asks of the step cache, and the published defaults it falls back on.
 
-Random weights cannot calibrate quality, so every default here is a published value for
-Flux.1-dev (sources in the README's cache section). SD3/SD3.5 take First-Block-Cache's Flux
-default too: no SD3-specific threshold is published.
+Random weights cannot calibrate quality, so every default here is a published value (sources
+in the README's cache section). First-Block-Cache's is published for Flux.1-dev only; SD3/SD3.5,
+PixArt, Wan and Qwen-Image take it too: no family-specific threshold is published for them.
+TeaCache needs a rescale polynomial fitted on the model: published for Flux.1-dev and Wan 2.1
+T2V (1.3B, 14B); caching/families.py says which family uses which.
 
 - First-Block-Cache: residual_diff_threshold 0.08, ParaAttention's default for FLUX models
   (28 steps: 26.36 s -> 17.01 s, 1.55x, on an L20).
 - TeaCache: rel_l1_thresh 0.4 (TeaCache4FLUX: 0.25 ~1.5x, 0.4 ~1.8x, 0.6 ~2.0x, 0.8 ~2.25x;
   ComfyUI-TeaCache recommends 0.4 for FLUX) with TeaCache4FLUX's rescale polynomial.
+- TeaCache on Wan: TeaCache4Wan2.1 with use_ret_steps (its README: "faster generation speed and
+  better generation quality"), thresholds from its table's "slow" column: T2V 1.3B 0.05
+  (~97 s -> ~61 s, 1.6x, one A800), T2V 14B 0.10 (~1829 s -> ~915 s, 2.0x).
 """
 
 from __future__ import annotations
@@ -28,6 +33,14 @@ PUBLISHED_SPEEDUPS = {FBCACHE: 1.55, TEACACHE: 1.8}
 # first, that maps the relative L1 change of the first block's modulated input to an estimate of
 # the relative change of the model output.
 TEACACHE_FLUX_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+
+# TeaCache4Wan2.1 (ali-vilab/TeaCache, TeaCache4Wan2.1/teacache_generate.py, use_ret_steps): the
+# polynomials fitted on the blocks' timestep modulation e0 of the T2V models, each with the
+# "slow" threshold of TeaCache4Wan2.1/README.md's use_ret_steps table; the first 5 steps always
+# run ("retention steps"), the last one need not.
+TEACACHE_WAN_1_3B = ((-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02), 0.05)
+TEACACHE_WAN_14B = ((-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01), 0.10)
+TEACACHE_WAN_RETAINED_STEPS = 5
 
 
 @dataclass(frozen=True)
@@ -53,7 +66,11 @@ class CacheSettings:
 
     @property
     def effective_threshold(self) -> float:
-        return DEFAULT_THRESHOLDS[self.kind] if self.threshold is None else float(self.threshold)
+        """The threshold asked for, else the kind's Flux default (a family may publish its own: see job.py)."""
+        return self.threshold_or(DEFAULT_THRESHOLDS[self.kind])
+
+    def threshold_or(self, default: float) -> float:
+        return default if self.threshold is None else float(self.threshold)
 
     def describe(self) -> str:
         forced = f", forced computed steps {list(self.computed_steps)}" if self.computed_steps is not None else ""

@@ -330,7 +330,7 @@ PIXART = ModelFamily(
     conditioning_keys=frozenset({"width", "height"}),
     # Stock PixArt reads neither a pooled output, an attention mask nor a guidance value.
     ignored_keys=frozenset({"pooled_output", "attention_mask", "guidance"}),
-    methods=frozenset({"ulysses", "ring", "cfg", "data", "distrifusion"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data", "distrifusion", "cache"}),
     resolution_shift=False,
     conditioning_widths=lambda config: {"context": config.caption_channels},
     vae_note="stock VAELoader + VAEDecode (ParallelVAEDecode is not checked against stock on 4-channel VAEs yet)",
@@ -410,7 +410,7 @@ WAN = ModelFamily(
     conditioning_keys=frozenset(),
     # The stock text encoder puts pooled_output None on the conditioning; stock Wan ignores guidance.
     ignored_keys=frozenset({"pooled_output", "guidance"}),
-    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data", "cache"}),
     resolution_shift=False,
     conditioning_widths=lambda config: {"context": config.text_dim},
     vae_note="the stock VAELoader + VAE Decode nodes (the Wan 3D VAE is not patch-parallel yet; Parallel VAE Decode refuses video latents)",
@@ -471,7 +471,7 @@ QWEN_IMAGE = ModelFamily(
     # Stock Qwen-Image passes neither the encoder's pooled output nor its attention mask to its model,
     # and has no guidance input.
     ignored_keys=frozenset({"pooled_output", "attention_mask", "guidance"}),
-    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data", "cache"}),
     resolution_shift=False,
     conditioning_widths=lambda config: {"context": config.joint_attention_dim},
     vae_note="the stock VAELoader + VAE Decode nodes with the Wan 2.1 VAE (qwen_image_vae.safetensors; "

@@ -1,0 +1,112 @@
+"""Which step caches each model family offers, and what they need to know about its blocks.
+
+First-Block-Cache works on any family whose blocks diffusers' ``TransformerBlockRegistry`` knows
+(it says where a block returns its image and text streams): Flux's and SD3's joint blocks,
+PixArt's ``BasicTransformerBlock`` (image only), Wan's ``WanTransformerBlock`` (image only) and
+Qwen-Image's ``QwenImageTransformerBlock`` (text, image) are all registered there, so nothing is
+registered here. What a family adds is where its blocks find the ``SequenceLayout`` (so the
+metric can leave out the zero padding of the last sequence shard).
+
+TeaCache also needs the family's published rescale polynomial, fitted on the real model, and the
+tensor it was fitted on. A family without a published polynomial does not offer TeaCache: a
+polynomial fitted on another model maps the change of another tensor, and its skips would be
+unvalidated guesses. Sources are in settings.py and the README's cache section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .settings import (
+    DEFAULT_THRESHOLDS,
+    FBCACHE,
+    TEACACHE,
+    TEACACHE_FLUX_COEFFICIENTS,
+    TEACACHE_WAN_1_3B,
+    TEACACHE_WAN_14B,
+    TEACACHE_WAN_RETAINED_STEPS,
+)
+
+
+@dataclass(frozen=True)
+class TeaCacheRecipe:
+    """One model's published TeaCache: the tensor compared between steps and how its change is read."""
+
+    name: str  # for messages and the README
+    coefficients: tuple[float, ...]  # rescale polynomial, highest power first
+    default_threshold: float
+    # (first block, its bound call arguments) -> the tensor whose relative L1 change is measured
+    modulated_input: Callable[[torch.nn.Module, dict], torch.Tensor]
+    # whether that tensor has image tokens on dim 1 (sharded under sequence parallelism); Wan's
+    # timestep modulation has none and is the same on every rank
+    per_token: bool = True
+    retained_steps: int = 1  # the first steps always run the whole model
+    last_step_runs: bool = True  # the last step always runs the whole model
+
+
+@dataclass(frozen=True)
+class FamilyCaches:
+    # the block keyword whose dict carries the SequenceLayout (None: the blocks get no attention
+    # kwargs and the layout is asked of the model's sharded forward)
+    layout_kwarg: str | None
+    # model config -> its TeaCache recipe; None: TeaCache is not offered, for the reason below
+    teacache: Callable[[object], TeaCacheRecipe] | None = None
+    no_teacache_because: str = ""
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return (FBCACHE, TEACACHE) if self.teacache is not None else (FBCACHE,)
+
+
+def _flux_modulated_input(block, arguments: dict) -> torch.Tensor:
+    # the first double block's norm1 output for the image tokens, as TeaCache4FLUX measures
+    return block.norm1(arguments["hidden_states"], emb=arguments["temb"])[0]
+
+
+def _wan_timestep_modulation(block, arguments: dict) -> torch.Tensor:
+    # the blocks' timestep modulation [B, 6, dim] (the original code's e0), which TeaCache4Wan2.1
+    # measures with use_ret_steps
+    return arguments["temb"]
+
+
+FLUX_TEACACHE = TeaCacheRecipe("TeaCache4FLUX", TEACACHE_FLUX_COEFFICIENTS, DEFAULT_THRESHOLDS[TEACACHE],
+                               _flux_modulated_input)
+WAN_1_3B_TEACACHE = TeaCacheRecipe("TeaCache4Wan2.1 T2V 1.3B (use_ret_steps)", *TEACACHE_WAN_1_3B,
+                                   _wan_timestep_modulation, per_token=False,
+                                   retained_steps=TEACACHE_WAN_RETAINED_STEPS, last_step_runs=False)
+WAN_14B_TEACACHE = TeaCacheRecipe("TeaCache4Wan2.1 T2V 14B (use_ret_steps)", *TEACACHE_WAN_14B,
+                                  _wan_timestep_modulation, per_token=False,
+                                  retained_steps=TEACACHE_WAN_RETAINED_STEPS, last_step_runs=False)
+WAN_14B_WIDTH = 5120  # Wan 2.1 14B and each Wan 2.2 A14B expert; the 1.3B is 1536 wide
+
+
+def _wan_teacache(config) -> TeaCacheRecipe:
+    # By width: the 14B polynomial for 14B-wide models (Wan 2.2's experts share 2.1 14B's
+    # architecture; the polynomial was fitted on 2.1), the 1.3B one for every other width.
+    width = config.num_attention_heads * config.attention_head_dim
+    return WAN_14B_TEACACHE if width == WAN_14B_WIDTH else WAN_1_3B_TEACACHE
+
+
+NO_POLYNOMIAL = "TeaCache has no published rescale coefficients for {}"
+
+FAMILY_CACHES: dict[str, FamilyCaches] = {
+    "flux": FamilyCaches("joint_attention_kwargs", teacache=lambda config: FLUX_TEACACHE),
+    "sd3": FamilyCaches("joint_attention_kwargs", no_teacache_because=NO_POLYNOMIAL.format("SD3/SD3.5")),
+    "pixart": FamilyCaches("cross_attention_kwargs", no_teacache_because=NO_POLYNOMIAL.format("PixArt-alpha/Sigma")),
+    "wan": FamilyCaches(None, teacache=_wan_teacache),
+    # Community ports label Flux's polynomial as Qwen-Image's "to be tuned": not a fit of this model.
+    "qwen_image": FamilyCaches("joint_attention_kwargs", no_teacache_because=NO_POLYNOMIAL.format("Qwen-Image")),
+}
+
+
+def layout_reader(caches: FamilyCaches, sharded_forward=None) -> Callable[[dict], object]:
+    """(a block's bound arguments) -> the SequenceLayout of the call in progress, or None (one shard)."""
+    if caches.layout_kwarg is not None:
+        name = caches.layout_kwarg
+        return lambda arguments: (arguments.get(name) or {}).get("layout")
+    if sharded_forward is None or getattr(sharded_forward, "degree", 1) == 1:
+        return lambda arguments: None
+    return lambda arguments: sharded_forward.current_layout()

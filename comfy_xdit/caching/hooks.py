@@ -172,7 +172,9 @@ class TeaCacheHeadHook(ModelHook):
         change = self.metric(modulated, state.previous_modulated, layout)
         state.accumulated += float(self.rescale(change))
         forced = _forced(self.settings, step)
-        compute = state.accumulated >= self.threshold if forced is None else forced
+        # Threshold 0 never skips, as for First-Block-Cache, even where a polynomial maps a change
+        # outside its fitted range to a negative estimate (the sum would then never reach 0).
+        compute = (self.threshold <= 0 or state.accumulated >= self.threshold) if forced is None else forced
         self.record.append(CacheDecision(context.name, step, compute, change, self.metric.last_local, state.accumulated))
         if compute:
             state.accumulated = 0.0

@@ -13,7 +13,7 @@ CATEGORY = "comfy_xdit"
 DTYPES = ["default", "bfloat16", "float16", "float32"]
 SHIFT_MODES = ["model default", "resolution (ModelSamplingFlux)"]
 CHECKPOINT_PREFIX = "checkpoints/"
-CACHE_CHOICES = ["none", "fbcache", "teacache"]
+CACHE_CHOICES = ["none", "fbcache", "teacache", "ditfastattn"]
 
 
 def _bridge():
@@ -253,10 +253,11 @@ class ParallelSampler(io.ComfyNode):
                 io.Float.Input("base_shift", default=0.5, min=0.0, max=100.0, step=0.01),
                 io.Combo.Input("cache", options=CACHE_CHOICES, default="none", optional=True,
                                tooltip="skip most of the model on steps where it barely changes: fbcache (First-Block-Cache) "
-                               "or teacache (Flux, Wan); the same decision on every worker"),
+                               "or teacache (Flux, Wan); ditfastattn compresses attention per layer and step (Flux, PixArt); "
+                               "the same decision on every worker"),
                 io.Float.Input("cache_threshold", default=0.0, min=0.0, max=10.0, step=0.01, optional=True,
-                               tooltip="0: the published default (fbcache 0.08; teacache 0.4 on Flux, 0.05 / 0.10 on Wan 1.3B / 14B); "
-                               "higher skips more steps"),
+                               tooltip="0: the default (fbcache 0.08; teacache 0.4 on Flux, 0.05 / 0.10 on Wan 1.3B / 14B; "
+                               "ditfastattn 0.1); higher skips more"),
             ],
             outputs=[io.Latent.Output()],
             hidden=[io.Hidden.unique_id],

@@ -161,10 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     generate.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (first job of a shape compiles)")
     generate.add_argument("--cuda-graphs", action="store_true", help="GPU workers: replay each step as a captured CUDA graph")
-    generate.add_argument("--cache", default="none", choices=["none", "fbcache", "teacache"],
-                          help="step cache: First-Block-Cache or TeaCache (skips most of the model on steps that barely change)")
+    generate.add_argument("--cache", default="none", choices=["none", "fbcache", "teacache", "ditfastattn"],
+                          help="step cache: First-Block-Cache or TeaCache (skips most of the model on steps that barely "
+                          "change), or DiTFastAttn (compresses attention per layer and step)")
     generate.add_argument("--cache-threshold", type=float, default=0.0,
-                          help="0: the published default (fbcache 0.08; teacache 0.4 on Flux, 0.05 / 0.10 on Wan 1.3B / 14B); higher skips more")
+                          help="0: the default (fbcache 0.08; teacache 0.4 on Flux, 0.05 / 0.10 on Wan 1.3B / 14B; ditfastattn 0.1); higher skips more")
     generate.add_argument("--output", type=Path, default=Path("output.latent"))
     add_parallel_flags(generate)
     add_backend_flags(generate)

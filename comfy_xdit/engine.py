@@ -215,8 +215,9 @@ class RankEngine:
                 device=self.device,
                 make_sampling=family.sampling,
                 # One call for both CFG branches, except where a call must see one branch: the
-                # step cache, PipeFusion and DistriFusion keep state per branch, ControlNet hints are per row.
-                batch_cfg=not cache and self.mesh.size("pipefusion") == 1 and self.mesh.size("distrifusion") == 1
+                # step cache, PipeFusion and DistriFusion keep state per branch, ControlNet hints are per row
+                # (DiTFastAttn keeps its state per call and shares across CFG inside a batched one).
+                batch_cfg=(not cache or getattr(cache, "one_call_for_both_branches", False)) and self.mesh.size("pipefusion") == 1 and self.mesh.size("distrifusion") == 1
                 and not controls,
             )
 

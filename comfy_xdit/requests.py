@@ -147,7 +147,8 @@ class SampleRequest:
     # ControlNets for this job, in the order they were applied (for positive and negative alike,
     # as ComfyUI's ControlNetApplyAdvanced does).
     controlnets: tuple[ControlNetRequest, ...] = ()
-    # First-Block-Cache or TeaCache for this job (None: every step runs the whole model).
+    # First-Block-Cache, TeaCache (CacheSettings) or DiTFastAttn (fastattn.settings.FastAttnSettings)
+    # for this job (None: every step runs the whole model).
     cache: CacheSettings | None = None
     extra: dict = field(default_factory=dict)
 

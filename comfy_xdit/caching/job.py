@@ -93,6 +93,10 @@ def cache_job_for(request, model: torch.nn.Module, mesh, default_shift: float, f
     settings: CacheSettings | None = getattr(request, "cache", None)
     if settings is None:
         return None
+    if settings.kind == "ditfastattn":  # DiTFastAttn compresses attention instead of skipping blocks
+        from ..fastattn.job import fastattn_job_for
+
+        return fastattn_job_for(request, model, mesh, default_shift, family)
     if settings.kind not in SUPPORTED.get(family, ()):
         offered = SUPPORTED.get(family, ())
         why = UNAVAILABLE_BECAUSE.get((family, settings.kind))

@@ -81,6 +81,10 @@ def settings_from_choice(kind: str, threshold: float) -> CacheSettings | None:
     """The node's and the CLI's inputs: kind "none" is off; threshold 0 takes the published default."""
     if kind in ("none", "", None):
         return None
+    if kind == "ditfastattn":
+        from ..fastattn.settings import FastAttnSettings
+
+        return FastAttnSettings(None if threshold == 0 else threshold)
     return CacheSettings(kind, None if threshold == 0 else threshold)
 
 

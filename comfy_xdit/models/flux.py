@@ -59,6 +59,35 @@ def image_ids(h_tokens: int, w_tokens: int, dtype: torch.dtype, device: torch.de
     return ids.reshape(h_tokens * w_tokens, 3)
 
 
+def flux_query_key_value(attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None):
+    """diffusers' Flux attention inputs: [B, text + image, H, D] queries, keys, values (text first), rotary applied."""
+    heads_view = (-1, attn.head_dim)
+    query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, heads_view))
+    key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, heads_view))
+    value = attn.to_v(hidden_states).unflatten(-1, heads_view)
+    if encoder_hidden_states is not None:
+        text_query = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, heads_view))
+        text_key = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, heads_view))
+        text_value = attn.add_v_proj(encoder_hidden_states).unflatten(-1, heads_view)
+        query = torch.cat([text_query, query], dim=1)
+        key = torch.cat([text_key, key], dim=1)
+        value = torch.cat([text_value, value], dim=1)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    return query, key, value
+
+
+def flux_attention_output(attn, out: torch.Tensor, joint: bool, text_tokens: int):
+    """diffusers' Flux output projections of the attention result [B, S, H*D]: (image, text) for a
+    joint (double) block, the bare result for a single block."""
+    if not joint:
+        return out
+    text_out, image_out = out.split_with_sizes([text_tokens, out.shape[1] - text_tokens], dim=1)
+    image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
+    return image_out, attn.to_add_out(text_out.contiguous())
+
+
 class ParallelFluxAttnProcessor:
     """diffusers' Flux joint attention with the attention call routed through sequence parallelism."""
 
@@ -68,28 +97,9 @@ class ParallelFluxAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, layout=None):
         if layout is None:
             raise RuntimeError("sequence-parallel Flux attention was called without a SequenceLayout")
-        heads_view = (-1, attn.head_dim)
-        query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, heads_view))
-        key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, heads_view))
-        value = attn.to_v(hidden_states).unflatten(-1, heads_view)
-        if encoder_hidden_states is not None:
-            text_query = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, heads_view))
-            text_key = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, heads_view))
-            text_value = attn.add_v_proj(encoder_hidden_states).unflatten(-1, heads_view)
-            query = torch.cat([text_query, query], dim=1)
-            key = torch.cat([text_key, key], dim=1)
-            value = torch.cat([text_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
+        query, key, value = flux_query_key_value(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         out = self.attention(query, key, value, layout).flatten(2, 3).to(query.dtype)
-
-        if encoder_hidden_states is None:
-            return out
-        text_out, image_out = out.split_with_sizes([layout.text_tokens, out.shape[1] - layout.text_tokens], dim=1)
-        image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
-        return image_out, attn.to_add_out(text_out.contiguous())
+        return flux_attention_output(attn, out, encoder_hidden_states is not None, layout.text_tokens)
 
 
 def sequence_parallel_attention(mesh, lse_kernel) -> SequenceParallelAttention | None:

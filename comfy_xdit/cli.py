@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "change), or DiTFastAttn (compresses attention per layer and step)")
     generate.add_argument("--cache-threshold", type=float, default=0.0,
                           help="0: the default (fbcache 0.08; teacache 0.4 on Flux, 0.05 / 0.10 on Wan 1.3B / 14B; ditfastattn 0.1); higher skips more")
+    generate.add_argument("--fastattn-window", type=int, default=64,
+                          help="ditfastattn: tokens on each side that window attention sees (xDiT's default 64)")
     generate.add_argument("--output", type=Path, default=Path("output.latent"))
     add_parallel_flags(generate)
     add_backend_flags(generate)

@@ -176,6 +176,9 @@ class RankEngine:
         if cache and self.spec.cuda_graphs and self.device.type == "cuda":
             raise ConfigError("a step cache decides on the host at every step, which a captured CUDA graph cannot; "
                               "set the cache to none or turn the loader's cuda_graphs off")
+        if cache and self.spec.compile and not getattr(cache, "works_with_compile", True):
+            raise ConfigError(f"{cache.settings.describe()} switches its attention per step, which the compiled blocks "
+                              "cannot trace yet; turn the loader's compile off or set the cache to none")
         self.set_loras(request.loras)
         controls = self._job_controls(request, denoiser.dtype)
 

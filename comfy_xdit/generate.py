@@ -61,7 +61,7 @@ def run_generate(args: argparse.Namespace, config: ParallelConfig) -> int:
     request = SampleRequest(
         latent, positive, negative, seed=args.seed, steps=args.steps, cfg=args.cfg,
         sampler_name=args.sampler, scheduler=args.scheduler,
-        cache=settings_from_choice(args.cache, args.cache_threshold),
+        cache=settings_from_choice(args.cache, args.cache_threshold, fastattn_window=args.fastattn_window),
     )
     from .cli import backend_from_flags
 

@@ -252,3 +252,19 @@ def test_two_workers_equal_one(case, two_workers):
             assert "ulysses_degree and ring_degree to 1" in ulysses_refusal
     else:
         assert FastAttnPlan(one["plan"]).uses(SHARE_CFG) or MIXED_PLAN.uses(SHARE_CFG)
+
+
+def test_compile_is_refused_with_what_to_change():
+    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu")))
+    engine.set_model(tiny_model(), ModelSpec("tiny", dtype="float32", compile=True))  # compiles lazily, at the first call
+    with pytest.raises(ConfigError, match="turn the loader's compile off"):
+        engine.sample(request(1, FastAttnSettings()))
+
+
+def test_cli_window_flag_reaches_the_settings():
+    from comfy_xdit.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--model", "x.safetensors", "--cache", "ditfastattn",
+                                      "--fastattn-window", "8"])
+    settings = settings_from_choice(args.cache, args.cache_threshold, fastattn_window=args.fastattn_window)
+    assert settings == FastAttnSettings(window=8)

@@ -77,14 +77,16 @@ class CacheSettings:
         return f"{self.kind} (threshold {self.effective_threshold:g}{forced})"
 
 
-def settings_from_choice(kind: str, threshold: float) -> CacheSettings | None:
-    """The node's and the CLI's inputs: kind "none" is off; threshold 0 takes the published default."""
+def settings_from_choice(kind: str, threshold: float, fastattn_window: int | None = None):
+    """The node's and the CLI's inputs: kind "none" is off; threshold 0 takes the default.
+    "ditfastattn" gives fastattn.settings.FastAttnSettings (window: its default when None)."""
     if kind in ("none", "", None):
         return None
     if kind == "ditfastattn":
         from ..fastattn.settings import FastAttnSettings
 
-        return FastAttnSettings(None if threshold == 0 else threshold)
+        window = {} if fastattn_window is None else {"window": fastattn_window}
+        return FastAttnSettings(None if threshold == 0 else threshold, **window)
     return CacheSettings(kind, None if threshold == 0 else threshold)
 
 

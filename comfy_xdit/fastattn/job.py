@@ -40,6 +40,9 @@ class FastAttnJob:
 
     # The engine may batch the two CFG branches into one call: ASC needs exactly that.
     one_call_for_both_branches = True
+    # The processor picks its method in Python at every call, inside the block that regional
+    # compile traces whole (fullgraph): dynamo refuses it, so the engine refuses compile.
+    works_with_compile = False
 
     def __init__(self, model: torch.nn.Module, settings: FastAttnSettings, run: FastAttnRun, store: dict, key):
         self.model, self.settings, self.run = model, settings, run

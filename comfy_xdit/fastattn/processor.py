@@ -83,8 +83,6 @@ class FastAttnFluxProcessor:
     def __init__(self, run: FastAttnRun, layer: int):
         self.run, self.layer = run, layer
 
-    # Python-side choices per step: kept out of torch.compile's graphs (the rest of the block compiles).
-    @torch.compiler.disable
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  **kwargs):
         if attention_mask is not None:

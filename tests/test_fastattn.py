@@ -1,4 +1,4 @@
-"""DiTFastAttn on Flux: each method does what it says, calibration follows its threshold, and data
+"""DiTFastAttn on Flux and PixArt: each method does what it says, calibration follows its threshold, and data
 and cfg parallel give one worker's latents with the same settings.
 
 Tiny Flux (random weights), float32. Random weights cannot make a quality-meaningful plan; these
@@ -22,8 +22,9 @@ from comfy_xdit.fastattn.processor import FastAttnFluxProcessor, FastAttnRun
 from comfy_xdit.fastattn.settings import DEFAULT_THRESHOLD, FastAttnSettings
 from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.models.flux import flux_attention_output, flux_query_key_value
-from comfy_xdit.requests import FluxConditioning, ModelSpec, SampleRequest
+from comfy_xdit.requests import FluxConditioning, ModelSpec, PixArtConditioning, SampleRequest
 from distributed import relative_error, run_on_ranks
+from pixart_files import make_pixart_diffusers_model
 
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
 STEPS = 4
@@ -44,17 +45,28 @@ def request(batch: int, cache) -> SampleRequest:
     return SampleRequest(latent, positive, negative, seed=3, steps=STEPS, cfg=2.0, denoise=0.8, cache=cache)
 
 
-def engine_on(config_kwargs: dict) -> RankEngine:
+def pixart_request(batch: int, cache) -> SampleRequest:
+    g = torch.Generator().manual_seed(1)
+    positive, negative = (PixArtConditioning(torch.randn(1, 7, 32, generator=g)) for _ in range(2))
+    # PixArt's smallest size ComfyUI takes: (width + height) / 2 of at least 264 px (399 image tokens).
+    return SampleRequest(torch.zeros(batch, 4, 34, 34), positive, negative, seed=3, steps=3, cfg=4.5, scheduler="normal",
+                         cache=cache)
+
+
+def engine_on(config_kwargs: dict, family: str = "flux") -> RankEngine:
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     mesh = ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **config_kwargs), torch.device("cpu"))
     engine = RankEngine(mesh)
-    engine.set_model(tiny_model(), ModelSpec("tiny", dtype="float32"))
+    if family == "pixart":
+        engine.set_model(make_pixart_diffusers_model(num_layers=2), ModelSpec("tiny", family="pixart", dtype="float32"))
+    else:
+        engine.set_model(tiny_model(), ModelSpec("tiny", dtype="float32"))
     return engine
 
 
-def sample_calibrated(engine: RankEngine, batch: int, settings: FastAttnSettings):
+def sample_calibrated(engine: RankEngine, batch: int, settings: FastAttnSettings, make_request=request):
     """(latents, the plan the job calibrated)."""
-    latents = engine.sample(request(batch, settings))
+    latents = engine.sample(make_request(batch, settings))
     plans = engine.model.__dict__["_comfy_xdit_fastattn_plans"]
     return latents, list(plans.values())[-1]
 
@@ -210,9 +222,16 @@ def sample_case(config_kwargs: dict, batch: int, share_cfg: bool, plan: FastAttn
     return out
 
 
+def sample_pixart(config_kwargs: dict) -> dict:
+    engine = engine_on(config_kwargs, "pixart")
+    latents, plan = sample_calibrated(engine, 1, FastAttnSettings(PIXART_CALIBRATED, window=PIXART_WINDOW, share_cfg=False),
+                                      pixart_request)
+    return {"calibrated": latents, "plan": plan.methods}
+
+
 def sample_cases() -> dict:
     """Every case on the same two processes (one spawn: most of these tests' time on two cores)."""
-    return {name: sample_case(*CASES[name]) for name in CASES}
+    return {**{name: sample_case(*CASES[name]) for name in CASES}, "pixart cfg=2": sample_pixart(dict(use_cfg_parallel=True))}
 
 
 def refusals(cfg_engine: RankEngine) -> list[str]:
@@ -268,3 +287,47 @@ def test_cli_window_flag_reaches_the_settings():
                                       "--fastattn-window", "8"])
     settings = settings_from_choice(args.cache, args.cache_threshold, fastattn_window=args.fastattn_window)
     assert settings == FastAttnSettings(window=8)
+
+
+
+# --- PixArt: the self-attention (attn1) of every block ----------------------------------------------
+
+PIXART_LAYERS, PIXART_STEPS, PIXART_WINDOW, PIXART_CALIBRATED = 2, 3, 16, 0.6
+
+
+@pytest.fixture(scope="module")
+def pixart_one_worker():
+    engine = engine_on({}, "pixart")
+    return engine, engine.sample(pixart_request(1, None))
+
+
+def test_pixart_all_full_plan_equals_no_fastattn(pixart_one_worker):
+    engine, base = pixart_one_worker
+    plan = FastAttnPlan.all_full(PIXART_LAYERS, PIXART_STEPS)
+    assert torch.equal(engine.sample(pixart_request(1, FastAttnSettings(plan=plan, window=PIXART_WINDOW))), base)
+
+
+@pytest.mark.parametrize("method", [SHARE_STEP, WINDOW_RESIDUAL, SHARE_CFG])
+def test_pixart_each_method_alone_changes_the_output(method, pixart_one_worker):
+    engine, base = pixart_one_worker
+    plan = FastAttnPlan.uniform(PIXART_LAYERS, PIXART_STEPS, method)
+    latents = engine.sample(pixart_request(1, FastAttnSettings(plan=plan, window=PIXART_WINDOW)))
+    # The tiny random PixArt's latents are dominated by what attention barely moves (measured 2e-6 to
+    # 6e-5); an all-full plan is bit-identical, so a change well above float32 rounding shows the method ran.
+    assert relative_error(latents, base) > 1e-6
+
+
+def test_pixart_calibration_follows_the_threshold(pixart_one_worker):
+    engine, base = pixart_one_worker
+    latents, plan = sample_calibrated(engine, 1, FastAttnSettings(0.0, window=PIXART_WINDOW), pixart_request)
+    assert plan == FastAttnPlan.all_full(PIXART_LAYERS, PIXART_STEPS) and torch.equal(latents, base)
+    _, plan = sample_calibrated(engine, 1, FastAttnSettings(1.0, window=PIXART_WINDOW), pixart_request)
+    assert plan.compressed_fraction() >= 0.25, plan
+
+
+def test_pixart_cfg_parallel_equals_one_worker(two_workers):
+    one = sample_pixart({})
+    assert FastAttnPlan(one["plan"]).compressed_fraction() > 0, one["plan"]
+    for ranks in two_workers:
+        assert ranks["pixart cfg=2"]["plan"] == one["plan"]
+        assert relative_error(ranks["pixart cfg=2"]["calibrated"], one["calibrated"]) < TOLERANCE

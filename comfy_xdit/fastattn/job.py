@@ -21,11 +21,17 @@ import torch
 
 from .calibration import GreedyCalibration
 from .plan import SHARE_CFG, FastAttnPlan
-from .processor import FastAttnFluxProcessor, FastAttnRun
+from .processor import FastAttnFluxProcessor, FastAttnPixArtProcessor, FastAttnRun
 from .settings import FastAttnSettings
 
 PLAN_STORE = "_comfy_xdit_fastattn_plans"
-SUPPORTED_FAMILIES = ("flux",)
+# Per family: its processor class, and which attention modules (by processor name) it compresses.
+# PixArt's cross-attention (attn2) attends to the text only and is left as it is, as in the paper.
+FAMILIES = {
+    "flux": (FastAttnFluxProcessor, lambda name: True),
+    "pixart": (FastAttnPixArtProcessor, lambda name: ".attn1." in name),
+}
+SUPPORTED_FAMILIES = tuple(FAMILIES)
 
 
 def step_of(sigmas: list[float], sigma) -> int:
@@ -44,8 +50,10 @@ class FastAttnJob:
     # compile traces whole (fullgraph): dynamo refuses it, so the engine refuses compile.
     works_with_compile = False
 
-    def __init__(self, model: torch.nn.Module, settings: FastAttnSettings, run: FastAttnRun, store: dict, key):
+    def __init__(self, model: torch.nn.Module, settings: FastAttnSettings, run: FastAttnRun, store: dict, key,
+                 family: str = "flux"):
         self.model, self.settings, self.run = model, settings, run
+        self.processor_class, self.compresses = FAMILIES[family]
         self._store, self._key = store, key
         self._saved_processors = None
         self._branches: dict[int, tuple[object, str]] = {}
@@ -62,8 +70,12 @@ class FastAttnJob:
 
     def __enter__(self) -> "FastAttnJob":
         self._saved_processors = self.model.attn_processors
-        names = list(self._saved_processors)
-        self.model.set_attn_processor({name: FastAttnFluxProcessor(self.run, i) for i, name in enumerate(names)})
+        processors, layer = dict(self._saved_processors), 0
+        for name in processors:
+            if self.compresses(name):
+                processors[name] = self.processor_class(self.run, layer)
+                layer += 1
+        self.model.set_attn_processor(processors)
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
@@ -126,7 +138,7 @@ def fastattn_job_for(request, model: torch.nn.Module, mesh, default_shift: float
     settings: FastAttnSettings = request.cache
     _refuse_unsupported(request, mesh, family)
     cfg_parallel = mesh.size("cfg") > 1
-    layers = len(model.attn_processors)
+    layers = sum(1 for name in model.attn_processors if FAMILIES[family][1](name))
     height, width = request.latent.shape[-2:]
     sampling = flow_sampling_for(request, default_shift, height, width, get_family(family).sampling)
     sigmas = sigmas_for(sampling, request.scheduler, request.steps, request.denoise, request.sampler_name)
@@ -149,6 +161,6 @@ def fastattn_job_for(request, model: torch.nn.Module, mesh, default_shift: float
         calibration=None if plan is not None else GreedyCalibration(settings.effective_threshold, groups),
         share_cfg_allowed=settings.share_cfg and not cfg_parallel, rows=rows.stop - rows.start,
     )
-    job = FastAttnJob(model, settings, run, store, key)
+    job = FastAttnJob(model, settings, run, store, key, family)
     job.sigmas = [float(s) for s in sigmas]
     return job

@@ -1,7 +1,10 @@
-"""The Flux attention processor of DiTFastAttn: carries out one layer's entry of the plan, or calibrates it.
+"""DiTFastAttn's attention processors: carry out one layer's entry of the plan, or calibrate it.
 
-The projections are the ones our sequence-parallel Flux processor uses (``models.flux``); only
-the attention between them changes. Per branch (the conditioning a call was made with) and layer
+``FastAttnProcessor`` holds the methods; a family's subclass says how a layer's queries, keys and
+values are projected and how the attention result becomes the layer's output. Flux uses the
+projections of our sequence-parallel Flux processor (``models.flux``), PixArt those of diffusers'
+``AttnProcessor2_0`` on its self-attention (``attn1``); only the attention between them changes.
+Per branch (the conditioning a call was made with) and layer
 it keeps the last output (for share_step) and the window residual (for window_residual).
 
 A call "carries both branches" when its batch holds the conditional rows then the unconditional
@@ -79,27 +82,33 @@ def _first_half(output, rows: int):
     return output[:rows]
 
 
-class FastAttnFluxProcessor:
+class FastAttnProcessor:
     def __init__(self, run: FastAttnRun, layer: int):
         self.run, self.layer = run, layer
+
+    def query_key_value(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+        """[B, S, H, D] queries, keys and values of the sequence window attention runs over."""
+        raise NotImplementedError
+
+    def output(self, attn, raw: torch.Tensor, encoder_hidden_states):
+        """The layer's output from the attention result [B, S, H*D]."""
+        raise NotImplementedError
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  **kwargs):
         if attention_mask is not None:
             raise ValueError("DiTFastAttn does not support attention masks; set the cache to none")
         run, state = self.run, self.run.state(self.layer)
-        joint = encoder_hidden_states is not None
-        text_tokens = encoder_hidden_states.shape[1] if joint else 0
         both = run.carries_both_branches(hidden_states.shape[0])
         method = run.method(self.layer)
 
         def project(rows: int | None = None):
             hidden = hidden_states if rows is None else hidden_states[:rows]
-            encoder = encoder_hidden_states if rows is None or not joint else encoder_hidden_states[:rows]
-            return flux_query_key_value(attn, hidden, encoder, image_rotary_emb)
+            encoder = encoder_hidden_states if rows is None or encoder_hidden_states is None else encoder_hidden_states[:rows]
+            return self.query_key_value(attn, hidden, encoder, image_rotary_emb)
 
         def finish(raw: torch.Tensor):
-            return flux_attention_output(attn, raw, joint, text_tokens)
+            return self.output(attn, raw, encoder_hidden_states)
 
         if method is None:
             output = self._calibrate(state, project, finish, both)
@@ -152,3 +161,28 @@ class FastAttnFluxProcessor:
             residual = raw - window
             state.residual = torch.cat([residual[:run.rows]] * 2) if method == SHARE_CFG else residual
         return candidates.get(method, reference)
+
+
+class FastAttnFluxProcessor(FastAttnProcessor):
+    """Flux's double blocks (joint text + image attention) and single blocks (text already joined)."""
+
+    def query_key_value(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+        return flux_query_key_value(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+
+    def output(self, attn, raw, encoder_hidden_states):
+        joint = encoder_hidden_states is not None
+        return flux_attention_output(attn, raw, joint, encoder_hidden_states.shape[1] if joint else 0)
+
+
+class FastAttnPixArtProcessor(FastAttnProcessor):
+    """PixArt's self-attention (image tokens only), as diffusers' AttnProcessor2_0 computes it."""
+
+    def query_key_value(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+        heads_view = (attn.heads, -1)
+        return tuple(proj(hidden_states).unflatten(-1, heads_view) for proj in (attn.to_q, attn.to_k, attn.to_v))
+
+    def output(self, attn, raw, encoder_hidden_states):
+        out = attn.to_out[1](attn.to_out[0](raw))
+        if attn.residual_connection:
+            raise ValueError("DiTFastAttn: this PixArt attention adds a residual connection, which it does not support")
+        return out / attn.rescale_output_factor

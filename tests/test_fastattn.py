@@ -91,6 +91,20 @@ def test_each_method_alone_changes_the_output(method, one_worker):
     assert relative_error(latents, base) > 1e-3
 
 
+def test_share_cfg_runs_full_where_the_branches_are_separate_calls():
+    # Texts of different lengths cannot share one call: each branch is its own call, and a
+    # share_cfg entry computes full attention (so the latents are those of no DiTFastAttn).
+    engine = engine_on({})
+    separate = request(1, None)
+    separate.negative = FluxConditioning(torch.randn(1, 4, 32), torch.randn(1, 24), 3.5)
+    base = engine.sample(separate)
+    separate.cache = FastAttnSettings(plan=FastAttnPlan.uniform(LAYERS, STEPS, SHARE_CFG, every=1), window=WINDOW)
+    assert torch.equal(engine.sample(separate), base)
+    separate.cache = FastAttnSettings(1.0, window=WINDOW)
+    engine.sample(separate)
+    assert not list(engine.model.__dict__["_comfy_xdit_fastattn_plans"].values())[-1].uses(SHARE_CFG)
+
+
 # --- one attention layer against hand-computed references ------------------------------------------
 
 

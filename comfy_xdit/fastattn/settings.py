@@ -34,13 +34,17 @@ class FastAttnSettings:
     window: int = DEFAULT_WINDOW
     share_cfg: bool = True
     plan: FastAttnPlan | None = None
-    kind: str = DITFASTATTN  # read by the step cache's dispatch and records, like CacheSettings.kind
 
     def __post_init__(self) -> None:
         if self.threshold is not None and self.threshold < 0:
             raise ValueError(f"the DiTFastAttn threshold must be 0 or more (0 keeps every attention full), got {self.threshold}")
         if self.window < 1:
             raise ValueError(f"the DiTFastAttn window must be at least 1 token, got {self.window}")
+
+    @property
+    def kind(self) -> str:
+        """Read by the step cache's dispatch (caching.job.cache_job_for), like CacheSettings.kind."""
+        return DITFASTATTN
 
     @property
     def effective_threshold(self) -> float:

@@ -51,7 +51,7 @@ def _model_path(name: str) -> str:
 
 
 class ParallelLoader(io.ComfyNode):
-    """Load a DiT (Flux.1, Stable Diffusion 3 / 3.5, Wan 2.1 / 2.2 text-to-video, Qwen-Image; detected from the file) once into a persistent multi-GPU worker pool."""
+    """Load a DiT (Flux.1, Stable Diffusion 3 / 3.5, Wan 2.1 / 2.2 text-to-video, Qwen-Image, HunyuanVideo 1.0 text-to-video; detected from the file) once into a persistent multi-GPU worker pool."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -63,7 +63,7 @@ class ParallelLoader(io.ComfyNode):
             category=CATEGORY,
             description=cls.__doc__,
             inputs=[
-                io.Combo.Input("model_name", options=_model_files(), tooltip="a Flux.1, SD3/SD3.5, PixArt-alpha/Sigma, Wan 2.1/2.2 T2V or Qwen-Image .safetensors from diffusion_models (unet) or checkpoints; the family is detected from the file"),
+                io.Combo.Input("model_name", options=_model_files(), tooltip="a Flux.1, SD3/SD3.5, PixArt-alpha/Sigma, Wan 2.1/2.2 T2V, Qwen-Image or HunyuanVideo 1.0 T2V .safetensors from diffusion_models (unet) or checkpoints; the family is detected from the file"),
                 io.Combo.Input("weight_dtype", options=DTYPES, default="default", tooltip="default: bfloat16 on GPUs, float32 on CPU workers"),
                 io.Int.Input("ulysses_degree", default=0, min=0, max=64, tooltip="0: all workers the other degrees leave"),
                 io.Int.Input("ring_degree", default=1, min=1, max=64),
@@ -244,11 +244,11 @@ class ParallelSampler(io.ComfyNode):
                 io.Latent.Input("latent_image"),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
                 io.Int.Input("steps", default=20, min=1, max=10000),
-                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Flux-dev: 1 (guidance comes from the conditioning); SD3/SD3.5 and PixArt: about 4-5; Wan: about 5-6; Qwen-Image: about 2.5-4"),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Flux-dev and HunyuanVideo: 1 (guidance comes from the conditioning: FluxGuidance); SD3/SD3.5 and PixArt: about 4-5; Wan: about 5-6; Qwen-Image: about 2.5-4"),
                 io.Combo.Input("sampler_name", options=list(SAMPLERS), default="euler"),
                 io.Combo.Input("scheduler", options=list(SCHEDULERS), default="simple"),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
-                io.Combo.Input("shift", options=SHIFT_MODES, default=SHIFT_MODES[0], tooltip="resolution: what ModelSamplingFlux does (Flux only; SD3 uses its default shift 3.0, Wan 8.0, Qwen-Image 1.15)"),
+                io.Combo.Input("shift", options=SHIFT_MODES, default=SHIFT_MODES[0], tooltip="resolution: what ModelSamplingFlux does (Flux only; SD3 uses its default shift 3.0, Wan 8.0, Qwen-Image 1.15, HunyuanVideo 7.0)"),
                 io.Float.Input("max_shift", default=1.15, min=0.0, max=100.0, step=0.01),
                 io.Float.Input("base_shift", default=0.5, min=0.0, max=100.0, step=0.01),
                 io.Combo.Input("cache", options=CACHE_CHOICES, default="none", optional=True,

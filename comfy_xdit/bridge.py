@@ -22,8 +22,8 @@ from .pool import PoolRegistry, WorkerPool
 from .models import families
 from .page_errors import page_safe
 from .pool.backends import LOCAL, Backend
-from .requests import (ControlNetRequest, FluxConditioning, ModelSpec, PixArtConditioning, SampleRequest, SD3Conditioning,
-                       QwenImageConditioning, VaeDecodeRequest, VaeWeights, WanConditioning)
+from .requests import (ControlNetRequest, FluxConditioning, HunyuanVideoConditioning, ModelSpec, PixArtConditioning,
+                       SampleRequest, SD3Conditioning, QwenImageConditioning, VaeDecodeRequest, VaeWeights, WanConditioning)
 
 log = logging.getLogger("comfy_xdit")
 
@@ -345,8 +345,23 @@ def qwen_image_conditioning(conditioning, which: str) -> QwenImageConditioning:
     return QwenImageConditioning(tokens)
 
 
+def hunyuan_video_conditioning(conditioning, which: str) -> HunyuanVideoConditioning:
+    tokens, pooled, extras = _conditioning_entry(conditioning, which, families.HUNYUAN_VIDEO)
+    # The stock encoder drops its mask when no token is padded (always, for one prompt). A mask that
+    # hides tokens is refused: stock ComfyUI averages the hidden tokens into the token refiner's
+    # pooled vector, which diffusers' model does not, so the result would differ.
+    mask = extras.get("attention_mask")
+    if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+        raise ValueError(f"{which}: the conditioning's attention mask hides {int((~torch.as_tensor(mask).bool()).sum())} "
+                         "padded text tokens, which ParallelSampler does not implement for HunyuanVideo; encode one "
+                         "prompt with the stock TextEncodeHunyuanVideo / CLIPTextEncode node (it pads nothing)")
+    # ComfyUI's HunyuanVideo uses 6.0 when no FluxGuidance set one.
+    return HunyuanVideoConditioning(tokens, pooled, extras.get("guidance", 6.0))
+
+
 CONDITIONING_READERS = {"flux": flux_conditioning, "sd3": sd3_conditioning, "pixart": pixart_conditioning,
-                        "wan": wan_conditioning, "qwen_image": qwen_image_conditioning}
+                        "wan": wan_conditioning, "qwen_image": qwen_image_conditioning,
+                        "hunyuan_video": hunyuan_video_conditioning}
 
 
 def check_latent(latent: dict, family: families.ModelFamily = families.FLUX) -> None:
@@ -436,7 +451,7 @@ def vae_decode(vae, latent: dict) -> torch.Tensor:
     samples = latent["samples"]
     if samples.ndim != 4:
         raise ValueError(f"Parallel VAE Decode decodes image latents [B, C, H, W], got shape {list(samples.shape)}: "
-                         "for a video latent (Wan) use the stock VAE Decode node")
+                         "for a video latent (Wan, HunyuanVideo) use the stock VAE Decode node")
     module = vae.first_stage_model
     fingerprint = _VAE_FINGERPRINTS.get(module)
     state = None

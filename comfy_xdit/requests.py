@@ -122,14 +122,31 @@ class QwenImageConditioning:
 
 
 @dataclass
+class HunyuanVideoConditioning:
+    """One prompt's conditioning in ComfyUI's HunyuanVideo 1.0 layout (DualCLIPLoader type hunyuan_video).
+
+    context: llava-llama-3-8b hidden states of the prompt's tokens (the template stripped, as
+    ComfyUI's encoder does) [B or 1, T, 4096]; pooled: CLIP-L pooled output [B or 1, 768];
+    guidance: the distilled guidance (FluxGuidance; ComfyUI's default is 6.0). Every text token
+    is attended (a conditioning whose attention mask hides tokens is refused by the bridge).
+    """
+
+    context: torch.Tensor
+    pooled: torch.Tensor
+    guidance: float | None = 6.0
+
+
+@dataclass
 class SampleRequest:
     """One KSampler-equivalent call. Latents are ComfyUI's raw VAE latents [B, 16, H/8, W/8]
     (video families: [B, 16, T, H/8, W/8])."""
 
     latent: torch.Tensor
     # the loaded model family's type
-    positive: FluxConditioning | SD3Conditioning | PixArtConditioning | WanConditioning | QwenImageConditioning
-    negative: FluxConditioning | SD3Conditioning | PixArtConditioning | WanConditioning | QwenImageConditioning | None
+    positive: (FluxConditioning | SD3Conditioning | PixArtConditioning | WanConditioning | QwenImageConditioning
+               | HunyuanVideoConditioning)
+    negative: (FluxConditioning | SD3Conditioning | PixArtConditioning | WanConditioning | QwenImageConditioning
+               | HunyuanVideoConditioning | None)
     seed: int
     steps: int
     cfg: float = 1.0

@@ -484,3 +484,113 @@ def write_qwen_image_file(model, path: str | Path, prefix: str = "", dtype: torc
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({prefix + k: v for k, v in state.items()}, str(path))
     return path
+
+
+def make_hunyuan_video_diffusers_model(num_layers: int = 1, num_single_layers: int = 1, num_refiner_layers: int = 1,
+                                       heads: int = 2, head_dim: int = 8, rope_axes_dim=(2, 2, 4), text_dim: int = 32,
+                                       pooled_dim: int = 24, mlp_ratio: float = 2.0, guidance: bool = True, seed: int = 0):
+    """A tiny float32 HunyuanVideoTransformer3DModel (text-to-video) with every parameter random (norm scales around 1)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=16, out_channels=16, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=num_layers,
+        num_single_layers=num_single_layers, num_refiner_layers=num_refiner_layers, mlp_ratio=mlp_ratio, patch_size=2,
+        patch_size_t=1, guidance_embeds=guidance, text_embed_dim=text_dim, pooled_projection_dim=pooled_dim,
+        rope_axes_dim=tuple(rope_axes_dim),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.ndim >= 2:
+                param.copy_(noise / param[0].numel() ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                param.copy_(1 + 0.1 * noise)
+            else:
+                param.copy_(0.1 * noise)
+    return model.eval()
+
+
+def diffusers_to_hunyuan_video_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The original HunyuanVideo key layout (what ComfyUI loads) from a diffusers HunyuanVideoTransformer3DModel state dict.
+
+    Written independently of diffusers' converter (which the loader uses), so a round trip checks it:
+    fused q/k/v (and q/k/v/mlp in the single-stream blocks), and the final layer's (shift, scale) order.
+    """
+    top = {
+        "x_embedder.proj": "img_in.proj",
+        "time_text_embed.timestep_embedder.linear_1": "time_in.mlp.0",
+        "time_text_embed.timestep_embedder.linear_2": "time_in.mlp.2",
+        "time_text_embed.guidance_embedder.linear_1": "guidance_in.mlp.0",
+        "time_text_embed.guidance_embedder.linear_2": "guidance_in.mlp.2",
+        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+        "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+        "context_embedder.proj_in": "txt_in.input_embedder",
+        "context_embedder.time_text_embed.timestep_embedder.linear_1": "txt_in.t_embedder.mlp.0",
+        "context_embedder.time_text_embed.timestep_embedder.linear_2": "txt_in.t_embedder.mlp.2",
+        "context_embedder.time_text_embed.text_embedder.linear_1": "txt_in.c_embedder.linear_1",
+        "context_embedder.time_text_embed.text_embedder.linear_2": "txt_in.c_embedder.linear_2",
+        "proj_out": "final_layer.linear",
+    }
+    refiner = {"norm1": "norm1", "norm2": "norm2", "attn.to_out.0": "self_attn_proj", "ff.net.0.proj": "mlp.fc1",
+               "ff.net.2": "mlp.fc2", "norm_out.linear": "adaLN_modulation.1"}
+    double = {
+        "norm1.linear": "img_mod.linear", "norm1_context.linear": "txt_mod.linear",
+        "attn.norm_q": "img_attn_q_norm", "attn.norm_k": "img_attn_k_norm", "attn.to_out.0": "img_attn_proj",
+        "attn.norm_added_q": "txt_attn_q_norm", "attn.norm_added_k": "txt_attn_k_norm", "attn.to_add_out": "txt_attn_proj",
+        "ff.net.0.proj": "img_mlp.fc1", "ff.net.2": "img_mlp.fc2", "ff_context.net.0.proj": "txt_mlp.fc1",
+        "ff_context.net.2": "txt_mlp.fc2",
+    }
+    single = {"norm.linear": "modulation.linear", "attn.norm_q": "q_norm", "attn.norm_k": "k_norm", "proj_out": "linear2"}
+    fused = {  # target -> the diffusers modules concatenated along the output features
+        "double_blocks.{i}.img_attn_qkv": ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
+                                           "transformer_blocks.{i}.attn.to_v"),
+        "double_blocks.{i}.txt_attn_qkv": ("transformer_blocks.{i}.attn.add_q_proj", "transformer_blocks.{i}.attn.add_k_proj",
+                                           "transformer_blocks.{i}.attn.add_v_proj"),
+        "single_blocks.{i}.linear1": ("single_transformer_blocks.{i}.attn.to_q", "single_transformer_blocks.{i}.attn.to_k",
+                                      "single_transformer_blocks.{i}.attn.to_v", "single_transformer_blocks.{i}.proj_mlp"),
+        "txt_in.individual_token_refiner.blocks.{i}.self_attn_qkv": (
+            "context_embedder.token_refiner.refiner_blocks.{i}.attn.to_q",
+            "context_embedder.token_refiner.refiner_blocks.{i}.attn.to_k",
+            "context_embedder.token_refiner.refiner_blocks.{i}.attn.to_v"),
+    }
+    out, used = {}, set()
+    blocks = {int(k.split(".")[1]) for k in state_dict if k.split(".")[0] in ("transformer_blocks", "single_transformer_blocks")}
+    refiners = {int(k.split(".")[3]) for k in state_dict if k.startswith("context_embedder.token_refiner.refiner_blocks.")}
+    for target, sources in fused.items():
+        for i in blocks | refiners:
+            for kind in ("weight", "bias"):
+                names = [f"{s.format(i=i)}.{kind}" for s in sources]
+                if all(n in state_dict for n in names):
+                    out[f"{target.format(i=i)}.{kind}"] = torch.cat([state_dict[n] for n in names])
+                    used.update(names)
+    for key, tensor in state_dict.items():
+        if key in used:
+            continue
+        module, kind = key.rsplit(".", 1)
+        if module == "norm_out.linear":  # diffusers' (scale, shift) -> the original (shift, scale)
+            scale, shift = tensor.chunk(2)
+            out[f"final_layer.adaLN_modulation.1.{kind}"] = torch.cat([shift, scale])
+        elif module in top:
+            out[f"{top[module]}.{kind}"] = tensor
+        elif module.startswith("context_embedder.token_refiner.refiner_blocks."):
+            i, rest = module.split(".", 4)[3:]
+            out[f"txt_in.individual_token_refiner.blocks.{i}.{refiner[rest]}.{kind}"] = tensor
+        elif module.startswith("transformer_blocks."):
+            _, i, rest = module.split(".", 2)
+            out[f"double_blocks.{i}.{double[rest]}.{kind}"] = tensor
+        elif module.startswith("single_transformer_blocks."):
+            _, i, rest = module.split(".", 2)
+            out[f"single_blocks.{i}.{single[rest]}.{kind}"] = tensor
+        else:
+            raise KeyError(f"no original HunyuanVideo name for {key}")
+    return out
+
+
+def write_hunyuan_video_file(model, path: str | Path, prefix: str = "", dtype: torch.dtype | None = None) -> Path:
+    """Write the model as one original-HunyuanVideo-layout safetensors file (prefix COMFY_PREFIX for ComfyUI's)."""
+    sd = diffusers_to_hunyuan_video_state_dict(_contiguous(model.state_dict(), dtype))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({prefix + k: v for k, v in sd.items()}, str(path))
+    return path

@@ -1,4 +1,4 @@
-"""The frame every per-family stock comparison script shares (stock_sd3/pixart/wan/qwen_image_compare.py).
+"""The frame every per-family stock comparison script shares (stock_sd3/pixart/wan/qwen_image/hunyuan_video_compare.py).
 
 Each script builds its files and cases; this module gives them the same command line, the same
 ComfyUI start, one CPU worker of ours, the per-case error record (an exception becomes a failed

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from checkpoints import (make_flux_diffusers_model, make_qwen_image_diffusers_model, make_sd3_diffusers_model,
-                         make_wan_diffusers_model, sd3_checkpoint_extras, write_bfl_file, write_qwen_image_file, write_sd3_file,
-                         write_wan_file)
+from checkpoints import (make_flux_diffusers_model, make_hunyuan_video_diffusers_model, make_qwen_image_diffusers_model,
+                         make_sd3_diffusers_model, make_wan_diffusers_model, sd3_checkpoint_extras, write_bfl_file,
+                         write_hunyuan_video_file, write_qwen_image_file, write_sd3_file, write_wan_file)
 from comfy_xdit.comfyui_server import COMFYUI, ComfyServer, error_message, status_str, with_demo_conditioning
 from comfy_xdit.comfyui_server import shipped_workflow as load_workflow
 from controlnet_files import make_flux_controlnet, write_instantx_file, write_sd15_controlnet_file
@@ -72,6 +72,10 @@ def server(tmp_path_factory):
     # Qwen-Image as ComfyUI keeps it (its prefix); it decodes with the same Wan 2.1 VAE.
     qwen = make_qwen_image_diffusers_model(num_layers=1, heads=2, head_dim=32, joint_attention_dim=CONTEXT_DIM, seed=7)
     write_qwen_image_file(qwen, models / "diffusion_models" / "tiny_qwen_image.safetensors", prefix="model.diffusion_model.")
+    # HunyuanVideo 1.0 T2V in the original layout with ComfyUI's prefix (width 256: its heads are 128 wide).
+    hunyuan = make_hunyuan_video_diffusers_model(num_layers=1, num_single_layers=1, num_refiner_layers=1, heads=2, head_dim=128,
+                                                 rope_axes_dim=(16, 56, 56), text_dim=CONTEXT_DIM, pooled_dim=POOLED_DIM, seed=8)
+    write_hunyuan_video_file(hunyuan, models / "diffusion_models" / "tiny_hunyuan_video.safetensors", prefix="model.diffusion_model.")
     # A file in the DiT folder that is not a DiT: a VAE.
     save_file(make_ldm_vae_state_dict(seed=3), str(models / "diffusion_models" / "not_a_dit.safetensors"))
     Image.new("RGB", (64, 48), (200, 60, 40)).save(base / "input" / "example.png")
@@ -534,3 +538,54 @@ def test_wan_conditioning_width_into_qwen_image_is_refused_with_what_to_change(s
     entry = server.run(graph)
     assert status_str(entry) == "error"
     assert "text tokens are 4096 wide but this Qwen-Image text-to-image model takes 32" in error_message(entry)
+
+
+# --- HunyuanVideo 1.0 text-to-video ---------------------------------------------------------------
+
+
+def hunyuan_video_workflow(**loader) -> dict:
+    graph = with_demo_conditioning(load_workflow("hunyuan_video_txt2video_parallel"), CONTEXT_DIM, POOLED_DIM)
+    for node in graph.values():
+        cls = node["class_type"]
+        if cls == "ParallelLoader":
+            node["inputs"].update(model_name="tiny_hunyuan_video.safetensors", devices="cpu,cpu", **loader)
+        elif cls == "ParallelSampler":
+            node["inputs"].update(steps=2)
+        elif cls == "EmptyHunyuanLatentVideo":
+            node["inputs"].update(width=80, height=48, length=9)  # latent [1, 16, 3, 6, 10]
+        elif cls == "VAELoader":
+            # ComfyUI fixes the HunyuanVideo VAE at its full width (128 base channels); the tiny Wan 2.1 VAE has
+            # the same latent layout (16 channels, 4x frames, 8x pixels) and stands in for it in the stock decode.
+            node["inputs"]["vae_name"] = "tiny_wan_vae.safetensors"
+    return graph
+
+
+def test_hunyuan_video_workflow_runs_on_ulysses_with_flux_guidance_and_stock_tiled_decode(server):
+    graph = hunyuan_video_workflow()
+    assert node_of(graph, "XditTestFluxConditioning") and node_of(graph, "FluxGuidance") and node_of(graph, "VAEDecodeTiled")
+    entry = server.run(graph)
+    assert status_str(entry) == "success", error_message(entry) + server.log()[-2000:]
+    video = entry["outputs"][next(k for k, n in graph.items() if n["class_type"] == "SaveAnimatedWEBP")]["images"][0]
+    assert Image.open(server.base / "output" / video.get("subfolder", "") / video["filename"]).size == (80, 48)
+    pool = pool_status(server)
+    assert len(pool["workers"]) == 2 and pool["model"]["family"] == "hunyuan_video"
+
+
+def test_hunyuan_video_ring_workers_give_the_video_latents_of_one(server):
+    def latent_graph(devices: str, **loader) -> dict:
+        graph = hunyuan_video_workflow(**loader)
+        node_of(graph, "ParallelLoader")["inputs"]["devices"] = devices
+        node_of(graph, "ParallelSampler")["inputs"]["seed"] = 17
+        sampler_id = next(k for k, n in graph.items() if n["class_type"] == "ParallelSampler")
+        for node_id in [k for k, n in graph.items() if n["class_type"] in ("VAELoader", "VAEDecodeTiled", "SaveAnimatedWEBP")]:
+            del graph[node_id]
+        graph["90"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler_id, 0], "filename_prefix": f"hv_{devices}"}}
+        return graph
+
+    # Two workers as Ring this time (the shipped workflow's Ulysses ran above).
+    two = server.run(latent_graph("cpu,cpu", ulysses_degree=1, ring_degree=2))
+    one = server.run(latent_graph("cpu"))
+    assert status_str(two) == status_str(one) == "success", error_message(two) + error_message(one)
+    a, b = saved_latent(server, two), saved_latent(server, one)
+    assert a.shape == (1, 16, 3, 6, 10)
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-4

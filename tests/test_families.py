@@ -71,6 +71,28 @@ def test_qwen_image_latent_format_and_sampling_are_comfyuis():
         check_latent({"samples": torch.zeros(1, 16, 3, 6, 8)}, families.QWEN_IMAGE)
 
 
+def test_hunyuan_video_latent_format_sampling_and_conditioning_are_comfyuis():
+    # comfy/latent_formats.py HunyuanVideo: scale 0.476986, 3 latent dimensions; supported_models.py
+    # HunyuanVideo: shift 7 (a FLOW model: ModelSamplingDiscreteFlow, timestep = sigma x 1000);
+    # model_base.HunyuanVideo: guidance 6.0 when the conditioning has none.
+    from comfy_xdit.bridge import hunyuan_video_conditioning
+
+    family = families.HUNYUAN_VIDEO
+    assert (family.latent.channels, family.latent.dimensions, family.latent.scale, family.latent.shift) == (16, 3, 0.476986, 0.0)
+    assert family.default_shift(None) == 7.0 and family.sampling(7.0).multiplier == 1000.0
+    tokens, pooled = torch.randn(1, 5, 8), torch.randn(1, 768)
+    cond = hunyuan_video_conditioning([[tokens, {"pooled_output": pooled}]], "positive")
+    assert torch.equal(cond.context, tokens) and torch.equal(cond.pooled, pooled) and cond.guidance == 6.0
+    cond = hunyuan_video_conditioning([[tokens, {"pooled_output": pooled, "guidance": 3.5,
+                                                 "attention_mask": torch.ones(1, 5, dtype=torch.long)}]], "positive")
+    assert cond.guidance == 3.5
+    padded = torch.tensor([[1, 1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="positive: the conditioning's attention mask hides 2 padded text tokens"):
+        hunyuan_video_conditioning([[tokens, {"pooled_output": pooled, "attention_mask": padded}]], "positive")
+    with pytest.raises(ValueError, match="negative: the conditioning has no pooled output; HunyuanVideo .* \\(DualCLIPLoader, type hunyuan_video\\)"):
+        hunyuan_video_conditioning([[tokens, {"pooled_output": None}]], "negative")
+
+
 def test_an_unknown_family_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="model family 'hunyuan_dit' is not supported; supported: flux, sd3, pixart"):
         families.get("hunyuan_dit")

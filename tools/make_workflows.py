@@ -21,6 +21,8 @@ NODE_TYPES = {
     "CLIPLoader": (["clip_name", "type", "device"], [], [("CLIP", "CLIP")]),
     "EmptyHunyuanLatentVideo": (["width", "height", "length", "batch_size"], [], [("LATENT", "LATENT")]),
     "VAEDecode": ([], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
+    "VAEDecodeTiled": (["tile_size", "overlap", "temporal_size", "temporal_overlap"], [("samples", "LATENT"), ("vae", "VAE")],
+                       [("IMAGE", "IMAGE")]),
     "SaveAnimatedWEBP": (["filename_prefix", "fps", "lossless", "quality", "method"], [("images", "IMAGE")], []),
     "CLIPTextEncode": (["text"], [("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
     "FluxGuidance": (["guidance"], [("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
@@ -185,6 +187,30 @@ def qwen_image_text_to_image() -> dict:
     }
 
 
+def hunyuan_video_text_to_video() -> dict:
+    """HunyuanVideo 1.0 T2V as ComfyUI's HunyuanVideo example builds it (llava-llama-3 + CLIP-L via DualCLIPLoader
+    type hunyuan_video, FluxGuidance 6, 848x480, 73 frames, euler / simple, cfg 1, shift 7), with the MODEL nodes
+    swapped for ours. The model is guidance-distilled: cfg 1 runs no negative branch (the empty prompt only fills
+    the sampler's input), so every device goes to Ulysses. The 3D VAE is not patch-parallel yet: the stock tiled
+    VAE decode turns the video latent into frames, saved as an animated WebP."""
+    return {
+        "1": ("DualCLIPLoader", dict(clip_name1="clip_l.safetensors", clip_name2="llava_llama3_fp8_scaled.safetensors",
+                                     type="hunyuan_video", device="default"), {}),
+        "2": ("CLIPTextEncode", dict(text="a red fox running through fresh snow, morning light, tracking shot"), {"clip": ("1", 0)}),
+        "3": ("FluxGuidance", dict(guidance=6.0), {"conditioning": ("2", 0)}),
+        "4": ("CLIPTextEncode", dict(text=""), {"clip": ("1", 0)}),
+        "5": ("EmptyHunyuanLatentVideo", dict(width=848, height=480, length=73, batch_size=1), {}),
+        "6": ("ParallelLoader", dict(LOADER, model_name="hunyuan_video_t2v_720p_bf16.safetensors"), {}),
+        "7": ("ParallelSampler", dict(SAMPLER, steps=20, cfg=1.0),
+              {"model": ("6", 0), "positive": ("3", 0), "negative": ("4", 0), "latent_image": ("5", 0)}),
+        "8": ("VAELoader", dict(vae_name="hunyuan_video_vae_bf16.safetensors"), {}),
+        "9": ("VAEDecodeTiled", dict(tile_size=256, overlap=64, temporal_size=64, temporal_overlap=8),
+              {"samples": ("7", 0), "vae": ("8", 0)}),
+        "10": ("SaveAnimatedWEBP", dict(filename_prefix="xdit_hunyuan_video", fps=24.0, lossless=False, quality=90,
+                                        method="default"), {"images": ("9", 0)}),
+    }
+
+
 WORKFLOWS = {
     "flux_txt2img_parallel": text_to_image(),
     "flux_lora_parallel": with_lora(),
@@ -194,6 +220,7 @@ WORKFLOWS = {
     "pixart_txt2img_parallel": pixart_text_to_image(),
     "wan_txt2video_parallel": wan_text_to_video(),
     "qwen_image_txt2img_parallel": qwen_image_text_to_image(),
+    "hunyuan_video_txt2video_parallel": hunyuan_video_text_to_video(),
 }
 
 

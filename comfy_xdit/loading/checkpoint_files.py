@@ -1,6 +1,6 @@
 """What every family's checkpoint class shares: opening the files, header checks, float reads.
 
-Each family (loading/flux.py, sd3.py, pixart.py, wan.py, qwen_image.py) knows its own layouts,
+Each family (loading/flux.py, sd3.py, pixart.py, wan.py, qwen_image.py, hunyuan_video.py) knows its own layouts,
 config inference and key conversion; opening, refusing quantized tensors, naming missing or
 unexpected keys, reading scaled-fp8 weights as floats and closing are the same for all of them
 and live here.

@@ -21,7 +21,8 @@ import torch
 
 from ..loading.safetensors_files import CheckpointError, SafetensorsSource, find_layouts, find_weight_files
 from ..preview import FLUX_LATENT_RGB_BIAS, FLUX_LATENT_RGB_FACTORS
-from ..requests import FluxConditioning, PixArtConditioning, QwenImageConditioning, SD3Conditioning, WanConditioning
+from ..requests import (FluxConditioning, HunyuanVideoConditioning, PixArtConditioning, QwenImageConditioning, SD3Conditioning,
+                        WanConditioning)
 from ..sampling.discrete_sampling import DiscreteSampling
 from ..sampling.schedules import FLUX_DEV_SHIFT, FLUX_SCHNELL_SHIFT, DiscreteFlowSampling, FlowSampling
 
@@ -480,7 +481,87 @@ QWEN_IMAGE = ModelFamily(
 )
 
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, PIXART, WAN, QWEN_IMAGE)}
+# --- HunyuanVideo 1.0 text-to-video ---------------------------------------------------------------
+
+HUNYUAN_VIDEO_SHIFT = 7.0  # ComfyUI's HunyuanVideo model config (sampling_settings)
+HUNYUAN_VIDEO_TIMESTEP_MULTIPLIER = 1000.0
+
+
+def _hunyuan_video_read_config(path: str) -> dict:
+    from ..loading.hunyuan_video import read_hunyuan_video_config
+
+    return read_hunyuan_video_config(path)
+
+
+def _hunyuan_video_load(path: str, dtype, device):
+    from ..loading.hunyuan_video import load_hunyuan_video_transformer
+
+    return load_hunyuan_video_transformer(path, dtype=dtype, device=device)
+
+
+def _hunyuan_video_denoiser(model, mesh, lse_kernel, dtype):
+    from . import hunyuan_video
+
+    forward = hunyuan_video.install_sequence_parallel(model, mesh, lse_kernel)
+    return hunyuan_video.HunyuanVideoDenoiser(forward, dtype, patch_size=(model.config.patch_size_t, model.config.patch_size,
+                                                                          model.config.patch_size),
+                                              has_guidance=bool(model.config.guidance_embeds),
+                                              timestep_multiplier=HUNYUAN_VIDEO_TIMESTEP_MULTIPLIER)
+
+
+def _hunyuan_video_velocity(denoiser, x, sigma, cond: HunyuanVideoConditioning, controls=()):
+    return denoiser(x, sigma, cond.context, cond.pooled, cond.guidance)
+
+
+def _hunyuan_video_sampling(shift: float) -> DiscreteFlowSampling:
+    return DiscreteFlowSampling(shift, multiplier=HUNYUAN_VIDEO_TIMESTEP_MULTIPLIER)
+
+
+def _hunyuan_video_signatures() -> dict[str, tuple[str, ...]]:
+    from ..loading.hunyuan_video import HUNYUAN_VIDEO_SIGNATURES
+
+    return HUNYUAN_VIDEO_SIGNATURES
+
+
+HUNYUAN_VIDEO = ModelFamily(
+    name="hunyuan_video",
+    display_name="HunyuanVideo 1.0 text-to-video",
+    formats="single file (original HunyuanVideo layout, ComfyUI's `model.diffusion_model.` prefix or none; diffusers layout), diffusers folder",
+    key_signatures=_hunyuan_video_signatures(),
+    diffusers_class="HunyuanVideoTransformer3DModel",
+    read_config=_hunyuan_video_read_config,
+    load=_hunyuan_video_load,
+    # ComfyUI's latent_formats.HunyuanVideo: scale 0.476986, no shift, 16 channels, 3 latent dimensions.
+    latent=LatentFormat(
+        channels=16, scale=0.476986, shift=0.0,
+        rgb_factors=(
+            (-0.0395, -0.0331, 0.0445), (0.0696, 0.0795, 0.0518), (0.0135, -0.0945, -0.0282), (0.0108, -0.0250, -0.0765),
+            (-0.0209, 0.0032, 0.0224), (-0.0804, -0.0254, -0.0639), (-0.0991, 0.0271, -0.0669), (-0.0646, -0.0422, -0.0400),
+            (-0.0696, -0.0595, -0.0894), (-0.0799, -0.0208, -0.0375), (0.1166, 0.1627, 0.0962), (0.1165, 0.0432, 0.0407),
+            (-0.2315, -0.1920, -0.1355), (-0.0270, 0.0401, -0.0821), (-0.0616, -0.0997, -0.0727), (0.0249, -0.0469, -0.1703),
+        ),
+        rgb_bias=(0.0259, -0.0192, -0.0761),
+        dimensions=3,
+    ),
+    sampling=_hunyuan_video_sampling,
+    default_shift=lambda config: HUNYUAN_VIDEO_SHIFT,
+    sampling_note="ModelSamplingDiscreteFlow: shift 7.0, timestep = sigma x 1000; distilled guidance (FluxGuidance, default 6.0)",
+    build_denoiser=_hunyuan_video_denoiser,
+    velocity=_hunyuan_video_velocity,
+    conditioning=HunyuanVideoConditioning,
+    text_encoders="llava-llama-3-8b + CLIP-L (DualCLIPLoader, type hunyuan_video)",
+    # attention_mask: only an all-ones mask is taken (the bridge refuses one that hides tokens).
+    conditioning_keys=frozenset({"pooled_output", "guidance", "attention_mask"}),
+    ignored_keys=frozenset(),
+    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    resolution_shift=False,
+    conditioning_widths=lambda config: {"context": config.text_embed_dim, "pooled": config.pooled_projection_dim},
+    vae_note="the stock VAELoader + VAE Decode nodes (the HunyuanVideo 3D VAE is not patch-parallel yet; Parallel VAE "
+             "Decode refuses video latents)",
+)
+
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, PIXART, WAN, QWEN_IMAGE, HUNYUAN_VIDEO)}
 
 
 def get(name: str) -> ModelFamily:

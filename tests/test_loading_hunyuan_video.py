@@ -82,6 +82,16 @@ def test_a_folder_config_sets_the_heads_and_rotary_axes(tmp_path):
     assert_same_weights(load_hunyuan_video_transformer(folder, dtype=torch.float32), model)
 
 
+def test_an_image_to_video_folder_is_refused_by_its_config(tmp_path, model):
+    import json
+
+    folder = write_diffusers_folder(model, tmp_path / "i2v")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "image_condition_type": "token_replace"}))
+    with pytest.raises(CheckpointError, match="image_condition_type is 'token_replace': an image-to-video model"):
+        read_hunyuan_video_config(folder)
+
+
 def test_bfloat16_load(tmp_path, model):
     path = write_hunyuan_video_file(model, tmp_path / "hv.safetensors", prefix=COMFY_PREFIX)
     loaded = load_hunyuan_video_transformer(path, dtype="bf16")

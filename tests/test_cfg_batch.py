@@ -16,10 +16,10 @@ import torch
 from comfy_xdit.config import ParallelConfig
 from comfy_xdit.engine import RankEngine
 from comfy_xdit.mesh import ParallelMesh
-from comfy_xdit.requests import FluxConditioning, ModelSpec, NoHooks, PixArtConditioning, QwenImageConditioning, SampleRequest, SD3Conditioning, WanConditioning
+from comfy_xdit.requests import FluxConditioning, HunyuanVideoConditioning, ModelSpec, NoHooks, PixArtConditioning, QwenImageConditioning, SampleRequest, SD3Conditioning, WanConditioning
 from comfy_xdit.sampling.cfg_batch import stack_branches
 from comfy_xdit.sampling.ksampler import run_ksampler
-from checkpoints import make_flux_diffusers_model, make_qwen_image_diffusers_model, make_sd3_diffusers_model, make_wan_diffusers_model
+from checkpoints import make_flux_diffusers_model, make_hunyuan_video_diffusers_model, make_qwen_image_diffusers_model, make_sd3_diffusers_model, make_wan_diffusers_model
 from distributed import relative_error, run_on_ranks
 from pixart_files import make_pixart_diffusers_model
 
@@ -37,6 +37,8 @@ def _conditioning(family: str, tokens: int, seed: int):
         return PixArtConditioning(context)
     if family == "qwen_image":
         return QwenImageConditioning(context)
+    if family == "hunyuan_video":
+        return HunyuanVideoConditioning(context, torch.randn(1, 24, generator=g), 6.0)
     return WanConditioning(context)
 
 
@@ -47,6 +49,7 @@ FAMILIES = {
     "pixart": (lambda: make_pixart_diffusers_model(num_layers=1), (4, 42, 38)),
     "wan": (lambda: make_wan_diffusers_model(num_layers=1, heads=2, head_dim=8, ffn_dim=32, text_dim=32, seed=0), (16, 3, 6, 10)),
     "qwen_image": (lambda: make_qwen_image_diffusers_model(num_layers=1, heads=2, head_dim=32, seed=0), (16, 1, 6, 10)),
+    "hunyuan_video": (lambda: make_hunyuan_video_diffusers_model(seed=0), (16, 3, 6, 10)),
 }
 
 

@@ -171,6 +171,8 @@ class RankEngine:
         check_sample_request(request)
         denoiser, family = self._denoiser, self.family
         _check_request_fits(request, family, self.model.config)
+        if family.semantics == "diffusers":
+            return self._sample_diffusers(request, hooks or NoHooks())
         cache = cache_job_for(request, self.model, self.mesh, self._default_shift, self.spec.family,  # refuses before any work
                               sharded_forward=getattr(denoiser, "forward", None))
         if cache and self.spec.cuda_graphs and self.device.type == "cuda":
@@ -222,6 +224,27 @@ class RankEngine:
                 # (DiTFastAttn keeps its state per call and shares across CFG inside a batched one).
                 batch_cfg=(not cache or getattr(cache, "one_call_for_both_branches", False)) and self.mesh.size("pipefusion") == 1 and self.mesh.size("distrifusion") == 1
                 and not controls,
+            )
+
+    def _sample_diffusers(self, request: SampleRequest, hooks: StepHooks) -> torch.Tensor:
+        """A family without ComfyUI support: its diffusers scheduler in its pipeline's loop."""
+        from .sampling.diffusers_schedulers import run_diffusers_sampler
+
+        family, denoiser, pipeline = self.family, self._denoiser, self.family.pipeline
+        pipeline.check(request, self.model.config)
+        latent = family.latent_format(self.model.config)
+        with torch.inference_mode():
+            return run_diffusers_sampler(
+                request,
+                lambda x, t, cond: family.velocity(denoiser, x, t, cond),
+                self.mesh,
+                pipeline=pipeline,
+                scheduler_config=pipeline.scheduler_config(self.spec.path),
+                latent_channels=latent.channels,
+                latent_dimensions=latent.dimensions,
+                from_model_space=latent.from_model_space,
+                hooks=hooks,
+                device=self.device,
             )
 
     def _job_controls(self, request: SampleRequest, dtype: torch.dtype):

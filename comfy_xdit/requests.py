@@ -137,6 +137,14 @@ class HunyuanVideoConditioning:
 
 
 @dataclass
+class DiTConditioning:
+    """Class conditioning of DiT (the Parallel Class Label node): ImageNet class ids [B or 1], long;
+    the negative is DiT's null class 1000, as in diffusers' DiTPipeline."""
+
+    class_labels: torch.Tensor
+
+
+@dataclass
 class SampleRequest:
     """One KSampler-equivalent call. Latents are ComfyUI's raw VAE latents [B, 16, H/8, W/8]
     (video families: [B, 16, T, H/8, W/8])."""

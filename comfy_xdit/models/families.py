@@ -21,8 +21,9 @@ import torch
 
 from ..loading.safetensors_files import CheckpointError, SafetensorsSource, find_layouts, find_weight_files
 from ..preview import FLUX_LATENT_RGB_BIAS, FLUX_LATENT_RGB_FACTORS
-from ..requests import (FluxConditioning, HunyuanVideoConditioning, PixArtConditioning, QwenImageConditioning, SD3Conditioning,
-                        WanConditioning)
+from ..requests import (DiTConditioning, FluxConditioning, HunyuanVideoConditioning, PixArtConditioning,
+                        QwenImageConditioning, SD3Conditioning, WanConditioning)
+from ..sampling.diffusers_schedulers import DiffusersPipeline
 from ..sampling.discrete_sampling import DiscreteSampling
 from ..sampling.schedules import FLUX_DEV_SHIFT, FLUX_SCHNELL_SHIFT, DiscreteFlowSampling, FlowSampling
 
@@ -112,6 +113,11 @@ class ModelFamily:
     vae_note: str = ""
     # frames a 5-D latent may have (None: any); an image family on a video VAE takes one
     max_frames: int | None = None
+    # "comfyui": ComfyUI's model sampling and samplers (sampling/ksampler.py); "diffusers": the
+    # diffusers folder's scheduler in the loop of the family's diffusers pipeline
+    # (sampling/diffusers_schedulers.py), for families core ComfyUI does not run
+    semantics: str = "comfyui"
+    pipeline: DiffusersPipeline | None = None  # semantics "diffusers": what the pipeline does around the model
 
     def matches(self, keys) -> bool:
         return bool(find_layouts(keys, self.key_signatures))
@@ -561,7 +567,100 @@ HUNYUAN_VIDEO = ModelFamily(
 )
 
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, PIXART, WAN, QWEN_IMAGE, HUNYUAN_VIDEO)}
+# --- DiT (class-conditional ImageNet DiT-XL-2; no ComfyUI support: diffusers semantics) -------------
+
+
+def _dit_read_config(path: str) -> dict:
+    from ..loading.dit import read_dit_config
+
+    config = read_dit_config(path)
+    _dit_scheduler_config(path)  # a folder without a usable scheduler is refused before any weight is read
+    return config
+
+
+def _dit_load(path: str, dtype, device):
+    from ..loading.dit import load_dit_transformer
+
+    return load_dit_transformer(path, dtype=dtype, device=device)
+
+
+def _dit_scheduler_config(path: str) -> dict:
+    from ..loading.dit import DIT_DEFAULT_SCHEDULER
+    from ..sampling.diffusers_schedulers import read_scheduler_config
+
+    return read_scheduler_config(path, "DiT", single_file_default=DIT_DEFAULT_SCHEDULER)
+
+
+def _dit_denoiser(model, mesh, lse_kernel, dtype):
+    from . import dit
+
+    return dit.DiTDenoiser(dit.install_sequence_parallel(model, mesh, lse_kernel), dtype, model.config)
+
+
+def _dit_model_call(denoiser, x, timestep, cond: DiTConditioning, controls=()):
+    return denoiser(x, timestep, cond.class_labels)
+
+
+def _dit_guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    from .dit import guide
+
+    return guide(cond, uncond, scale, SD15_LATENT.channels)
+
+
+def _dit_check(request, config) -> None:
+    classes = config.num_embeds_ada_norm
+    for which, cond in (("positive", request.positive), ("negative", request.negative)):
+        labels = cond.class_labels if cond is not None else None
+        if labels is not None and (labels.numel() == 0 or labels.min() < 0 or labels.max() > classes):
+            raise ValueError(f"the {which} class ids {labels.tolist()} are outside this DiT's 0..{classes - 1} "
+                             f"(and {classes}, the null class): pick ImageNet class ids in the Parallel Class Label node")
+
+
+DIT_PIPELINE = DiffusersPipeline(
+    name="DiTPipeline",
+    scheduler_config=_dit_scheduler_config,
+    guide=_dit_guide,
+    # learned sigma: the pipeline passes only the noise prediction (the first 4 channels) to the scheduler
+    unguided=lambda out: out[:, :SD15_LATENT.channels],
+    check=_dit_check,
+)
+
+
+def _dit_signatures() -> dict[str, tuple[str, ...]]:
+    from ..loading.dit import DIT_SIGNATURES
+
+    return DIT_SIGNATURES
+
+
+DIT = ModelFamily(
+    name="dit",
+    display_name="DiT-XL-2 (class-conditional ImageNet, 256 / 512 px)",
+    formats="diffusers folder (transformer/ + scheduler/); single file in diffusers layout (256 px, default DDIM schedule)",
+    key_signatures=_dit_signatures(),
+    diffusers_class="DiTTransformer2DModel",
+    read_config=_dit_read_config,
+    load=_dit_load,
+    latent=SD15_LATENT,  # the SD VAE (sd-vae-ft-ema / -mse): 4 channels, scale 0.18215
+    sampling=lambda shift: None,  # not ComfyUI sampling: DIT_PIPELINE
+    default_shift=lambda config: 1.0,
+    sampling_note="diffusers semantics: the folder's scheduler (scheduler/scheduler_config.json) in DiTPipeline's "
+                  "loop; class labels from Parallel Class Label",
+    build_denoiser=_dit_denoiser,
+    velocity=_dit_model_call,
+    conditioning=DiTConditioning,
+    text_encoders="Parallel Class Label (ImageNet class ids; no text encoder)",
+    conditioning_keys=frozenset({"class_label"}),
+    ignored_keys=frozenset(),
+    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    resolution_shift=False,
+    conditioning_widths=lambda config: {},
+    vae_note="the stock VAELoader + VAE Decode nodes with the SD VAE (sd-vae-ft-ema or -mse)",
+    semantics="diffusers",
+    pipeline=DIT_PIPELINE,
+)
+
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, PIXART, WAN, QWEN_IMAGE, HUNYUAN_VIDEO, DIT)}
 
 
 def get(name: str) -> ModelFamily:
@@ -598,7 +697,7 @@ def detect(path: str | Path) -> ModelFamily:
 def markdown_table() -> str:
     """The README's model table, from the registry."""
     lines = [
-        "| family | checkpoint formats | ComfyUI sampling | " + " | ".join(METHODS.values()) + " |",
+        "| family | checkpoint formats | sampling | " + " | ".join(METHODS.values()) + " |",
         "| --- | --- | --- | " + " | ".join("---" for _ in METHODS) + " |",
     ]
     for family in FAMILIES.values():

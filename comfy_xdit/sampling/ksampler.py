@@ -78,6 +78,9 @@ def _gather_batch(out: torch.Tensor, batch: int, mesh: ParallelMesh) -> torch.Te
     return torch.cat([part[:n] for part, n in zip(gathered, sizes)])
 
 
+gather_batch = _gather_batch  # the diffusers-scheduler loop (diffusers_schedulers.py) gathers the same way
+
+
 def _slice_conditioning(cond, rows: slice, batch: int, device: torch.device):
     # Moved to the device once per job: a host-to-device copy inside the step would make the
     # host wait for the GPU every step.
@@ -86,6 +89,9 @@ def _slice_conditioning(cond, rows: slice, batch: int, device: torch.device):
 
     tensors = {f.name: getattr(cond, f.name) for f in dataclasses.fields(cond)}
     return dataclasses.replace(cond, **{name: pick(t) for name, t in tensors.items() if isinstance(t, torch.Tensor)})
+
+
+slice_conditioning = _slice_conditioning
 
 
 def _max_denoise(sampling: ModelSampling, sigmas: torch.Tensor) -> bool:

@@ -280,6 +280,26 @@ class ParallelSampler(io.ComfyNode):
         return io.NodeOutput(latent)
 
 
+class ParallelClassLabel(io.ComfyNode):
+    """Class conditioning for class-conditional DiTs (DiT-XL-2): an ImageNet class id as positive, DiT's null class 1000 as negative."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ParallelClassLabel",
+            display_name="Parallel Class Label (xDiT)",
+            category=CATEGORY,
+            description=cls.__doc__,
+            inputs=[io.Int.Input("class_id", default=207, min=0, max=999, tooltip="ImageNet-1k class id (207: golden retriever, 88: macaw, 360: otter)")],
+            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
+        )
+
+    @classmethod
+    def execute(cls, class_id) -> io.NodeOutput:
+        bridge = _bridge()
+        return io.NodeOutput(bridge.class_label_conditioning(class_id), bridge.class_label_conditioning(bridge.DIT_NULL_CLASS))
+
+
 class ParallelVAEDecode(io.ComfyNode):
     """Decode latents with the stock VAE, image rows split over the pool's workers (distvae)."""
 
@@ -300,7 +320,7 @@ class ParallelVAEDecode(io.ComfyNode):
 
 
 NODES = [ParallelLoader, ParallelLoraLoader, ParallelControlNetLoader, ParallelControlNetApply, ParallelSampler,
-         ParallelVAEDecode]
+         ParallelVAEDecode, ParallelClassLabel]
 
 
 class XditExtension(ComfyExtension):

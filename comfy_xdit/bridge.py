@@ -359,9 +359,26 @@ def hunyuan_video_conditioning(conditioning, which: str) -> HunyuanVideoConditio
     return HunyuanVideoConditioning(tokens, pooled, extras.get("guidance", 6.0))
 
 
-CONDITIONING_READERS = {"flux": flux_conditioning, "sd3": sd3_conditioning, "pixart": pixart_conditioning,
-                        "wan": wan_conditioning, "qwen_image": qwen_image_conditioning,
-                        "hunyuan_video": hunyuan_video_conditioning}
+DIT_NULL_CLASS = 1000  # DiT's unconditional class, DiTPipeline's negative
+
+
+def class_label_conditioning(class_id: int) -> list:
+    """The Parallel Class Label node's CONDITIONING: one entry whose extras carry the class id (the
+    tensor is a placeholder: ComfyUI's CONDITIONING is a list of [tensor, extras])."""
+    return [[torch.zeros(1, 1, 1), {"class_label": int(class_id)}]]
+
+
+def dit_conditioning(conditioning, which: str):
+    from .requests import DiTConditioning
+
+    entries = conditioning if isinstance(conditioning, list) else []
+    if len(entries) != 1 or "class_label" not in entries[0][1]:
+        raise ValueError(f"{which}: DiT is class-conditional: connect the Parallel Class Label node's {which} output "
+                         "(not a text encoder's CONDITIONING)")
+    return DiTConditioning(torch.tensor([entries[0][1]["class_label"]], dtype=torch.long))
+
+
+CONDITIONING_READERS = {"flux": flux_conditioning, "sd3": sd3_conditioning, "pixart": pixart_conditioning, "wan": wan_conditioning, "qwen_image": qwen_image_conditioning, "hunyuan_video": hunyuan_video_conditioning, "dit": dit_conditioning}
 
 
 def check_latent(latent: dict, family: families.ModelFamily = families.FLUX) -> None:

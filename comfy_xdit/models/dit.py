@@ -31,7 +31,12 @@ def install_sequence_parallel(model: torch.nn.Module, mesh, lse_kernel) -> Modul
     """Route every (self-)attention through USP; returns the sharded forward to call."""
     if mesh.size("ulysses") * mesh.size("ring") > 1:
         attention = SequenceParallelAttention(mesh.group("ulysses"), mesh.group("ring"), lse_kernel)
-        model.set_attn_processor({name: ParallelSelfAttnProcessor(attention) for name in model.attn_processors})
+        from diffusers.models.attention_processor import Attention
+
+        # DiTTransformer2DModel has no set_attn_processor: each attention module gets the processor.
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.set_processor(ParallelSelfAttnProcessor(attention))
     return ModuleShardedForward(model, DIT_SEQUENCE_PLAN, mesh)
 
 

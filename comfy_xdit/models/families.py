@@ -585,10 +585,10 @@ def _dit_load(path: str, dtype, device):
 
 
 def _dit_scheduler_config(path: str) -> dict:
-    from ..loading.dit import DIT_DEFAULT_SCHEDULER
+    from ..loading.dit import DIT_DEFAULT_SCHEDULER, dit_checkpoint_path
     from ..sampling.diffusers_schedulers import read_scheduler_config
 
-    return read_scheduler_config(path, "DiT", single_file_default=DIT_DEFAULT_SCHEDULER)
+    return read_scheduler_config(dit_checkpoint_path(path), "DiT", single_file_default=DIT_DEFAULT_SCHEDULER)
 
 
 def _dit_denoiser(model, mesh, lse_kernel, dtype):
@@ -650,7 +650,8 @@ DIT = ModelFamily(
     conditioning=DiTConditioning,
     text_encoders="Parallel Class Label (ImageNet class ids; no text encoder)",
     conditioning_keys=frozenset({"class_label"}),
-    ignored_keys=frozenset(),
+    # bridge.dit_conditioning reads only the class label and refuses a text encoder's CONDITIONING by name
+    ignored_keys=frozenset({"pooled_output"}),
     methods=frozenset({"ulysses", "ring", "cfg", "data"}),
     resolution_shift=False,
     conditioning_widths=lambda config: {},

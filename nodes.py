@@ -51,7 +51,7 @@ def _model_path(name: str) -> str:
 
 
 class ParallelLoader(io.ComfyNode):
-    """Load a DiT (Flux.1, Stable Diffusion 3 / 3.5, Wan 2.1 / 2.2 text-to-video, Qwen-Image, HunyuanVideo 1.0 text-to-video; detected from the file) once into a persistent multi-GPU worker pool."""
+    """Load a DiT (Flux.1, Stable Diffusion 3 / 3.5, Wan 2.1 / 2.2 text-to-video, Qwen-Image, HunyuanVideo 1.0 text-to-video, DiT-XL-2; detected from the file) once into a persistent multi-GPU worker pool."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:

@@ -30,7 +30,7 @@ from wan_vae_file import write_wan_vae_file
 pytestmark = pytest.mark.skipif(not (COMFYUI / "main.py").exists(), reason="tools/setup.sh installs the test ComfyUI")
 
 NODES = ("ParallelLoader", "ParallelLoraLoader", "ParallelControlNetLoader", "ParallelControlNetApply", "ParallelSampler",
-         "ParallelVAEDecode")
+         "ParallelVAEDecode", "ParallelClassLabel")
 CONTEXT_DIM, POOLED_DIM = 32, 24
 
 

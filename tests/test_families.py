@@ -32,6 +32,10 @@ def test_every_family_entry_is_complete(name):
     # Every stock text encoder puts pooled_output on the conditioning (None for Wan's umt5): used or ignored.
     assert "pooled_output" in family.conditioning_keys | family.ignored_keys
     assert ("vae" in family.methods) != bool(family.vae_note), f"{name}: say how its latents decode without ParallelVAEDecode"
+    assert family.semantics in ("comfyui", "diffusers")
+    if family.semantics == "diffusers":  # its diffusers pipeline's loop, not a ComfyUI model sampling
+        assert family.pipeline is not None and family.sampling(1.0) is None
+        return
     sampling = family.sampling(1.0)
     if is_flow(sampling):
         assert float(sampling.table[-1]) == pytest.approx(1.0)

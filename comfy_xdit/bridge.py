@@ -368,6 +368,13 @@ def class_label_conditioning(class_id: int) -> list:
     return [[torch.zeros(1, 1, 1), {"class_label": int(class_id)}]]
 
 
+def cogvideox_conditioning(conditioning, which: str):
+    from .requests import CogVideoXConditioning
+
+    tokens, _, _ = _conditioning_entry(conditioning, which, families.COGVIDEOX)
+    return CogVideoXConditioning(tokens)
+
+
 def dit_conditioning(conditioning, which: str):
     from .requests import DiTConditioning
 
@@ -378,7 +385,10 @@ def dit_conditioning(conditioning, which: str):
     return DiTConditioning(torch.tensor([entries[0][1]["class_label"]], dtype=torch.long))
 
 
-CONDITIONING_READERS = {"flux": flux_conditioning, "sd3": sd3_conditioning, "pixart": pixart_conditioning, "wan": wan_conditioning, "qwen_image": qwen_image_conditioning, "hunyuan_video": hunyuan_video_conditioning, "dit": dit_conditioning}
+CONDITIONING_READERS = {"flux": flux_conditioning, "sd3": sd3_conditioning, "pixart": pixart_conditioning,
+                        "wan": wan_conditioning, "qwen_image": qwen_image_conditioning,
+                        "hunyuan_video": hunyuan_video_conditioning, "dit": dit_conditioning,
+                        "cogvideox": cogvideox_conditioning}
 
 
 def check_latent(latent: dict, family: families.ModelFamily = families.FLUX) -> None:

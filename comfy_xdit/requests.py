@@ -137,6 +137,15 @@ class HunyuanVideoConditioning:
 
 
 @dataclass
+class CogVideoXConditioning:
+    """One prompt's conditioning for CogVideoX: T5-XXL hidden states [B or 1, T, 4096] from stock
+    CLIPTextEncode with a T5 CLIP (CogVideoX-2b: exactly 226 tokens; 5b: any length)."""
+
+    context: torch.Tensor
+    pooled: None = None
+
+
+@dataclass
 class DiTConditioning:
     """Class conditioning of DiT (the Parallel Class Label node): ImageNet class ids [B or 1], long;
     the negative is DiT's null class 1000, as in diffusers' DiTPipeline."""

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint_files import TransformerCheckpoint, as_load_dtype, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch
+from .diffusers_folders import folder_of_weights_file
 from .safetensors_files import CheckpointError, assign_weights, find_layouts
 
 DIFFUSERS_LAYOUT = "diffusers"
@@ -138,19 +139,9 @@ class DiTCheckpoint(TransformerCheckpoint):
         return {k: self._read(k).to(device=device, dtype=dtype) for k in self.weight_keys}
 
 
-def dit_checkpoint_path(path: str | Path) -> Path:
-    """The diffusers folder of a weights file picked inside one (``<folder>/transformer/*.safetensors``,
-    as ComfyUI's file list shows a folder under models/diffusion_models), else ``path`` itself: the
-    folder's config.json and scheduler then apply, not a single file's defaults."""
-    path = Path(path).expanduser()
-    if path.is_file() and (path.parent / "config.json").is_file():
-        return path.parent
-    return path
-
-
 def read_dit_config(path: str | Path) -> dict:
     """The ``DiTTransformer2DModel`` config, from headers (and the folder's config.json) only."""
-    with DiTCheckpoint(dit_checkpoint_path(path)) as checkpoint:
+    with DiTCheckpoint(folder_of_weights_file(path)) as checkpoint:
         return dict(checkpoint.config)
 
 
@@ -158,7 +149,7 @@ def load_dit_transformer(path: str | Path, dtype=torch.float32, device: str | to
     """Load a DiT transformer from a diffusers folder or a single diffusers-layout file, fully offline."""
     from .pixart import _materialize_pos_embed
 
-    with DiTCheckpoint(dit_checkpoint_path(path)) as checkpoint:
+    with DiTCheckpoint(folder_of_weights_file(path)) as checkpoint:
         config = checkpoint.config
         model = _meta_model(config)
         _materialize_pos_embed(model, device)  # a non-persistent buffer: not in the file

@@ -21,8 +21,8 @@ import torch
 
 from ..loading.safetensors_files import CheckpointError, SafetensorsSource, find_layouts, find_weight_files
 from ..preview import FLUX_LATENT_RGB_BIAS, FLUX_LATENT_RGB_FACTORS
-from ..requests import (DiTConditioning, FluxConditioning, HunyuanVideoConditioning, PixArtConditioning,
-                        QwenImageConditioning, SD3Conditioning, WanConditioning)
+from ..requests import (CogVideoXConditioning, DiTConditioning, FluxConditioning, HunyuanVideoConditioning,
+                        PixArtConditioning, QwenImageConditioning, SD3Conditioning, WanConditioning)
 from ..sampling.diffusers_schedulers import DiffusersPipeline
 from ..sampling.discrete_sampling import DiscreteSampling
 from ..sampling.schedules import FLUX_DEV_SHIFT, FLUX_SCHNELL_SHIFT, DiscreteFlowSampling, FlowSampling
@@ -585,10 +585,11 @@ def _dit_load(path: str, dtype, device):
 
 
 def _dit_scheduler_config(path: str) -> dict:
-    from ..loading.dit import DIT_DEFAULT_SCHEDULER, dit_checkpoint_path
+    from ..loading.diffusers_folders import folder_of_weights_file
+    from ..loading.dit import DIT_DEFAULT_SCHEDULER
     from ..sampling.diffusers_schedulers import read_scheduler_config
 
-    return read_scheduler_config(dit_checkpoint_path(path), "DiT", single_file_default=DIT_DEFAULT_SCHEDULER)
+    return read_scheduler_config(folder_of_weights_file(path), "DiT", single_file_default=DIT_DEFAULT_SCHEDULER)
 
 
 def _dit_denoiser(model, mesh, lse_kernel, dtype):
@@ -661,7 +662,113 @@ DIT = ModelFamily(
 )
 
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, PIXART, WAN, QWEN_IMAGE, HUNYUAN_VIDEO, DIT)}
+# --- CogVideoX text-to-video (no ComfyUI support: diffusers semantics) -------------------------------
+
+
+def _cogvideox_read_config(path: str) -> dict:
+    from ..loading.cogvideox import read_cogvideox_config
+
+    config = read_cogvideox_config(path)
+    _cogvideox_scheduler_config(path)  # refused before any weight is read
+    return config
+
+
+def _cogvideox_load(path: str, dtype, device):
+    from ..loading.cogvideox import load_cogvideox_transformer
+
+    return load_cogvideox_transformer(path, dtype=dtype, device=device)
+
+
+def _cogvideox_scheduler_config(path: str) -> dict:
+    from ..loading.diffusers_folders import folder_of_weights_file
+    from ..sampling.diffusers_schedulers import read_scheduler_config
+
+    return read_scheduler_config(folder_of_weights_file(path), "CogVideoX")
+
+
+def _cogvideox_denoiser(model, mesh, lse_kernel, dtype):
+    from . import cogvideox
+
+    return cogvideox.CogVideoXDenoiser(cogvideox.install_sequence_parallel(model, mesh, lse_kernel), dtype, model.config)
+
+
+def _cogvideox_model_call(denoiser, x, timestep, cond: CogVideoXConditioning, controls=()):
+    return denoiser(x, timestep, cond.context)
+
+
+def _cogvideox_step(scheduler, output, i, timesteps, x, state, step_kwargs):
+    from diffusers import CogVideoXDPMScheduler
+
+    from ..sampling.diffusers_schedulers import scheduler_step
+
+    if not isinstance(scheduler, CogVideoXDPMScheduler):
+        return scheduler_step(scheduler, output, i, timesteps, x, state, step_kwargs)
+    # CogVideoXPipeline: this DPM step takes the previous x0 prediction and the previous timestep.
+    x, old_pred_original = scheduler.step(output, state, timesteps[i], timesteps[i - 1] if i > 0 else None, x,
+                                          **step_kwargs, return_dict=False)
+    return x, old_pred_original, old_pred_original
+
+
+COGVIDEOX_PIPELINE = DiffusersPipeline(
+    name="CogVideoXPipeline",
+    scheduler_config=_cogvideox_scheduler_config,
+    guide=lambda cond, uncond, scale: uncond + scale * (cond - uncond),
+    unguided=lambda out: out,
+    scale_initial_noise=True,
+    # ComfyUI's video LATENT is [B, C, T, H, W]; the pipeline's latents are [B, T, C, H, W]
+    to_pipeline=lambda x: x.permute(0, 2, 1, 3, 4),
+    from_pipeline=lambda x: x.permute(0, 2, 1, 3, 4),
+    step=_cogvideox_step,
+)
+
+
+def _cogvideox_latent(scale: float) -> LatentFormat:
+    # No published latent -> RGB fit for the CogVideoX VAE: previews are flat grey.
+    return LatentFormat(channels=16, scale=scale, shift=0.0, rgb_factors=((0.0, 0.0, 0.0),) * 16,
+                        rgb_bias=(0.5, 0.5, 0.5), dimensions=3)
+
+
+def _cogvideox_signatures() -> dict[str, tuple[str, ...]]:
+    from ..loading.cogvideox import COGVIDEOX_SIGNATURES
+
+    return COGVIDEOX_SIGNATURES
+
+
+COGVIDEOX_5B_LATENT = _cogvideox_latent(0.7)  # the CogVideoX-5b VAE's scaling_factor
+COGVIDEOX_2B_LATENT = _cogvideox_latent(1.15258426)  # CogVideoX-2b's
+
+COGVIDEOX = ModelFamily(
+    name="cogvideox",
+    display_name="CogVideoX 1.0 text-to-video (2b, 5b)",
+    formats="diffusers folder (transformer/ + scheduler/)",
+    key_signatures=_cogvideox_signatures(),
+    diffusers_class="CogVideoXTransformer3DModel",
+    read_config=_cogvideox_read_config,
+    load=_cogvideox_load,
+    latent=COGVIDEOX_5B_LATENT,
+    # the 5b (rotary) and 2b (sin-cos) VAEs differ in scale; the transformer config tells them apart
+    latent_for=lambda config: COGVIDEOX_5B_LATENT if config.get("use_rotary_positional_embeddings") else COGVIDEOX_2B_LATENT,
+    sampling=lambda shift: None,  # not ComfyUI sampling: COGVIDEOX_PIPELINE
+    default_shift=lambda config: 1.0,
+    sampling_note="diffusers semantics: the folder's scheduler (CogVideoXDDIMScheduler / CogVideoXDPMScheduler) in "
+                  "CogVideoXPipeline's loop",
+    build_denoiser=_cogvideox_denoiser,
+    velocity=_cogvideox_model_call,
+    conditioning=CogVideoXConditioning,
+    text_encoders="T5-XXL (CLIPLoader with t5xxl, e.g. type sd3, then CLIPTextEncode)",
+    conditioning_keys=frozenset(),
+    ignored_keys=frozenset({"pooled_output", "attention_mask", "guidance"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    resolution_shift=False,
+    conditioning_widths=lambda config: {"context": config.text_embed_dim},
+    vae_note="no decoder yet (core ComfyUI has no CogVideoX VAE): the result is the raw latent",
+    semantics="diffusers",
+    pipeline=COGVIDEOX_PIPELINE,
+)
+
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, PIXART, WAN, QWEN_IMAGE, HUNYUAN_VIDEO, DIT,
+                                                                        COGVIDEOX)}
 
 
 def get(name: str) -> ModelFamily:
@@ -672,7 +779,10 @@ def get(name: str) -> ModelFamily:
 
 def detect(path: str | Path) -> ModelFamily:
     """The family of a checkpoint (single file or diffusers folder), from its headers only."""
-    files, config_path = find_weight_files(path)
+    from ..loading.diffusers_folders import folder_of_weights_file
+
+    # A file inside a diffusers folder: its config.json names the class (one shard may lack the signature keys).
+    files, config_path = find_weight_files(folder_of_weights_file(path))
     if config_path is not None:
         try:
             class_name = json.loads(Path(config_path).read_text()).get("_class_name")

@@ -58,6 +58,12 @@ class DiffusersPipeline:
     scale_initial_noise: bool = False
     # (request, model config) -> None, refusing what the model cannot take (class ids out of range, ...)
     check: Callable[[SampleRequest, object], None] = lambda request, config: None
+    # ComfyUI's LATENT layout -> the pipeline's latent layout, and back (CogVideoX: [B, T, C, H, W]);
+    # the initial noise is drawn in the pipeline's layout, as the pipeline draws it
+    to_pipeline: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    from_pipeline: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    # (scheduler, model_output, step index, timesteps, x, state, step kwargs) -> (x, state, x0 for previews or None)
+    step: Callable = None  # None: scheduler_step
 
     @staticmethod
     def uses_guidance(scale: float) -> bool:
@@ -132,8 +138,19 @@ def read_scheduler_config(path: str | Path, family: str, single_file_default: di
 
 
 def _step_kwargs(scheduler, generator: torch.Generator) -> dict:
-    # Pipelines hand their generator to schedulers that draw noise in the step.
-    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    # Pipelines hand their generator (and DDIM's eta, 0) to schedulers that take them
+    # (diffusers' prepare_extra_step_kwargs).
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs = {"generator": generator} if "generator" in accepted else {}
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    return kwargs
+
+
+def scheduler_step(scheduler, output: torch.Tensor, i: int, timesteps, x: torch.Tensor, state, step_kwargs: dict):
+    """The plain ``scheduler.step``: most schedulers keep their multistep state themselves."""
+    result = scheduler.step(output, timesteps[i], x, **step_kwargs)
+    return result.prev_sample, state, getattr(result, "pred_original_sample", None)
 
 
 def run_diffusers_sampler(
@@ -170,7 +187,8 @@ def run_diffusers_sampler(
 
     scheduler = build_scheduler(scheduler_config)
     generator = torch.Generator("cpu").manual_seed(request.seed)
-    x = torch.randn(tuple(latent.shape), generator=generator, dtype=torch.float32)  # randn_tensor with a CPU generator
+    shape = tuple(pipeline.to_pipeline(latent).shape)
+    x = torch.randn(shape, generator=generator, dtype=torch.float32)  # randn_tensor with a CPU generator
     if pipeline.scale_initial_noise:
         x = x * scheduler.init_noise_sigma
     x = x.to(device)
@@ -197,20 +215,21 @@ def run_diffusers_sampler(
             cond, uncond = model_call(x_rows, t, positive), model_call(x_rows, t, negative)
         return pipeline.guide(cond, uncond, request.cfg)
 
+    step = pipeline.step or scheduler_step
+    state = None  # what a pipeline carries between steps for its scheduler (CogVideoXDPMScheduler)
     timesteps = scheduler.timesteps
     total = len(timesteps)
     for i, t in enumerate(timesteps):
         model_input = scheduler.scale_model_input(x, t)
         mine = model_output(model_input[rows], t).float()
         output = gather_batch(mine, batch, mesh)  # the whole batch: the step runs on every row
-        result = scheduler.step(output, t, x, **step_kwargs)
-        x = result.prev_sample
+        x, state, x0 = step(scheduler, output, i, timesteps, x, state, step_kwargs)
         preview = None
         if request.preview_every and (i + 1) % request.preview_every == 0:
-            shown = getattr(result, "pred_original_sample", None)
-            preview = from_model_space((shown if shown is not None else x)[:1]).float().cpu()
+            shown = pipeline.from_pipeline(x0 if x0 is not None else x)
+            preview = from_model_space(shown[:1]).float().cpu()
         hooks.on_step(i + 1, total, preview)
         # One vote per step on every rank, so all ranks stop after the same step.
         if i + 1 < total and mesh.any_rank(hooks.cancel_requested()):
             raise SamplingCancelled(i + 1)
-    return from_model_space(x).float().cpu()
+    return from_model_space(pipeline.from_pipeline(x)).float().cpu()

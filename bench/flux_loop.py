@@ -613,7 +613,7 @@ def main(argv=None) -> int:
         row.update(
             impl=impl, ulysses=u, ring=r, pipefusion=p, tensor=t, distrifusion=d, gpus=u * r * p * t * d,
             compiled=compiled_now, cuda_graphs=graphs,
-            steps=args.steps,
+            steps=args.steps, text_len=args.text_len,
             tflop_per_loop=flops / 1e12, tflops_per_gpu=flops / row["median_s"] / (u * r * p * t * d) / 1e12,
             env=env, tag=args.tag, **(extra or {}),
         )

@@ -29,6 +29,9 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
                     parallel at 2 (DTensor, 2 runs) and the 1-GPU baselines; eager. CPU dry run (all but
                     diffusers-t2, which needs GPUs): --smoke --extra "--device cpu --tiny"
                     --only 1gpu,ours-t2,ours-u2,ours-p2.
+  flux-text-split   ours at ulysses=2 and ring=2 with 512 text tokens (split across the ranks) and
+                    with 511 (indivisible: every rank keeps the whole text, as before the split),
+                    eager, and ulysses=2 compiled + CUDA graphs both ways; the 1-GPU baselines.
   sd3-medium        SD3-medium 1024x1024, 28 steps, cfg 4.5, eager (bench/sd3_loop.py): diffusers
                     1 GPU, ours 1 GPU, ours with cfg parallel on 2 GPUs and at ulysses=2.
 
@@ -60,7 +63,8 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 
 
 GROUPS = ("flux-usp", "flux-usp-compile", "flux-usp-ring", "flux-pipefusion", "flux-4gpu", "flux-graphs", "flux-cache",
-          "sd3-medium", "flux-4gpu-target", "sd3-4gpu", "sd3-graphs", "flux-tp", "flux-distrifusion")
+          "sd3-medium", "flux-4gpu-target", "sd3-4gpu", "sd3-graphs", "flux-tp", "flux-distrifusion",
+          "flux-text-split")
 
 
 def launches(group: str) -> list[tuple[str, int, list[str]]]:
@@ -161,6 +165,15 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
             ("sd3-ours-cfg2", 2, ["--impl", "ours", "--degrees", "c2"]),
             ("sd3-ours-u2", 2, ["--impl", "ours", "--degrees", "u2"]),
         ]
+    if group == "flux-text-split":
+        # What splitting the text across the ranks saves: 511 tokens do not divide by 2, so those
+        # rows keep the whole text on every rank (one token less, otherwise the same work).
+        rows = [("1gpu", 1, ["--impl", "diffusers,ours"])]
+        for text in ("512", "511"):
+            rows += [(f"ours-2gpu-text{text}", 2, ["--impl", "ours", "--degrees", "u2,r2", "--text-len", text]),
+                     (f"ours-u2-compiled-graphs-text{text}", 2,
+                      ["--impl", "ours", "--degrees", "u2", "--compile", "--cuda-graphs", "--text-len", text, "--runs", "3"])]
+        return rows
     if group == "flux-cache":
         caches = "none,fbcache,teacache,fbcache-forced,teacache-forced"
         return [
@@ -195,6 +208,8 @@ def row_name(row: dict) -> str:
     note = ", conditioning already on the GPU" if row.get("cond") == "device" else ""
     if row.get("attention_backend", "auto") != "auto":
         note += f", attention {row['attention_backend']}"
+    if row.get("text_len", 512) != 512:
+        note += f", {row['text_len']} text tokens"
     model = "SD3-medium: " if row.get("model") == "sd3-medium" else ""
     return f"{model}{who}, {how}, {mode}{note}"
 

@@ -385,10 +385,28 @@ def dit_conditioning(conditioning, which: str):
     return DiTConditioning(torch.tensor([entries[0][1]["class_label"]], dtype=torch.long))
 
 
+def mochi_conditioning(conditioning, which: str):
+    from .requests import MochiConditioning
+
+    tokens, _, extras = _conditioning_entry(conditioning, which, families.MOCHI)
+    mask = extras.get("attention_mask")
+    if mask is None:  # every token is a prompt token (stock Mochi needs the mask and would fail without it)
+        return MochiConditioning(tokens)
+    # ComfyUI's Mochi encoder pads T5 to 256 tokens and passes a mask; stock Mochi attends to (and pools)
+    # the first sum(mask) tokens only, so cropping the padding away gives the model exactly those.
+    mask = torch.as_tensor(mask).bool().cpu()
+    count = int(mask.sum())
+    if mask.ndim != 2 or mask.shape[0] != 1 or mask.shape[1] != tokens.shape[1] or count == 0 or not mask[0, :count].all():
+        raise ValueError(f"{which}: the conditioning's attention mask (shape {list(mask.shape)}, {count} tokens kept) is "
+                         "not one prompt's padding at the end; stock Mochi would read it differently. Encode one prompt "
+                         "with the stock CLIPTextEncode node and a CLIPLoader of type mochi")
+    return MochiConditioning(tokens[:, :count])
+
+
 CONDITIONING_READERS = {"flux": flux_conditioning, "sd3": sd3_conditioning, "pixart": pixart_conditioning,
                         "wan": wan_conditioning, "qwen_image": qwen_image_conditioning,
                         "hunyuan_video": hunyuan_video_conditioning, "dit": dit_conditioning,
-                        "cogvideox": cogvideox_conditioning}
+                        "cogvideox": cogvideox_conditioning, "mochi": mochi_conditioning}
 
 
 def check_latent(latent: dict, family: families.ModelFamily = families.FLUX) -> None:

@@ -154,6 +154,16 @@ class DiTConditioning:
 
 
 @dataclass
+class MochiConditioning:
+    """One prompt's conditioning for Mochi 1 (CLIPLoader type mochi with t5xxl): T5-XXL hidden states
+    of the prompt's real tokens [B or 1, T, 4096]; the bridge crops ComfyUI's padding to 256 tokens
+    (stock Mochi attends to the first sum(attention_mask) tokens only), so every token is attended."""
+
+    context: torch.Tensor
+    pooled: None = None
+
+
+@dataclass
 class SampleRequest:
     """One KSampler-equivalent call. Latents are ComfyUI's raw VAE latents [B, 16, H/8, W/8]
     (video families: [B, 16, T, H/8, W/8])."""

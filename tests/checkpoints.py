@@ -594,3 +594,79 @@ def write_hunyuan_video_file(model, path: str | Path, prefix: str = "", dtype: t
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({prefix + k: v for k, v in sd.items()}, str(path))
     return path
+
+
+def make_mochi_diffusers_model(num_layers: int = 2, heads: int = 2, head_dim: int = 8, pooled_dim: int = 8,
+                               text_dim: int = 32, time_embed_dim: int = 16, seed: int = 0):
+    """A tiny float32 MochiTransformer3DModel with every parameter random (norm scales around 1, rotary frequencies ~0.3)."""
+    from diffusers import MochiTransformer3DModel
+
+    model = MochiTransformer3DModel(patch_size=2, num_attention_heads=heads, attention_head_dim=head_dim,
+                                    num_layers=num_layers, pooled_projection_dim=pooled_dim, in_channels=12,
+                                    text_embed_dim=text_dim, time_embed_dim=time_embed_dim)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if name == "pos_frequencies":
+                param.copy_(0.3 * noise)
+            elif param.ndim >= 2:
+                param.copy_(noise / param[0].numel() ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                param.copy_(1 + 0.1 * noise)
+            else:
+                param.copy_(0.1 * noise)
+    return model.eval()
+
+
+def diffusers_to_genmo_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Genmo's Mochi key layout (what ComfyUI loads) from a diffusers MochiTransformer3DModel state dict.
+
+    Written independently of diffusers' converter (which the loader uses), so a round trip checks it:
+    fused q/k/v per stream, the SwiGLU's (proj, gate) halves swapped, the final layer's (shift, scale).
+    """
+    top = {"patch_embed.proj": "x_embedder.proj", "time_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+           "time_embed.timestep_embedder.linear_2": "t_embedder.mlp.2", "time_embed.pooler.to_kv": "t5_y_embedder.to_kv",
+           "time_embed.pooler.to_q": "t5_y_embedder.to_q", "time_embed.pooler.to_out": "t5_y_embedder.to_out",
+           "time_embed.caption_proj": "t5_yproj", "proj_out": "final_layer.linear"}
+    block = {"norm1.linear": "mod_x", "norm1_context.linear": "mod_y", "norm1_context.linear_1": "mod_y",
+             "attn1.norm_q": "attn.q_norm_x", "attn1.norm_k": "attn.k_norm_x", "attn1.to_out.0": "attn.proj_x",
+             "attn1.norm_added_q": "attn.q_norm_y", "attn1.norm_added_k": "attn.k_norm_y", "attn1.to_add_out": "attn.proj_y",
+             "ff.net.0.proj": "mlp_x.w1", "ff.net.2": "mlp_x.w2", "ff_context.net.0.proj": "mlp_y.w1",
+             "ff_context.net.2": "mlp_y.w2"}
+    fused = {"attn.qkv_x": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
+             "attn.qkv_y": ("attn1.add_q_proj", "attn1.add_k_proj", "attn1.add_v_proj")}
+    out = {}
+    for key, tensor in state_dict.items():
+        module, _, kind = key.rpartition(".")
+        if key == "pos_frequencies":
+            out[key] = tensor
+        elif module == "norm_out.linear":  # diffusers' (scale, shift) -> Genmo's (shift, scale)
+            scale, shift = tensor.chunk(2)
+            out[f"final_layer.mod.{kind}"] = torch.cat([shift, scale])
+        elif module in top:
+            out[f"{top[module]}.{kind}"] = tensor
+        elif module.startswith("transformer_blocks."):
+            _, i, rest = module.split(".", 2)
+            if any(rest in sources for sources in fused.values()):
+                continue
+            if rest.endswith("net.0.proj"):  # diffusers' SwiGLU is (hidden, gate); Genmo's w1 is (gate-less x, gate)
+                first, second = tensor.chunk(2)
+                tensor = torch.cat([second, first])
+            out[f"blocks.{i}.{block[rest]}.{kind}"] = tensor
+        else:
+            raise KeyError(f"no Genmo name for {key}")
+    blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("transformer_blocks.")}
+    for i in blocks:
+        for target, sources in fused.items():
+            out[f"blocks.{i}.{target}.weight"] = torch.cat([state_dict[f"transformer_blocks.{i}.{s}.weight"] for s in sources])
+    return out
+
+
+def write_mochi_file(model, path: str | Path, prefix: str = "", dtype: torch.dtype | None = None) -> Path:
+    """Write the model as one Genmo-layout safetensors file (prefix COMFY_PREFIX for ComfyUI's)."""
+    sd = diffusers_to_genmo_state_dict(_contiguous(model.state_dict(), dtype))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({prefix + k: v for k, v in sd.items()}, str(path))
+    return path

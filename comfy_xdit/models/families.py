@@ -22,7 +22,7 @@ import torch
 from ..loading.safetensors_files import CheckpointError, SafetensorsSource, find_layouts, find_weight_files
 from ..preview import FLUX_LATENT_RGB_BIAS, FLUX_LATENT_RGB_FACTORS
 from ..requests import (CogVideoXConditioning, DiTConditioning, FluxConditioning, HunyuanVideoConditioning,
-                        PixArtConditioning, QwenImageConditioning, SD3Conditioning, WanConditioning)
+                        MochiConditioning, PixArtConditioning, QwenImageConditioning, SD3Conditioning, WanConditioning)
 from ..sampling.diffusers_schedulers import DiffusersPipeline
 from ..sampling.discrete_sampling import DiscreteSampling
 from ..sampling.schedules import FLUX_DEV_SHIFT, FLUX_SCHNELL_SHIFT, DiscreteFlowSampling, FlowSampling
@@ -767,8 +767,86 @@ COGVIDEOX = ModelFamily(
 )
 
 
+# --- Mochi 1 text-to-video (Genmo mochi-1-preview) ------------------------------------------------
+
+MOCHI_SHIFT = 6.0  # ComfyUI's GenmoMochi model config (sampling_settings: shift 6.0, multiplier 1.0)
+MOCHI_TIMESTEP_MULTIPLIER = 1.0
+
+
+def _mochi_read_config(path: str) -> dict:
+    from ..loading.mochi import read_mochi_config
+
+    return read_mochi_config(path)
+
+
+def _mochi_load(path: str, dtype, device):
+    from ..loading.mochi import load_mochi_transformer
+
+    return load_mochi_transformer(path, dtype=dtype, device=device)
+
+
+def _mochi_denoiser(model, mesh, lse_kernel, dtype):
+    from . import mochi
+
+    return mochi.MochiDenoiser(mochi.install_sequence_parallel(model, mesh, lse_kernel), dtype, model.config.patch_size)
+
+
+def _mochi_velocity(denoiser, x, sigma, cond: MochiConditioning, controls=()):
+    return denoiser(x, sigma, cond.context)
+
+
+def _mochi_signatures() -> dict[str, tuple[str, ...]]:
+    from ..loading.mochi import MOCHI_SIGNATURES
+
+    return MOCHI_SIGNATURES
+
+
+MOCHI = ModelFamily(
+    name="mochi",
+    display_name="Mochi 1 preview text-to-video",
+    formats="single file (Genmo layout, ComfyUI's `model.diffusion_model.` prefix or none; diffusers layout), diffusers folder",
+    key_signatures=_mochi_signatures(),
+    diffusers_class="MochiTransformer3DModel",
+    read_config=_mochi_read_config,
+    load=_mochi_load,
+    # ComfyUI's latent_formats.Mochi: per-channel mean/std of the Mochi VAE, scale 1, 12 channels.
+    latent=LatentFormat(
+        channels=12, scale=1.0, shift=0.0,
+        rgb_factors=(
+            (-0.0069, -0.0045, 0.0018), (0.0154, -0.0692, -0.0274), (0.0333, 0.0019, 0.0206), (-0.1390, 0.0628, 0.1678),
+            (-0.0725, 0.0134, -0.1898), (0.0074, -0.0270, -0.0209), (-0.0176, -0.0277, -0.0221), (0.5294, 0.5204, 0.3852),
+            (-0.0326, -0.0446, -0.0143), (-0.0659, 0.0153, -0.0153), (0.0185, -0.0217, 0.0014), (-0.0396, -0.0495, -0.0281),
+        ),
+        rgb_bias=(-0.0940, -0.1418, -0.1453),
+        channel_mean=(-0.06730895953510081, -0.038011381506090416, -0.07477820912866141, -0.05565264470995561,
+                      0.012767231469026969, -0.04703542746246419, 0.043896967884726704, -0.09346305707025976,
+                      -0.09918314763016893, -0.008729793427399178, -0.011931556316503654, -0.0321993391887285),
+        channel_std=(0.9263795028493863, 0.9248894543193766, 0.9393059390890617, 0.959253732819592,
+                     0.8244560132752793, 0.917259975397747, 0.9294154431013696, 1.3720942357788521,
+                     0.881393668867029, 0.9168315692124348, 0.9185249279345552, 0.9274757570805041),
+        dimensions=3,
+    ),
+    sampling=lambda shift: DiscreteFlowSampling(shift, multiplier=MOCHI_TIMESTEP_MULTIPLIER),
+    default_shift=lambda config: MOCHI_SHIFT,
+    sampling_note="ModelSamplingDiscreteFlow: shift 6.0, multiplier 1 (the model embeds (1 - sigma) x 1000)",
+    build_denoiser=_mochi_denoiser,
+    velocity=_mochi_velocity,
+    conditioning=MochiConditioning,
+    text_encoders="T5-XXL (CLIPLoader, type mochi)",
+    # attention_mask: ComfyUI's padding to 256 tokens, cropped by the bridge (stock Mochi attends to the
+    # first sum(mask) tokens); the stock encoder sets pooled_output None; Mochi has no guidance input.
+    conditioning_keys=frozenset({"attention_mask"}),
+    ignored_keys=frozenset({"pooled_output", "guidance"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    resolution_shift=False,
+    conditioning_widths=lambda config: {"context": config.text_embed_dim},
+    vae_note="the stock VAELoader + VAE Decode nodes (the Mochi VAE is not patch-parallel yet; Parallel VAE Decode "
+             "refuses video latents)",
+)
+
+
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, PIXART, WAN, QWEN_IMAGE, HUNYUAN_VIDEO, DIT,
-                                                                        COGVIDEOX)}
+                                                                        COGVIDEOX, MOCHI)}
 
 
 def get(name: str) -> ModelFamily:

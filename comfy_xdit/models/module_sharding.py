@@ -37,6 +37,8 @@ class ModuleSequencePlan:
     split_first_input_of: str | None = None
     # submodules whose outputs (a tensor or a tuple of tensors) are split the same way
     also_split_outputs_of: tuple[str, ...] = ()
+    # the keyword of that first input, for models that call the module with keywords (Mochi)
+    first_input_keyword: str = "hidden_states"
 
 
 class ModuleShardedForward:
@@ -57,7 +59,8 @@ class ModuleShardedForward:
                 if name is not None:
                     model.get_submodule(name).register_forward_hook(self._split)
             if plan.split_first_input_of is not None:
-                model.get_submodule(plan.split_first_input_of).register_forward_pre_hook(self._split_first_input)
+                first = model.get_submodule(plan.split_first_input_of)
+                first.register_forward_pre_hook(self._split_first_input, with_kwargs=True)
             model.get_submodule(plan.gather_output_of).register_forward_hook(self._gather)
 
     def current_layout(self) -> SequenceLayout:
@@ -80,10 +83,13 @@ class ModuleShardedForward:
             return tuple(self._shard(x) for x in output)
         return self._shard(output)
 
-    def _split_first_input(self, module, args):
+    def _split_first_input(self, module, args, kwargs):
         if self._layout is None:
             return None
-        return (self._shard(args[0]), *args[1:])
+        if args:
+            return (self._shard(args[0]), *args[1:]), kwargs
+        name = self.plan.first_input_keyword
+        return args, {**kwargs, name: self._shard(kwargs[name])}
 
     def _gather(self, module, args, output: torch.Tensor):
         layout = self._layout

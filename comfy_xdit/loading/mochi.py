@@ -72,7 +72,11 @@ def _convert_genmo(state_dict: dict[str, torch.Tensor], blocks: int) -> dict[str
     for i in range(last, RELEASE_BLOCKS - 1):
         for name in _FULL_BLOCK_KEYS:
             given[f"blocks.{i}.{name}"] = torch.empty(6, device="meta")
-    converted = convert_mochi_transformer_checkpoint_to_diffusers(given)
+    try:
+        converted = convert_mochi_transformer_checkpoint_to_diffusers(given)
+    except KeyError as error:  # the converter pops each tensor it maps
+        raise CheckpointError(f"missing tensor {error.args[0]!r} (Genmo / ComfyUI name) for a Mochi transformer of "
+                              f"{blocks} blocks") from None
     leftover = sorted(given)  # the converter pops what it maps
     if leftover:
         raise CheckpointError(f"{len(leftover)} unexpected keys for a Mochi transformer (first: {', '.join(leftover[:5])})")

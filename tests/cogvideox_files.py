@@ -66,3 +66,12 @@ def cogvideox_pipeline_latents(model, scheduler: str, positive: torch.Tensor, ne
     return pipe(prompt_embeds=positive, negative_prompt_embeds=negative, num_frames=(frames - 1) * 4 + 1,
                 height=height * 8, width=width * 8, num_inference_steps=steps, guidance_scale=guidance_scale,
                 generator=torch.Generator().manual_seed(seed), output_type="latent", return_dict=False)[0]
+
+
+def make_cogvideox_vae(scaling_factor: float = 0.7, seed: int = 0):
+    """A tiny AutoencoderKLCogVideoX with the real compression (4 levels: 8x in space, 4x in time), 8 channels wide."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    torch.manual_seed(seed)
+    return AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                                  latent_channels=16, scaling_factor=scaling_factor).eval()

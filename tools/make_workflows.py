@@ -42,6 +42,8 @@ NODE_TYPES = {
         [("model", "XDIT_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
         [("LATENT", "LATENT")]),
     "ParallelVAEDecode": ([], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
+    "ParallelClassLabel": (["class_id"], [], [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+    "ParallelFolderVAEDecode": (["tiled"], [("samples", "LATENT"), ("model", "XDIT_MODEL")], [("IMAGE", "IMAGE")]),
     "ParallelControlNetLoader": (["control_net_name"], [], [("XDIT_CONTROL_NET", "XDIT_CONTROL_NET")]),
     "ParallelControlNetApply": (
         ["strength", "start_percent", "end_percent", "union_type"],
@@ -211,6 +213,25 @@ def hunyuan_video_text_to_video() -> dict:
     }
 
 
+def dit_class_to_image() -> dict:
+    """DiT-XL-2-256 class-to-image as DiTPipeline runs it (class 207 golden retriever, cfg 4, 25 steps of the
+    folder's scheduler; the sampler's sampler_name / scheduler do not apply). The diffusers folder sits in
+    models/diffusion_models, and the loader picks its transformer's weights file (the folder's config.json and
+    scheduler/ apply). The class label node gives the positive class and the null class as negative; cfg > 1 puts
+    the two branches on two worker groups. The SD VAE (sd-vae-ft-ema) decodes through the stock nodes."""
+    return {
+        "2": ("ParallelClassLabel", dict(class_id=207), {}),
+        "5": ("EmptyLatentImage", dict(width=256, height=256, batch_size=1), {}),
+        "6": ("ParallelLoader", dict(LOADER, model_name="DiT-XL-2-256/transformer/diffusion_pytorch_model.safetensors",
+                                     use_cfg_parallel=True), {}),
+        "7": ("ParallelSampler", dict(SAMPLER, steps=25, cfg=4.0),
+              {"model": ("6", 0), "positive": ("2", 0), "negative": ("2", 1), "latent_image": ("5", 0)}),
+        "8": ("VAELoader", dict(vae_name="sd-vae-ft-ema.safetensors"), {}),
+        "9": ("VAEDecode", {}, {"samples": ("7", 0), "vae": ("8", 0)}),
+        "10": ("SaveImage", dict(filename_prefix="xdit_dit"), {"images": ("9", 0)}),
+    }
+
+
 WORKFLOWS = {
     "flux_txt2img_parallel": text_to_image(),
     "flux_lora_parallel": with_lora(),
@@ -221,6 +242,7 @@ WORKFLOWS = {
     "wan_txt2video_parallel": wan_text_to_video(),
     "qwen_image_txt2img_parallel": qwen_image_text_to_image(),
     "hunyuan_video_txt2video_parallel": hunyuan_video_text_to_video(),
+    "dit_class2img_parallel": dit_class_to_image(),
 }
 
 

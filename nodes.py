@@ -319,8 +319,30 @@ class ParallelVAEDecode(io.ComfyNode):
         return io.NodeOutput(_bridge().vae_decode(vae, samples))
 
 
+class ParallelFolderVAEDecode(io.ComfyNode):
+    """Decode a CogVideoX video latent with the VAE of the model's own diffusers folder (vae/ beside transformer/), as CogVideoXPipeline decodes; gives the frames."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ParallelFolderVAEDecode",
+            display_name="Parallel Folder VAE Decode (xDiT)",
+            category=CATEGORY,
+            description=cls.__doc__,
+            inputs=[io.Latent.Input("samples"),
+                    XditModelType.Input("model", tooltip="the Parallel Loader's model: its diffusers folder's vae/ decodes"),
+                    io.Boolean.Input("tiled", default=True, tooltip="diffusers' tiled decode: less memory on large frames "
+                                     "(as the CogVideoX pipelines recommend); small frames decode whole either way")],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, samples, model, tiled=True) -> io.NodeOutput:
+        return io.NodeOutput(_bridge().folder_vae_decode(model, samples, tiled))
+
+
 NODES = [ParallelLoader, ParallelLoraLoader, ParallelControlNetLoader, ParallelControlNetApply, ParallelSampler,
-         ParallelVAEDecode, ParallelClassLabel]
+         ParallelVAEDecode, ParallelClassLabel, ParallelFolderVAEDecode]
 
 
 class XditExtension(ComfyExtension):

@@ -520,6 +520,31 @@ def vae_decode(vae, latent: dict) -> torch.Tensor:
     return pool.decode(VaeDecodeRequest(fingerprint, samples.float().cpu()))
 
 
+@page_safe
+def folder_vae_decode(model: XditModel, latent: dict, tiled: bool = True) -> torch.Tensor:
+    """Decode a video LATENT with the VAE of the model's own diffusers folder (CogVideoX), in this
+    process on ComfyUI's VAE device and dtype; returns IMAGE frames [B x F, H, W, 3]."""
+    import comfy.model_management
+
+    from .folder_vae import decode_video_latent, load_folder_vae, vae_folder_of
+
+    family = families.get(model.spec.family)
+    samples = latent["samples"]
+    if family.semantics != "diffusers" or samples.ndim != 5:
+        raise ValueError(f"Parallel Folder VAE Decode decodes the video latents of models loaded from a diffusers folder "
+                         f"(CogVideoX); for {family.display_name} (latent {list(samples.shape)}) use the stock VAE Decode")
+    folder = vae_folder_of(model.spec.path)  # refused by name before any weight is read
+    model_space = family.latent_format(family.read_config(model.spec.path)).to_model_space(samples.float().cpu())
+    device = comfy.model_management.vae_device()
+    dtype = comfy.model_management.vae_dtype(device, [torch.bfloat16, torch.float32])
+    vae = load_folder_vae(folder, dtype=dtype, device=device, tiled=tiled)
+    try:
+        return decode_video_latent(vae, model_space)
+    finally:
+        del vae
+        comfy.model_management.soft_empty_cache()
+
+
 # --- status ----------------------------------------------------------------------------------
 
 

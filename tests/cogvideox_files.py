@@ -26,12 +26,12 @@ SCHEDULERS = {
 }
 
 
-def make_cogvideox_model(rotary: bool = True, seed: int = 0, text_tokens: int = 7):
+def make_cogvideox_model(rotary: bool = True, seed: int = 0, text_tokens: int = 7, text_dim: int = 16):
     from diffusers import CogVideoXTransformer3DModel
 
     model = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, time_embed_dim=8,
-        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        text_embed_dim=text_dim, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
         max_text_seq_length=text_tokens, use_rotary_positional_embeddings=rotary,
     )
     generator = torch.Generator().manual_seed(seed)

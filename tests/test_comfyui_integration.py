@@ -16,11 +16,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from cogvideox_files import make_cogvideox_model, make_cogvideox_vae, write_cogvideox_folder
 from checkpoints import (make_flux_diffusers_model, make_hunyuan_video_diffusers_model, make_qwen_image_diffusers_model,
                          make_sd3_diffusers_model, make_wan_diffusers_model, sd3_checkpoint_extras, write_bfl_file,
                          write_hunyuan_video_file, write_qwen_image_file, write_sd3_file, write_wan_file)
 from comfy_xdit.comfyui_server import COMFYUI, ComfyServer, error_message, status_str, with_demo_conditioning
 from comfy_xdit.comfyui_server import shipped_workflow as load_workflow
+from dit_files import make_dit_model, write_dit_folder
 from controlnet_files import make_flux_controlnet, write_instantx_file, write_sd15_controlnet_file
 from lora_files import random_flux_lora, write_peft_lora, write_sd15_lora
 from pixart_files import make_pixart_diffusers_model, write_original_pixart_file
@@ -30,7 +32,7 @@ from wan_vae_file import write_wan_vae_file
 pytestmark = pytest.mark.skipif(not (COMFYUI / "main.py").exists(), reason="tools/setup.sh installs the test ComfyUI")
 
 NODES = ("ParallelLoader", "ParallelLoraLoader", "ParallelControlNetLoader", "ParallelControlNetApply", "ParallelSampler",
-         "ParallelVAEDecode", "ParallelClassLabel")
+         "ParallelVAEDecode", "ParallelClassLabel", "ParallelFolderVAEDecode")
 CONTEXT_DIM, POOLED_DIM = 32, 24
 
 
@@ -50,6 +52,22 @@ def write_models(models) -> torch.nn.Module:
     # With an encoder: the ControlNet workflow VAE-encodes its control image with it.
     save_file({**make_ldm_vae_state_dict(seed=2), **make_ldm_encoder_state_dict(seed=4)}, str(models / "vae" / "tiny_ae.safetensors"))
     return model
+
+
+# Diffusers folders as users copy them into models/diffusion_models; ComfyUI lists the files inside.
+DIT_NAME = "tiny_dit/transformer/diffusion_pytorch_model.safetensors"
+COGVIDEOX_NAME = "tiny_cogvideox/transformer/diffusion_pytorch_model.safetensors"
+
+
+def write_diffusers_folders(models) -> None:
+    """A DiT folder (transformer/ + scheduler/) with a 4-channel SD VAE for the stock decode (full width: stock
+    VAELoader builds every LDM VAE at 128 base channels; fp16 halves the file), and a CogVideoX-5b-style folder
+    (rotary: any text length) with its own tiny vae/ beside transformer/ and scheduler/."""
+    write_dit_folder(models / "diffusion_models" / "tiny_dit", model=make_dit_model(num_layers=1, seed=9))
+    save_file(make_ldm_vae_state_dict(seed=9, dtype=torch.float16, z_channels=4), str(models / "vae" / "tiny_sd_vae.safetensors"))
+    root = write_cogvideox_folder(models / "diffusion_models" / "tiny_cogvideox",
+                                  model=make_cogvideox_model(text_dim=CONTEXT_DIM, seed=10))
+    make_cogvideox_vae(scaling_factor=0.7, seed=11).save_pretrained(root / "vae", safe_serialization=True)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +94,7 @@ def server(tmp_path_factory):
     hunyuan = make_hunyuan_video_diffusers_model(num_layers=1, num_single_layers=1, num_refiner_layers=1, heads=2, head_dim=128,
                                                  rope_axes_dim=(16, 56, 56), text_dim=CONTEXT_DIM, pooled_dim=POOLED_DIM, seed=8)
     write_hunyuan_video_file(hunyuan, models / "diffusion_models" / "tiny_hunyuan_video.safetensors", prefix="model.diffusion_model.")
+    write_diffusers_folders(models)
     # A file in the DiT folder that is not a DiT: a VAE.
     save_file(make_ldm_vae_state_dict(seed=3), str(models / "diffusion_models" / "not_a_dit.safetensors"))
     Image.new("RGB", (64, 48), (200, 60, 40)).save(base / "input" / "example.png")
@@ -589,3 +608,75 @@ def test_hunyuan_video_ring_workers_give_the_video_latents_of_one(server):
     a, b = saved_latent(server, two), saved_latent(server, one)
     assert a.shape == (1, 16, 3, 6, 10)
     assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+
+
+# --- DiT-XL-2 class-to-image and CogVideoX text-to-video (diffusers folders) ----------------------
+
+
+def test_the_loader_lists_the_weights_files_inside_diffusers_folders(server):
+    options = str(server.get("/object_info/ParallelLoader")["ParallelLoader"]["input"]["required"]["model_name"])
+    assert DIT_NAME in options and COGVIDEOX_NAME in options
+
+
+def dit_workflow() -> dict:
+    graph = with_demo_conditioning(load_workflow("dit_class2img_parallel"), CONTEXT_DIM, POOLED_DIM)
+    for node in graph.values():
+        cls = node["class_type"]
+        if cls == "ParallelLoader":
+            node["inputs"].update(model_name=DIT_NAME, devices="cpu,cpu")
+        elif cls == "ParallelSampler":
+            node["inputs"].update(steps=2)
+        elif cls == "EmptyLatentImage":
+            node["inputs"].update(width=64, height=64)  # latent [1, 4, 8, 8]: the tiny DiT's sample size
+        elif cls == "VAELoader":
+            node["inputs"]["vae_name"] = "tiny_sd_vae.safetensors"
+    return graph
+
+
+def test_dit_class_to_image_workflow_runs_with_cfg_parallel_and_stock_vae_decode(server):
+    graph = dit_workflow()
+    assert node_of(graph, "ParallelClassLabel") and node_of(graph, "VAEDecode")
+    entry = server.run(graph)
+    assert status_str(entry) == "success", error_message(entry) + server.log()[-2000:]
+    image = entry["outputs"][next(k for k, n in graph.items() if n["class_type"] == "SaveImage")]["images"]
+    assert Image.open(server.base / "output" / image[0].get("subfolder", "") / image[0]["filename"]).size == (64, 64)
+    pool = pool_status(server)
+    assert len(pool["workers"]) == 2 and pool["model"]["family"] == "dit"
+
+
+def cogvideox_workflow() -> dict:
+    graph = with_demo_conditioning(load_workflow("cogvideox_txt2video_parallel"), CONTEXT_DIM, POOLED_DIM)
+    for node in graph.values():
+        cls = node["class_type"]
+        if cls == "ParallelLoader":
+            node["inputs"].update(model_name=COGVIDEOX_NAME, devices="cpu,cpu")
+        elif cls == "ParallelSampler":
+            node["inputs"].update(steps=2)
+        elif cls == "EmptyHunyuanLatentVideo":
+            node["inputs"].update(width=80, height=48, length=9)  # latent [1, 16, 3, 6, 10]
+    return graph
+
+
+def test_cogvideox_workflow_runs_with_cfg_parallel_and_decodes_with_the_folder_vae(server):
+    graph = cogvideox_workflow()
+    assert node_of(graph, "ParallelFolderVAEDecode")
+    decode_id = next(k for k, n in graph.items() if n["class_type"] == "ParallelFolderVAEDecode")
+    graph["91"] = {"class_type": "SaveImage", "inputs": {"images": [decode_id, 0], "filename_prefix": "cogvideox_frames"}}
+    entry = server.run(graph)
+    assert status_str(entry) == "success", error_message(entry) + server.log()[-2000:]
+    video = entry["outputs"][next(k for k, n in graph.items() if n["class_type"] == "SaveAnimatedWEBP")]["images"][0]
+    assert Image.open(server.base / "output" / video.get("subfolder", "") / video["filename"]).size == (80, 48)
+    assert len(entry["outputs"]["91"]["images"]) == 9  # 3 latent frames: 1 + 2 x 4 video frames
+    pool = pool_status(server)
+    assert len(pool["workers"]) == 2 and pool["model"]["family"] == "cogvideox"
+
+
+def test_the_folder_vae_decode_refuses_a_model_of_another_family(server):
+    graph = wan_workflow()
+    decode = node_of(graph, "VAEDecode")
+    loader_id = next(k for k, n in graph.items() if n["class_type"] == "ParallelLoader")
+    graph[next(k for k, n in graph.items() if n is decode)] = {
+        "class_type": "ParallelFolderVAEDecode", "inputs": {"samples": decode["inputs"]["samples"], "model": [loader_id, 0], "tiled": True}}
+    entry = server.run(graph)
+    assert status_str(entry) == "error"
+    assert "for Wan" in error_message(entry) and "use the stock VAE Decode" in error_message(entry)

@@ -232,6 +232,28 @@ def dit_class_to_image() -> dict:
     }
 
 
+def cogvideox_text_to_video() -> dict:
+    """CogVideoX-5b text-to-video as CogVideoXPipeline runs it (720x480, 49 frames, 50 steps of the folder's
+    CogVideoXDPMScheduler, cfg 6 with CFG parallel; the sampler's sampler_name / scheduler do not apply). T5-XXL
+    through CLIPLoader type sd3 (t5xxl alone gives its hidden states). The diffusers folder sits in
+    models/diffusion_models; the loader picks a weights file of its transformer/, and Parallel Folder VAE Decode
+    decodes with the folder's own vae/ (core ComfyUI has no CogVideoX VAE); frames saved at 8 fps as the pipeline's
+    export does."""
+    return {
+        "1": ("CLIPLoader", dict(clip_name="t5xxl_fp16.safetensors", type="sd3", device="default"), {}),
+        "2": ("CLIPTextEncode", dict(text="a red fox running through fresh snow, morning light, tracking shot"), {"clip": ("1", 0)}),
+        "4": ("CLIPTextEncode", dict(text=""), {"clip": ("1", 0)}),
+        "5": ("EmptyHunyuanLatentVideo", dict(width=720, height=480, length=49, batch_size=1), {}),
+        "6": ("ParallelLoader", dict(LOADER, model_name="CogVideoX-5b/transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+                                     use_cfg_parallel=True), {}),
+        "7": ("ParallelSampler", dict(SAMPLER, steps=50, cfg=6.0),
+              {"model": ("6", 0), "positive": ("2", 0), "negative": ("4", 0), "latent_image": ("5", 0)}),
+        "9": ("ParallelFolderVAEDecode", dict(tiled=True), {"samples": ("7", 0), "model": ("6", 0)}),
+        "10": ("SaveAnimatedWEBP", dict(filename_prefix="xdit_cogvideox", fps=8.0, lossless=False, quality=90, method="default"),
+               {"images": ("9", 0)}),
+    }
+
+
 WORKFLOWS = {
     "flux_txt2img_parallel": text_to_image(),
     "flux_lora_parallel": with_lora(),
@@ -243,6 +265,7 @@ WORKFLOWS = {
     "qwen_image_txt2img_parallel": qwen_image_text_to_image(),
     "hunyuan_video_txt2video_parallel": hunyuan_video_text_to_video(),
     "dit_class2img_parallel": dit_class_to_image(),
+    "cogvideox_txt2video_parallel": cogvideox_text_to_video(),
 }
 
 

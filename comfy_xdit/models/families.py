@@ -761,7 +761,8 @@ COGVIDEOX = ModelFamily(
     methods=frozenset({"ulysses", "ring", "cfg", "data"}),
     resolution_shift=False,
     conditioning_widths=lambda config: {"context": config.text_embed_dim},
-    vae_note="no decoder yet (core ComfyUI has no CogVideoX VAE): the result is the raw latent",
+    vae_note="Parallel Folder VAE Decode: the folder's own vae/ (AutoencoderKLCogVideoX; core ComfyUI has no "
+             "CogVideoX VAE), as CogVideoXPipeline decodes",
     semantics="diffusers",
     pipeline=COGVIDEOX_PIPELINE,
 )

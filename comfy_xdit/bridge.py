@@ -496,7 +496,8 @@ def vae_decode(vae, latent: dict) -> torch.Tensor:
     samples = latent["samples"]
     if samples.ndim != 4:
         raise ValueError(f"Parallel VAE Decode decodes image latents [B, C, H, W], got shape {list(samples.shape)}: "
-                         "for a video latent (Wan, HunyuanVideo) use the stock VAE Decode node")
+                         "for a video latent use the stock VAE Decode node (Wan, HunyuanVideo) or Parallel Folder VAE "
+                         "Decode (CogVideoX)")
     module = vae.first_stage_model
     fingerprint = _VAE_FINGERPRINTS.get(module)
     state = None

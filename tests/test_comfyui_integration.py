@@ -496,7 +496,7 @@ def test_a_video_latent_into_parallel_vae_decode_names_the_stock_node(server):
     decode["class_type"] = "ParallelVAEDecode"
     entry = server.run(graph)
     assert status_str(entry) == "error"
-    assert "for a video latent (Wan) use the stock VAE Decode node" in error_message(entry)
+    assert "for a video latent use the stock VAE Decode node (Wan, HunyuanVideo)" in error_message(entry)
 
 
 # --- Qwen-Image text-to-image ---------------------------------------------------------------------
@@ -644,6 +644,18 @@ def test_dit_class_to_image_workflow_runs_with_cfg_parallel_and_stock_vae_decode
     assert len(pool["workers"]) == 2 and pool["model"]["family"] == "dit"
 
 
+def test_the_folder_vae_decode_refuses_a_model_without_a_video_vae_folder(server):
+    graph = dit_workflow()  # the DiT pool above stays: the loader reloads nothing and no sampling runs
+    loader_id = next(k for k, n in graph.items() if n["class_type"] == "ParallelLoader")
+    latent_id = next(k for k, n in graph.items() if n["class_type"] == "EmptyLatentImage")
+    graph = {loader_id: graph[loader_id], latent_id: graph[latent_id],
+             "90": {"class_type": "ParallelFolderVAEDecode", "inputs": {"samples": [latent_id, 0], "model": [loader_id, 0], "tiled": True}},
+             "91": {"class_type": "SaveImage", "inputs": {"images": ["90", 0], "filename_prefix": "refused"}}}
+    entry = server.run(graph)
+    assert status_str(entry) == "error"
+    assert "for DiT-XL-2" in error_message(entry) and "use the stock VAE Decode" in error_message(entry)
+
+
 def cogvideox_workflow() -> dict:
     graph = with_demo_conditioning(load_workflow("cogvideox_txt2video_parallel"), CONTEXT_DIM, POOLED_DIM)
     for node in graph.values():
@@ -669,14 +681,3 @@ def test_cogvideox_workflow_runs_with_cfg_parallel_and_decodes_with_the_folder_v
     assert len(entry["outputs"]["91"]["images"]) == 9  # 3 latent frames: 1 + 2 x 4 video frames
     pool = pool_status(server)
     assert len(pool["workers"]) == 2 and pool["model"]["family"] == "cogvideox"
-
-
-def test_the_folder_vae_decode_refuses_a_model_of_another_family(server):
-    graph = wan_workflow()
-    decode = node_of(graph, "VAEDecode")
-    loader_id = next(k for k, n in graph.items() if n["class_type"] == "ParallelLoader")
-    graph[next(k for k, n in graph.items() if n is decode)] = {
-        "class_type": "ParallelFolderVAEDecode", "inputs": {"samples": decode["inputs"]["samples"], "model": [loader_id, 0], "tiled": True}}
-    entry = server.run(graph)
-    assert status_str(entry) == "error"
-    assert "for Wan" in error_message(entry) and "use the stock VAE Decode" in error_message(entry)

@@ -13,7 +13,7 @@ from typing import Iterable
 
 import torch
 
-from .safetensors_files import CheckpointError, SafetensorsSource, find_weight_files
+from .safetensors_files import CheckpointError, SafetensorsSource, find_layouts, find_weight_files
 
 # Companions of weights in ComfyUI's scaled-fp8 files: consumed while reading, never loaded.
 SCALE_SUFFIXES = (".scale_weight", ".scale_input")
@@ -53,6 +53,22 @@ def to_float(source: SafetensorsSource, key: str, tensor: torch.Tensor, part: bo
     if tensor.dtype in FLOAT8_DTYPES:
         return tensor.float()
     return tensor
+
+
+def detect_layout(keys: Iterable[str], signatures: dict[str, tuple[str, ...]], what: str,
+                  layout_names: dict[str, str], shown: int = 3) -> tuple[str, str]:
+    """The one (layout, prefix) whose signature keys the file holds, else an error naming what was expected.
+
+    ``layout_names`` maps each layout of ``signatures`` to the words the message uses for it
+    (for example "Wan / ComfyUI"); ``shown`` signature keys of each are named.
+    """
+    found = find_layouts(keys, signatures)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise CheckpointError(f"several {what} transformers in one file (layout, prefix): {sorted(found)}")
+    expected = " or ".join(f"{' + '.join(signatures[layout][:shown])} ({name} layout)" for layout, name in layout_names.items())
+    raise CheckpointError(f"not a {what} transformer checkpoint: expected {expected}")
 
 
 def refuse_quantized(source: SafetensorsSource, keys: Iterable[str], use: str = "use a bf16, fp16 or fp8 file") -> None:

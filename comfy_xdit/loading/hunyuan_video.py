@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_files import TransformerCheckpoint, as_load_dtype, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch
-from .safetensors_files import CheckpointError, assign_weights, find_layouts
+from .checkpoint_files import (
+    TransformerCheckpoint, as_load_dtype, detect_layout, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch,
+)
+from .safetensors_files import CheckpointError, assign_weights
 from .sd3 import _count_blocks
 
 HUNYUAN_LAYOUT = "hunyuan"
@@ -66,16 +68,8 @@ _ONLY_T2V = "; only HunyuanVideo 1.0 text-to-video models are supported"
 
 
 def _detect_layout(keys) -> tuple[str, str]:
-    found = find_layouts(keys, HUNYUAN_VIDEO_SIGNATURES)
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise CheckpointError(f"several HunyuanVideo transformers in one file (layout, prefix): {sorted(found)}")
-    raise CheckpointError(
-        "not a HunyuanVideo transformer checkpoint: expected "
-        f"{' + '.join(HUNYUAN_VIDEO_SIGNATURES[HUNYUAN_LAYOUT][:3])} (original / ComfyUI layout) or "
-        f"{' + '.join(HUNYUAN_VIDEO_SIGNATURES[DIFFUSERS_LAYOUT][:3])} (diffusers layout)"
-    )
+    return detect_layout(keys, HUNYUAN_VIDEO_SIGNATURES, "HunyuanVideo", {HUNYUAN_LAYOUT: "original / ComfyUI", DIFFUSERS_LAYOUT: "diffusers"})
+
 
 
 def _infer_config(shape, keys: list[str], layout: str) -> dict:

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_files import TransformerCheckpoint, as_load_dtype, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch
-from .safetensors_files import CheckpointError, assign_weights, find_layouts
+from .checkpoint_files import (
+    TransformerCheckpoint, as_load_dtype, detect_layout, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch,
+)
+from .safetensors_files import CheckpointError, assign_weights
 from .sd3 import _count_blocks
 
 GENMO_LAYOUT = "genmo"
@@ -45,16 +47,8 @@ _FULL_BLOCK_KEYS = ("mod_x.weight", "mod_x.bias", "mod_y.weight", "mod_y.bias", 
 
 
 def _detect_layout(keys) -> tuple[str, str]:
-    found = find_layouts(keys, MOCHI_SIGNATURES)
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise CheckpointError(f"several Mochi transformers in one file (layout, prefix): {sorted(found)}")
-    raise CheckpointError(
-        "not a Mochi transformer checkpoint: expected "
-        f"{' + '.join(MOCHI_SIGNATURES[GENMO_LAYOUT][:4])} (Genmo / ComfyUI layout) or "
-        f"{' + '.join(MOCHI_SIGNATURES[DIFFUSERS_LAYOUT][:4])} (diffusers layout)"
-    )
+    return detect_layout(keys, MOCHI_SIGNATURES, "Mochi", {GENMO_LAYOUT: "Genmo / ComfyUI", DIFFUSERS_LAYOUT: "diffusers"}, shown=4)
+
 
 
 def _convert_genmo(state_dict: dict[str, torch.Tensor], blocks: int) -> dict[str, torch.Tensor]:

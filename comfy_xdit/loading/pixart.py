@@ -31,8 +31,10 @@ from typing import Iterable
 
 import torch
 
-from .checkpoint_files import TransformerCheckpoint, as_load_dtype, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch
-from .safetensors_files import CheckpointError, assign_weights, find_layouts
+from .checkpoint_files import (
+    TransformerCheckpoint, as_load_dtype, detect_layout, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch,
+)
+from .safetensors_files import CheckpointError, assign_weights
 
 ORIGINAL_LAYOUT = "original"
 DIFFUSERS_LAYOUT = "diffusers"
@@ -125,17 +127,9 @@ def original_to_diffusers(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str
     return out, sorted(unused)
 
 
-def _detect_layout(keys: Iterable[str]) -> tuple[str, str]:
-    found = find_layouts(keys, PIXART_SIGNATURES)
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise CheckpointError(f"several PixArt transformers in one file (layout, prefix): {sorted(found)}")
-    raise CheckpointError(
-        "not a PixArt-alpha / PixArt-Sigma transformer checkpoint: expected "
-        f"{' + '.join(PIXART_SIGNATURES[ORIGINAL_LAYOUT][:3])} (original / ComfyUI layout) or "
-        f"{' + '.join(PIXART_SIGNATURES[DIFFUSERS_LAYOUT][:3])} (diffusers layout)"
-    )
+def _detect_layout(keys) -> tuple[str, str]:
+    return detect_layout(keys, PIXART_SIGNATURES, "PixArt-alpha / PixArt-Sigma", {ORIGINAL_LAYOUT: "original / ComfyUI", DIFFUSERS_LAYOUT: "diffusers"})
+
 
 
 def _count_blocks(keys: Iterable[str], pattern: str) -> int:

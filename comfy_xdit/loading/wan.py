@@ -23,8 +23,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_files import TransformerCheckpoint, as_load_dtype, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch
-from .safetensors_files import CheckpointError, assign_weights, find_layouts
+from .checkpoint_files import (
+    TransformerCheckpoint, as_load_dtype, detect_layout, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch,
+)
+from .safetensors_files import CheckpointError, assign_weights
 from .sd3 import _count_blocks
 
 WAN_LAYOUT = "wan"
@@ -65,16 +67,8 @@ _UNSUPPORTED_VARIANTS = (
 
 
 def _detect_layout(keys) -> tuple[str, str]:
-    found = find_layouts(keys, WAN_SIGNATURES)
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise CheckpointError(f"several Wan transformers in one file (layout, prefix): {sorted(found)}")
-    raise CheckpointError(
-        "not a Wan 2.1 / 2.2 transformer checkpoint: expected "
-        f"{' + '.join(WAN_SIGNATURES[WAN_LAYOUT][:3])} (Wan / ComfyUI layout) or "
-        f"{' + '.join(WAN_SIGNATURES[DIFFUSERS_LAYOUT][:3])} (diffusers layout)"
-    )
+    return detect_layout(keys, WAN_SIGNATURES, "Wan 2.1 / 2.2", {WAN_LAYOUT: "Wan / ComfyUI", DIFFUSERS_LAYOUT: "diffusers"})
+
 
 
 def _infer_config(shape, keys: list[str], layout: str) -> dict:

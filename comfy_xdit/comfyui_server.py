@@ -145,7 +145,8 @@ def with_demo_conditioning(graph: dict, context_dim: int, pooled_dim: int) -> di
     """A shipped API workflow with its text encoders swapped for the demo conditioning node.
 
     The workflow's CLIP loader says which layout to emit: TripleCLIPLoader is SD3's, a CLIPLoader of
-    type pixart PixArt's, of type wan Wan's (no pooled output), others Flux's.
+    type pixart PixArt's, of type wan Wan's (no pooled output), of type mochi Mochi's (padded, with a mask),
+    others Flux's.
     """
     graph = json.loads(json.dumps(graph))
     sd3 = any(node["class_type"] == "TripleCLIPLoader" for node in graph.values())
@@ -154,7 +155,10 @@ def with_demo_conditioning(graph: dict, context_dim: int, pooled_dim: int) -> di
         if node["class_type"] in TEXT_ENCODERS:
             seed = int(node_id)
             inputs = {"seed": seed, "tokens": 7 + seed, "context_dim": context_dim, "pooled_dim": pooled_dim}
-            if clip_type in ("pixart", "wan", "qwen_image"):  # T5 / umt5 / Qwen2.5-VL tokens only
+            if clip_type == "mochi":  # T5 tokens padded to 256 with an attention mask, as stock emits them
+                graph[node_id] = {"class_type": "XditTestMochiConditioning",
+                                  "inputs": {"seed": seed, "tokens": 7 + seed, "context_dim": context_dim, "padded_tokens": 256}}
+            elif clip_type in ("pixart", "wan", "qwen_image"):  # T5 / umt5 / Qwen2.5-VL tokens only
                 # Qwen-Image's layout is Wan's: tokens with pooled_output None.
                 node_class = "XditTestPixArtConditioning" if clip_type == "pixart" else "XditTestWanConditioning"
                 graph[node_id] = {"class_type": node_class,

@@ -20,6 +20,7 @@ from cogvideox_files import make_cogvideox_model, make_cogvideox_vae, write_cogv
 from checkpoints import (make_flux_diffusers_model, make_hunyuan_video_diffusers_model, make_qwen_image_diffusers_model,
                          make_sd3_diffusers_model, make_wan_diffusers_model, sd3_checkpoint_extras, write_bfl_file,
                          write_hunyuan_video_file, write_qwen_image_file, write_sd3_file, write_wan_file)
+from checkpoints import make_mochi_diffusers_model, write_mochi_file
 from comfy_xdit.comfyui_server import COMFYUI, ComfyServer, error_message, status_str, with_demo_conditioning
 from comfy_xdit.comfyui_server import shipped_workflow as load_workflow
 from dit_files import make_dit_model, write_dit_folder
@@ -95,6 +96,9 @@ def server(tmp_path_factory):
                                                  rope_axes_dim=(16, 56, 56), text_dim=CONTEXT_DIM, pooled_dim=POOLED_DIM, seed=8)
     write_hunyuan_video_file(hunyuan, models / "diffusion_models" / "tiny_hunyuan_video.safetensors", prefix="model.diffusion_model.")
     write_diffusers_folders(models)
+    # Mochi 1 preview in Genmo's layout with ComfyUI's prefix (asymmetric: video stream 16 wide, text stream 8).
+    mochi = make_mochi_diffusers_model(num_layers=2, heads=2, head_dim=8, pooled_dim=8, text_dim=CONTEXT_DIM, seed=9)
+    write_mochi_file(mochi, models / "diffusion_models" / "tiny_mochi.safetensors", prefix="model.diffusion_model.")
     # A file in the DiT folder that is not a DiT: a VAE.
     save_file(make_ldm_vae_state_dict(seed=3), str(models / "diffusion_models" / "not_a_dit.safetensors"))
     Image.new("RGB", (64, 48), (200, 60, 40)).save(base / "input" / "example.png")
@@ -681,3 +685,55 @@ def test_cogvideox_workflow_runs_with_cfg_parallel_and_decodes_with_the_folder_v
     assert len(entry["outputs"]["91"]["images"]) == 9  # 3 latent frames: 1 + 2 x 4 video frames
     pool = pool_status(server)
     assert len(pool["workers"]) == 2 and pool["model"]["family"] == "cogvideox"
+
+
+# --- Mochi 1 preview text-to-video ----------------------------------------------------------------
+
+
+def mochi_latent_workflow(devices: str, padded_tokens: int = 256, **loader) -> dict:
+    """The shipped Mochi workflow up to the sampler, its latent saved.
+
+    ComfyUI builds the Mochi VAE at its released size whatever the file holds (its weights start
+    uninitialised, so a partial file decodes garbage) and no small stock video VAE takes a 12-channel,
+    6x-frame latent, so the stock decode is the one node this run leaves out (about 0.9 GB of weights).
+    """
+    graph = with_demo_conditioning(load_workflow("mochi_txt2video_parallel"), CONTEXT_DIM, POOLED_DIM)
+    for node in graph.values():
+        cls = node["class_type"]
+        if cls == "ParallelLoader":
+            node["inputs"].update(model_name="tiny_mochi.safetensors", devices=devices, **loader)
+        elif cls == "ParallelSampler":
+            node["inputs"].update(steps=3, seed=19)
+        elif cls == "EmptyMochiLatentVideo":
+            node["inputs"].update(width=80, height=48, length=13)  # latent [1, 12, 3, 6, 10]: 45 video tokens
+        elif cls == "XditTestMochiConditioning":
+            node["inputs"]["padded_tokens"] = padded_tokens
+    sampler_id = next(k for k, n in graph.items() if n["class_type"] == "ParallelSampler")
+    for node_id in [k for k, n in graph.items() if n["class_type"] in ("VAELoader", "VAEDecode", "SaveAnimatedWEBP")]:
+        del graph[node_id]
+    graph["90"] = {"class_type": "SaveLatent",
+                   "inputs": {"samples": [sampler_id, 0], "filename_prefix": f"mochi_{devices}_{padded_tokens}"}}
+    return graph
+
+
+def test_mochi_workflow_on_ulysses_gives_the_latents_of_one_worker_and_crops_the_t5_padding(server):
+    shipped = load_workflow("mochi_txt2video_parallel")
+    assert node_of(shipped, "CLIPLoader")["inputs"]["type"] == "mochi"
+    assert node_of(shipped, "ParallelSampler")["inputs"]["cfg"] == 4.5
+    sampler_id = next(k for k, n in shipped.items() if n["class_type"] == "ParallelSampler")
+    assert node_of(shipped, "VAEDecode")["inputs"]["samples"] == [sampler_id, 0] and node_of(shipped, "SaveAnimatedWEBP")
+    # Positive and negative as stock T5 gives them: 256 tokens, the prompt's first, a mask over the rest.
+    graph = mochi_latent_workflow("cpu,cpu", use_cfg_parallel=False, ulysses_degree=2)
+    assert node_of(graph, "XditTestMochiConditioning")["inputs"]["padded_tokens"] == 256
+    two = server.run(graph)
+    assert status_str(two) == "success", error_message(two) + server.log()[-2000:]
+    pool = pool_status(server)
+    assert len(pool["workers"]) == 2 and pool["model"]["family"] == "mochi"
+    one = server.run(mochi_latent_workflow("cpu", use_cfg_parallel=False))
+    # The same prompts without padding or masked tokens: the reader must have cropped the padding away.
+    unpadded = server.run(mochi_latent_workflow("cpu", padded_tokens=0, use_cfg_parallel=False))
+    assert status_str(one) == status_str(unpadded) == "success", error_message(one) + error_message(unpadded)
+    a, b, c = saved_latent(server, two), saved_latent(server, one), saved_latent(server, unpadded)
+    assert a.shape == (1, 12, 3, 6, 10) and b.abs().max() > 0.1
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+    assert float((c - b).abs().max() / b.abs().max()) < 1e-6

@@ -20,6 +20,7 @@ NODE_TYPES = {
     "TripleCLIPLoader": (["clip_name1", "clip_name2", "clip_name3"], [], [("CLIP", "CLIP")]),
     "CLIPLoader": (["clip_name", "type", "device"], [], [("CLIP", "CLIP")]),
     "EmptyHunyuanLatentVideo": (["width", "height", "length", "batch_size"], [], [("LATENT", "LATENT")]),
+    "EmptyMochiLatentVideo": (["width", "height", "length", "batch_size"], [], [("LATENT", "LATENT")]),
     "VAEDecode": ([], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
     "VAEDecodeTiled": (["tile_size", "overlap", "temporal_size", "temporal_overlap"], [("samples", "LATENT"), ("vae", "VAE")],
                        [("IMAGE", "IMAGE")]),
@@ -254,6 +255,27 @@ def cogvideox_text_to_video() -> dict:
     }
 
 
+def mochi_text_to_video() -> dict:
+    """Mochi 1 preview T2V as ComfyUI's Mochi example builds it (T5-XXL via CLIPLoader type mochi, EmptyMochiLatentVideo
+    848x480, 37 frames, euler / simple, 30 steps, cfg 4.5), with the MODEL nodes swapped for ours. Mochi needs cfg,
+    so the loader puts the conditional and unconditional branch on two worker groups and gives the rest of the
+    devices to Ulysses. The Mochi VAE is not patch-parallel yet: the stock VAE Decode turns the 12-channel video
+    latent into frames, saved as an animated WebP."""
+    return {
+        "1": ("CLIPLoader", dict(clip_name="t5xxl_fp16.safetensors", type="mochi", device="default"), {}),
+        "2": ("CLIPTextEncode", dict(text="a red fox running through fresh snow, morning light, tracking shot"), {"clip": ("1", 0)}),
+        "4": ("CLIPTextEncode", dict(text=""), {"clip": ("1", 0)}),
+        "5": ("EmptyMochiLatentVideo", dict(width=848, height=480, length=37, batch_size=1), {}),
+        "6": ("ParallelLoader", dict(LOADER, model_name="mochi_preview_bf16.safetensors", use_cfg_parallel=True), {}),
+        "7": ("ParallelSampler", dict(SAMPLER, steps=30, cfg=4.5),
+              {"model": ("6", 0), "positive": ("2", 0), "negative": ("4", 0), "latent_image": ("5", 0)}),
+        "8": ("VAELoader", dict(vae_name="mochi_vae.safetensors"), {}),
+        "9": ("VAEDecode", {}, {"samples": ("7", 0), "vae": ("8", 0)}),
+        "10": ("SaveAnimatedWEBP", dict(filename_prefix="xdit_mochi", fps=24.0, lossless=False, quality=90, method="default"),
+               {"images": ("9", 0)}),
+    }
+
+
 WORKFLOWS = {
     "flux_txt2img_parallel": text_to_image(),
     "flux_lora_parallel": with_lora(),
@@ -266,6 +288,7 @@ WORKFLOWS = {
     "hunyuan_video_txt2video_parallel": hunyuan_video_text_to_video(),
     "dit_class2img_parallel": dit_class_to_image(),
     "cogvideox_txt2video_parallel": cogvideox_text_to_video(),
+    "mochi_txt2video_parallel": mochi_text_to_video(),
 }
 
 

@@ -102,5 +102,34 @@ class XditTestWanConditioning:
         return ([[torch.randn(1, tokens, context_dim, generator=g), {"pooled_output": None}]],)
 
 
+class XditTestMochiConditioning:
+    """Mochi's layout (CLIPLoader type mochi + CLIPTextEncode): T5 tokens padded to at least 256 with an attention
+    mask (long, 1 for the prompt's tokens, 0 for the padding), pooled_output None. As from stock T5, the padded
+    positions carry values of their own (ComfyUI does not zero them), so a reader that kept them would change
+    the result; the prompt's tokens depend only on (seed, tokens), not on the padding."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                "tokens": ("INT", {"default": 16, "min": 1, "max": 4096}),
+                "context_dim": ("INT", {"default": 4096, "min": 1, "max": 8192}),
+                "padded_tokens": ("INT", {"default": 256, "min": 0, "max": 4096}),
+            }
+        }
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "testing"
+
+    def encode(self, seed, tokens, context_dim, padded_tokens):
+        prompt = torch.randn(1, tokens, context_dim, generator=torch.Generator().manual_seed(seed))
+        padding = 3 * torch.randn(1, max(padded_tokens - tokens, 0), context_dim, generator=torch.Generator().manual_seed(seed + 1))
+        mask = torch.cat([torch.ones(1, tokens, dtype=torch.long), torch.zeros(1, padding.shape[1], dtype=torch.long)], dim=1)
+        return ([[torch.cat([prompt, padding], dim=1), {"pooled_output": None, "attention_mask": mask}]],)
+
+
 NODE_CLASS_MAPPINGS = {"XditTestFluxConditioning": XditTestFluxConditioning, "XditTestSD3Conditioning": XditTestSD3Conditioning,
-                       "XditTestPixArtConditioning": XditTestPixArtConditioning, "XditTestWanConditioning": XditTestWanConditioning}
+                       "XditTestPixArtConditioning": XditTestPixArtConditioning, "XditTestWanConditioning": XditTestWanConditioning,
+                       "XditTestMochiConditioning": XditTestMochiConditioning}

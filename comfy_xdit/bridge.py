@@ -22,7 +22,7 @@ from .pool import PoolRegistry, WorkerPool
 from .models import families
 from .page_errors import page_safe
 from .pool.backends import LOCAL, Backend
-from .requests import (ControlNetRequest, FluxConditioning, HunyuanVideoConditioning, ModelSpec, PixArtConditioning,
+from .requests import (ControlNetRequest, FluxConditioning, HunyuanDiTConditioning, HunyuanVideoConditioning, ModelSpec, PixArtConditioning,
                        SampleRequest, SD3Conditioning, QwenImageConditioning, VaeDecodeRequest, VaeWeights, WanConditioning)
 
 log = logging.getLogger("comfy_xdit")
@@ -403,10 +403,36 @@ def mochi_conditioning(conditioning, which: str):
     return MochiConditioning(tokens[:, :count])
 
 
+def hunyuan_dit_conditioning(conditioning, which: str) -> HunyuanDiTConditioning:
+    """ComfyUI's HunyuanDiT CONDITIONING: BERT tokens, their mask and the mT5 tokens and mask in the extras."""
+    tokens, _, extras = _conditioning_entry(conditioning, which, families.HUNYUAN_DIT)
+    t5 = extras.get("conditioning_mt5xl")
+    if t5 is None:
+        raise ValueError(f"{which}: the conditioning has no mT5 tokens ('conditioning_mt5xl'); encode the prompt with "
+                         f"the HunyuanDiT text encoders ({families.HUNYUAN_DIT.text_encoders})")
+    t5 = torch.as_tensor(t5).float().cpu()
+    if not torch.isfinite(t5).all():
+        raise ValueError(f"{which}: the mT5 tokens contain NaN or infinity")
+
+    def mask_of(key: str, like: torch.Tensor) -> torch.Tensor:
+        # Stock ComfyUI needs both masks (its encoders always return them); none means no padding.
+        mask = extras.get(key)
+        mask = torch.ones(like.shape[:2]) if mask is None else torch.as_tensor(mask).float().cpu()
+        if mask.shape[-1] != like.shape[1]:
+            raise ValueError(f"{which}: '{key}' covers {mask.shape[-1]} tokens but there are {like.shape[1]}")
+        return mask.view(-1, like.shape[1])
+
+    # v1.0/1.1's image meta size: the conditioning's size (768 px by default), as ComfyUI's extra_conds reads it.
+    width, height = float(extras.get("width", 768)), float(extras.get("height", 768))
+    meta = (height, width, float(extras.get("target_height", height)), float(extras.get("target_width", width)), 0.0, 0.0)
+    return HunyuanDiTConditioning(tokens, mask_of("attention_mask", tokens), t5, mask_of("attention_mask_mt5xl", t5), meta)
+
+
 CONDITIONING_READERS = {"flux": flux_conditioning, "sd3": sd3_conditioning, "pixart": pixart_conditioning,
                         "wan": wan_conditioning, "qwen_image": qwen_image_conditioning,
                         "hunyuan_video": hunyuan_video_conditioning, "dit": dit_conditioning,
-                        "cogvideox": cogvideox_conditioning, "mochi": mochi_conditioning}
+                        "cogvideox": cogvideox_conditioning, "mochi": mochi_conditioning,
+                        "hunyuan_dit": hunyuan_dit_conditioning}
 
 
 def check_latent(latent: dict, family: families.ModelFamily = families.FLUX) -> None:

@@ -218,7 +218,7 @@ class RankEngine:
                 from_model_space=latent.from_model_space,
                 hooks=hooks,
                 device=self.device,
-                make_sampling=family.sampling,
+                make_sampling=family.model_sampling(self.model.config),
                 # One call for both CFG branches, except where a call must see one branch: the
                 # step cache, PipeFusion and DistriFusion keep state per branch, ControlNet hints are per row
                 # (DiTFastAttn keeps its state per call and shares across CFG inside a batched one).
@@ -253,7 +253,7 @@ class RankEngine:
             return []
         latent = request.latent
         batch, (height, width) = latent.shape[0], latent.shape[-2:]
-        sampling = flow_sampling_for(request, self._default_shift, height, width, self.family.sampling)
+        sampling = flow_sampling_for(request, self._default_shift, height, width, self.family.model_sampling(self.model.config))
         return prepare_controls(request.controlnets, self.controlnets, dtype=dtype, batch=batch,
                                 rows=rows_for_rank(batch, self.mesh), latent_hw=(height, width), sampling=sampling,
                                 model_config=self.model.config)
@@ -294,7 +294,7 @@ def _num_blocks(model_config: dict) -> int:
     return model_config["num_layers"] + model_config.get("num_single_layers", 0)
 
 
-CONDITIONING_NAMES = {"context": "text tokens", "pooled": "pooled output"}
+CONDITIONING_NAMES = {"context": "text tokens", "pooled": "pooled output", "context_t5": "mT5 tokens"}
 
 
 def _check_request_fits(request: SampleRequest, family: families.ModelFamily, config) -> None:

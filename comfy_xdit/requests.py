@@ -164,6 +164,25 @@ class MochiConditioning:
 
 
 @dataclass
+class HunyuanDiTConditioning:
+    """One prompt's conditioning in ComfyUI's HunyuanDiT layout (CLIPLoader / checkpoint type hydit).
+
+    context: BERT (chinese-roberta) tokens [B or 1, 77, 1024]; mask: their attention mask [B or 1, 77]
+    (1 kept, 0 replaced by the model's learned padding, as ComfyUI does); context_t5 / mask_t5: the
+    mT5-XL tokens [B or 1, 256, 2048] and mask ("conditioning_mt5xl", "attention_mask_mt5xl");
+    image_meta_size: v1.0/1.1's size condition (height, width, target height, target width, crop
+    top, crop left), ComfyUI's default 768 px when the conditioning names no size.
+    """
+
+    context: torch.Tensor
+    mask: torch.Tensor
+    context_t5: torch.Tensor
+    mask_t5: torch.Tensor
+    image_meta_size: tuple[float, float, float, float, float, float] = (768.0, 768.0, 768.0, 768.0, 0.0, 0.0)
+    pooled: None = None  # HunyuanDiT pools the mT5 tokens itself
+
+
+@dataclass
 class SampleRequest:
     """One KSampler-equivalent call. Latents are ComfyUI's raw VAE latents [B, 16, H/8, W/8]
     (video families: [B, 16, T, H/8, W/8])."""

@@ -21,8 +21,9 @@ import torch
 
 from ..loading.safetensors_files import CheckpointError, SafetensorsSource, find_layouts, find_weight_files
 from ..preview import FLUX_LATENT_RGB_BIAS, FLUX_LATENT_RGB_FACTORS
-from ..requests import (CogVideoXConditioning, DiTConditioning, FluxConditioning, HunyuanVideoConditioning,
-                        MochiConditioning, PixArtConditioning, QwenImageConditioning, SD3Conditioning, WanConditioning)
+from ..requests import (CogVideoXConditioning, DiTConditioning, FluxConditioning, HunyuanDiTConditioning,
+                        HunyuanVideoConditioning, MochiConditioning, PixArtConditioning, QwenImageConditioning, SD3Conditioning,
+                        WanConditioning)
 from ..sampling.diffusers_schedulers import DiffusersPipeline
 from ..sampling.discrete_sampling import DiscreteSampling
 from ..sampling.schedules import FLUX_DEV_SHIFT, FLUX_SCHNELL_SHIFT, DiscreteFlowSampling, FlowSampling
@@ -118,12 +119,18 @@ class ModelFamily:
     # (sampling/diffusers_schedulers.py), for families core ComfyUI does not run
     semantics: str = "comfyui"
     pipeline: DiffusersPipeline | None = None  # semantics "diffusers": what the pipeline does around the model
+    # model config -> (shift -> model sampling), for a family whose members differ in their schedule (HunyuanDiT)
+    sampling_for: Callable[[dict], Callable[[float], object]] | None = None
 
     def matches(self, keys) -> bool:
         return bool(find_layouts(keys, self.key_signatures))
 
     def latent_format(self, config) -> LatentFormat:
         return self.latent_for(dict(config)) if self.latent_for is not None else self.latent
+
+    def model_sampling(self, config) -> Callable[[float], object]:
+        """shift -> the model sampling of this member of the family."""
+        return self.sampling_for(dict(config)) if self.sampling_for is not None else self.sampling
 
 
 # --- Flux.1 ---------------------------------------------------------------------------------------
@@ -846,8 +853,81 @@ MOCHI = ModelFamily(
 )
 
 
+# --- HunyuanDiT v1.0-1.2 text-to-image ---------------------------------------------------------------
+
+# ComfyUI's HunyuanDiT model configs (supported_models.py): v-prediction on a DDPM schedule linear in
+# sqrt(beta) from 0.00085; it ends at 0.03 for the models with size and style conditions (v1.0/1.1,
+# "hydit1") and at 0.018 for the others (v1.2, "hydit").
+HUNYUAN_DIT_SAMPLING = DiscreteSampling("v", beta_schedule="linear", linear_start=0.00085, linear_end=0.018)
+HUNYUAN_DIT_1_SAMPLING = DiscreteSampling("v", beta_schedule="linear", linear_start=0.00085, linear_end=0.03)
+
+
+def _hunyuan_dit_sampling_of(config: dict) -> DiscreteSampling:
+    return HUNYUAN_DIT_1_SAMPLING if config.get("use_style_cond_and_image_meta_size", True) else HUNYUAN_DIT_SAMPLING
+
+
+def _hunyuan_dit_read_config(path: str) -> dict:
+    from ..loading.hunyuan_dit import read_hunyuan_dit_config
+
+    return read_hunyuan_dit_config(path)
+
+
+def _hunyuan_dit_load(path: str, dtype, device):
+    from ..loading.hunyuan_dit import load_hunyuan_dit_transformer
+
+    return load_hunyuan_dit_transformer(path, dtype=dtype, device=device)
+
+
+def _hunyuan_dit_denoiser(model, mesh, lse_kernel, dtype):
+    from . import hunyuan_dit
+
+    forward = hunyuan_dit.install_sequence_parallel(model, mesh, lse_kernel)
+    return hunyuan_dit.HunyuanDiTDenoiser(forward, dtype, model.config, _hunyuan_dit_sampling_of(dict(model.config)))
+
+
+def _hunyuan_dit_velocity(denoiser, x, sigma, cond: HunyuanDiTConditioning, controls=()):
+    # For HunyuanDiT this is the v prediction; the family's DiscreteSampling("v") turns it into x0.
+    return denoiser(x, sigma, cond)
+
+
+def _hunyuan_dit_signatures() -> dict[str, tuple[str, ...]]:
+    from ..loading.hunyuan_dit import HUNYUAN_DIT_SIGNATURES
+
+    return HUNYUAN_DIT_SIGNATURES
+
+
+HUNYUAN_DIT = ModelFamily(
+    name="hunyuan_dit",
+    display_name="HunyuanDiT v1.0 / v1.1 / v1.2 text-to-image",
+    formats="single file (original HunyuanDiT layout, ComfyUI's `model.diffusion_model.` prefix or none; diffusers layout), diffusers folder",
+    key_signatures=_hunyuan_dit_signatures(),
+    diffusers_class="HunyuanDiT2DModel",
+    read_config=_hunyuan_dit_read_config,
+    load=_hunyuan_dit_load,
+    latent=SDXL_LATENT,
+    sampling=lambda shift: HUNYUAN_DIT_SAMPLING,
+    sampling_for=lambda config: (lambda shift: _hunyuan_dit_sampling_of(config)),
+    default_shift=lambda config: 1.0,
+    sampling_note="ModelSamplingDiscrete, v prediction: betas linear in sqrt from 0.00085 to 0.018 (v1.2) or 0.03 "
+                  "(v1.0/1.1, size and style conditions)",
+    build_denoiser=_hunyuan_dit_denoiser,
+    velocity=_hunyuan_dit_velocity,
+    conditioning=HunyuanDiTConditioning,
+    text_encoders="HunyuanDiT BERT + mT5-XL (the checkpoint's CLIP, or CLIPLoader type hunyuan_dit)",
+    # attention masks: ComfyUI's padding replacement, done exactly; width/height: v1.0/1.1's image meta size
+    conditioning_keys=frozenset({"attention_mask", "conditioning_mt5xl", "attention_mask_mt5xl", "width", "height",
+                                 "target_width", "target_height"}),
+    # Stock HunyuanDiT reads neither the BERT pooled output nor a guidance value.
+    ignored_keys=frozenset({"pooled_output", "guidance"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    resolution_shift=False,
+    conditioning_widths=lambda config: {"context": config.cross_attention_dim, "context_t5": config.cross_attention_dim_t5},
+    vae_note="stock VAELoader + VAEDecode (the SDXL VAE; ParallelVAEDecode is not checked against stock on 4-channel VAEs yet)",
+)
+
+
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, PIXART, WAN, QWEN_IMAGE, HUNYUAN_VIDEO, DIT,
-                                                                        COGVIDEOX, MOCHI)}
+                                                                        COGVIDEOX, MOCHI, HUNYUAN_DIT)}
 
 
 def get(name: str) -> ModelFamily:

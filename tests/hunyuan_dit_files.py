@@ -17,7 +17,7 @@ COMFY_PREFIX = "model.diffusion_model."
 
 def make_hunyuan_dit_diffusers_model(num_layers: int = 4, heads: int = 2, head_dim: int = 8, text_width: int = 24,
                                      t5_width: int = 32, pooled: int = 16, text_len: int = 7, text_len_t5: int = 9,
-                                     meta: bool = True, seed: int = 0):
+                                     meta: bool = True, mlp_ratio: float = 4.0, seed: int = 0):
     """A tiny float32 HunyuanDiT2DModel with random weights (meta: v1.0/1.1's size and style conditions).
 
     num_layers 4 or more gives at least one long skip connection (block 3 takes block 0's output)."""
@@ -27,7 +27,7 @@ def make_hunyuan_dit_diffusers_model(num_layers: int = 4, heads: int = 2, head_d
         num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, patch_size=2, hidden_size=heads * head_dim,
         num_layers=num_layers, cross_attention_dim=text_width, cross_attention_dim_t5=t5_width,
         pooled_projection_dim=pooled, text_len=text_len, text_len_t5=text_len_t5,
-        use_style_cond_and_image_meta_size=meta, sample_size=16,
+        use_style_cond_and_image_meta_size=meta, sample_size=16, mlp_ratio=mlp_ratio,
     )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

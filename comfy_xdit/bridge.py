@@ -422,10 +422,10 @@ def hunyuan_dit_conditioning(conditioning, which: str) -> HunyuanDiTConditioning
             raise ValueError(f"{which}: '{key}' covers {mask.shape[-1]} tokens but there are {like.shape[1]}")
         return mask.view(-1, like.shape[1])
 
-    # v1.0/1.1's image meta size: the conditioning's size (768 px by default), as ComfyUI's extra_conds reads it.
-    width, height = float(extras.get("width", 768)), float(extras.get("height", 768))
-    meta = (height, width, float(extras.get("target_height", height)), float(extras.get("target_width", width)), 0.0, 0.0)
-    return HunyuanDiTConditioning(tokens, mask_of("attention_mask", tokens), t5, mask_of("attention_mask_mt5xl", t5), meta)
+    # v1.0/1.1's image meta size: what the conditioning names; the rest follows the latent (models/hunyuan_dit.py).
+    size = tuple(float(extras[k]) if extras.get(k) is not None else None
+                 for k in ("height", "width", "target_height", "target_width"))
+    return HunyuanDiTConditioning(tokens, mask_of("attention_mask", tokens), t5, mask_of("attention_mask_mt5xl", t5), size)
 
 
 CONDITIONING_READERS = {"flux": flux_conditioning, "sd3": sd3_conditioning, "pixart": pixart_conditioning,

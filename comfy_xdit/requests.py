@@ -170,15 +170,16 @@ class HunyuanDiTConditioning:
     context: BERT (chinese-roberta) tokens [B or 1, 77, 1024]; mask: their attention mask [B or 1, 77]
     (1 kept, 0 replaced by the model's learned padding, as ComfyUI does); context_t5 / mask_t5: the
     mT5-XL tokens [B or 1, 256, 2048] and mask ("conditioning_mt5xl", "attention_mask_mt5xl");
-    image_meta_size: v1.0/1.1's size condition (height, width, target height, target width, crop
-    top, crop left), ComfyUI's default 768 px when the conditioning names no size.
+    size: v1.0/1.1's size condition (height, width, target height, target width) in pixels from the
+    conditioning's extras; a None is the latent's pixel size (target: the size), as ComfyUI's sampler
+    fills in what the conditioning does not name. The crop coordinates are 0, as in ComfyUI.
     """
 
     context: torch.Tensor
     mask: torch.Tensor
     context_t5: torch.Tensor
     mask_t5: torch.Tensor
-    image_meta_size: tuple[float, float, float, float, float, float] = (768.0, 768.0, 768.0, 768.0, 0.0, 0.0)
+    size: tuple[float | None, float | None, float | None, float | None] = (None, None, None, None)
     pooled: None = None  # HunyuanDiT pools the mT5 tokens itself
 
 

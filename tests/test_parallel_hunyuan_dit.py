@@ -29,7 +29,7 @@ def conditioning(g: torch.Generator, hidden: int) -> HunyuanDiTConditioning:
     mask, mask_t5 = torch.ones(1, 7), torch.ones(1, 9)
     mask[:, 7 - hidden:], mask_t5[:, 9 - hidden:] = 0, 0
     return HunyuanDiTConditioning(torch.randn(1, 7, 24, generator=g), mask, torch.randn(1, 9, 32, generator=g), mask_t5,
-                                  (1024.0, 768.0, 1024.0, 768.0, 0.0, 0.0))
+                                  (1024.0, 768.0, None, None))
 
 
 def request(batch: int = 1, cfg: float = 5.0, sampler: str = "euler", latent=LATENT) -> SampleRequest:
@@ -122,9 +122,9 @@ def test_masks_and_meta_size_reach_the_model():
     x, sigma = torch.randn(1, 4, 16, 16, generator=g), torch.tensor(2.0)
     cond = conditioning(g, 2)
     base = engine._denoiser(x, sigma, cond)
-    unmasked = HunyuanDiTConditioning(cond.context, torch.ones(1, 7), cond.context_t5, cond.mask_t5, cond.image_meta_size)
+    unmasked = HunyuanDiTConditioning(cond.context, torch.ones(1, 7), cond.context_t5, cond.mask_t5, cond.size)
     assert not torch.allclose(base, engine._denoiser(x, sigma, unmasked))
-    other_size = HunyuanDiTConditioning(cond.context, cond.mask, cond.context_t5, cond.mask_t5, (768.0,) * 4 + (0.0, 0.0))
+    other_size = HunyuanDiTConditioning(cond.context, cond.mask, cond.context_t5, cond.mask_t5, (None,) * 4)
     assert not torch.allclose(base, engine._denoiser(x, sigma, other_size))
 
 

@@ -18,7 +18,7 @@ What differs from diffusers' pipeline, to match ComfyUI (comfy/ldm/hydit/models.
 - odd latent sides are padded circularly to the patch size and cropped back, as ComfyUI's patch
   embedding does;
 - the image meta size (v1.0/1.1 only) is ComfyUI's ``[height, width, target_height,
-  target_width, 0, 0]`` from the conditioning (768 by default), not the pipeline's; style 0;
+  target_width, 0, 0]``: the conditioning's, else the latent's pixel size (``meta_size``); style 0;
 - the timestep is ComfyUI's: the index of the nearest tabulated sigma (discrete_sampling.py);
 - of the learned-sigma output (8 channels) the first 4, the v prediction, are kept.
 
@@ -115,6 +115,16 @@ def check_text_lengths(config, clip_tokens: int, t5_tokens: int) -> None:
             "to 75 BERT / 255 mT5 tokens); shorten the prompt")
 
 
+def meta_size(size, latent_h: int, latent_w: int) -> list[float]:
+    """v1.0/1.1's image meta size: ComfyUI's sampler fills in the latent's pixel size where the
+    conditioning names none (comfy/samplers.py encode_model_conds), the target defaults to the size."""
+    height, width, target_height, target_width = size
+    height = height if height is not None else latent_h * 8.0
+    width = width if width is not None else latent_w * 8.0
+    return [height, width, target_height if target_height is not None else height,
+            target_width if target_width is not None else width, 0.0, 0.0]
+
+
 class HunyuanDiTDenoiser:
     """v prediction of HunyuanDiT for ComfyUI-layout model inputs (already scaled by c_in): x [B, 4, H, W] -> v."""
 
@@ -145,7 +155,7 @@ class HunyuanDiTDenoiser:
         timestep = self.sampling.timestep(sigma.to(device, torch.float32)).expand(b)
         meta = None
         if self.config.use_style_cond_and_image_meta_size:
-            meta = torch.tensor([cond.image_meta_size], dtype=torch.float32, device=device).repeat(b, 1)
+            meta = torch.tensor([meta_size(cond.size, h, w)], dtype=torch.float32, device=device).repeat(b, 1)
         out = self.forward(
             hidden_states=x.to(self.dtype),
             # diffusers embeds the timestep in the timestep's dtype

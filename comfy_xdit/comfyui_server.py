@@ -146,16 +146,23 @@ def with_demo_conditioning(graph: dict, context_dim: int, pooled_dim: int) -> di
 
     The workflow's CLIP loader says which layout to emit: TripleCLIPLoader is SD3's, a CLIPLoader of
     type pixart PixArt's, of type wan Wan's (no pooled output), of type mochi Mochi's (padded, with a mask),
+    a HunyuanDiT checkpoint's CLIP HunyuanDiT's (BERT tokens context_dim wide, mT5 tokens twice that),
     others Flux's.
     """
     graph = json.loads(json.dumps(graph))
+    hunyuan_dit = any(node["class_type"] == "CheckpointLoaderSimple" and "hunyuan_dit" in node["inputs"].get("ckpt_name", "")
+                      for node in graph.values())
     sd3 = any(node["class_type"] == "TripleCLIPLoader" for node in graph.values())
     clip_type = next((node["inputs"].get("type") for node in graph.values() if node["class_type"] == "CLIPLoader"), None)
     for node_id, node in list(graph.items()):
         if node["class_type"] in TEXT_ENCODERS:
             seed = int(node_id)
             inputs = {"seed": seed, "tokens": 7 + seed, "context_dim": context_dim, "pooled_dim": pooled_dim}
-            if clip_type == "mochi":  # T5 tokens padded to 256 with an attention mask, as stock emits them
+            if hunyuan_dit:
+                graph[node_id] = {"class_type": "XditTestHunyuanDiTConditioning",
+                                  "inputs": {"seed": seed, "padded": seed % 50, "context_dim": context_dim,
+                                             "t5_dim": 2 * context_dim}}
+            elif clip_type == "mochi":  # T5 tokens padded to 256 with an attention mask, as stock emits them
                 graph[node_id] = {"class_type": "XditTestMochiConditioning",
                                   "inputs": {"seed": seed, "tokens": 7 + seed, "context_dim": context_dim, "padded_tokens": 256}}
             elif clip_type in ("pixart", "wan", "qwen_image"):  # T5 / umt5 / Qwen2.5-VL tokens only
@@ -167,7 +174,7 @@ def with_demo_conditioning(graph: dict, context_dim: int, pooled_dim: int) -> di
                 graph[node_id] = {"class_type": "XditTestSD3Conditioning", "inputs": inputs}
             else:
                 graph[node_id] = {"class_type": "XditTestFluxConditioning", "inputs": {**inputs, "guidance": 3.5}}
-        elif node["class_type"] in CLIP_LOADERS:
+        elif node["class_type"] in CLIP_LOADERS or (hunyuan_dit and node["class_type"] == "CheckpointLoaderSimple"):
             del graph[node_id]
     return graph
 

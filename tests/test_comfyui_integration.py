@@ -26,6 +26,7 @@ from comfy_xdit.comfyui_server import shipped_workflow as load_workflow
 from dit_files import make_dit_model, write_dit_folder
 from controlnet_files import make_flux_controlnet, write_instantx_file, write_sd15_controlnet_file
 from lora_files import random_flux_lora, write_peft_lora, write_sd15_lora
+from hunyuan_dit_files import make_hunyuan_dit_diffusers_model, write_original_hunyuan_dit_file
 from pixart_files import make_pixart_diffusers_model, write_original_pixart_file
 from vae_files import make_ldm_encoder_state_dict, make_ldm_vae_state_dict
 from wan_vae_file import write_wan_vae_file
@@ -99,6 +100,12 @@ def server(tmp_path_factory):
     # Mochi 1 preview in Genmo's layout with ComfyUI's prefix (asymmetric: video stream 16 wide, text stream 8).
     mochi = make_mochi_diffusers_model(num_layers=2, heads=2, head_dim=8, pooled_dim=8, text_dim=CONTEXT_DIM, seed=9)
     write_mochi_file(mochi, models / "diffusion_models" / "tiny_mochi.safetensors", prefix="model.diffusion_model.")
+    # HunyuanDiT v1.2-style in the original layout (16 heads, as ComfyUI assumes; the stock encoders' 77 + 256 tokens).
+    hunyuan_dit = make_hunyuan_dit_diffusers_model(num_layers=4, heads=16, head_dim=4, text_width=CONTEXT_DIM,
+                                                   t5_width=2 * CONTEXT_DIM, pooled=16, text_len=77, text_len_t5=256,
+                                                   meta=False, seed=9)
+    write_original_hunyuan_dit_file(hunyuan_dit, models / "checkpoints" / "tiny_hunyuan_dit.safetensors",
+                                    prefix="model.diffusion_model.")
     # A file in the DiT folder that is not a DiT: a VAE.
     save_file(make_ldm_vae_state_dict(seed=3), str(models / "diffusion_models" / "not_a_dit.safetensors"))
     Image.new("RGB", (64, 48), (200, 60, 40)).save(base / "input" / "example.png")
@@ -737,3 +744,41 @@ def test_mochi_workflow_on_ulysses_gives_the_latents_of_one_worker_and_crops_the
     assert a.shape == (1, 12, 3, 6, 10) and b.abs().max() > 0.1
     assert float((a - b).abs().max() / b.abs().max()) < 1e-4
     assert float((c - b).abs().max() / b.abs().max()) < 1e-6
+
+
+# --- HunyuanDiT text-to-image ----------------------------------------------------------------------
+
+
+def hunyuan_dit_latent_workflow(devices: str, **loader) -> dict:
+    """The shipped HunyuanDiT workflow up to the sampler, its latent saved (its VAE comes from the real checkpoint)."""
+    graph = with_demo_conditioning(load_workflow("hunyuan_dit_txt2img_parallel"), CONTEXT_DIM, POOLED_DIM)
+    for node in graph.values():
+        cls = node["class_type"]
+        if cls == "ParallelLoader":
+            node["inputs"].update(model_name="checkpoints/tiny_hunyuan_dit.safetensors", devices=devices, **loader)
+        elif cls == "ParallelSampler":
+            node["inputs"].update(steps=3, seed=17)
+        elif cls == "EmptyLatentImage":
+            node["inputs"].update(width=96, height=80)
+    sampler_id = next(k for k, n in graph.items() if n["class_type"] == "ParallelSampler")
+    for node_id in [k for k, n in graph.items() if n["class_type"] in ("VAEDecode", "SaveImage")]:
+        del graph[node_id]
+    graph["90"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler_id, 0], "filename_prefix": f"hunyuan_dit_{devices}"}}
+    return graph
+
+
+def test_hunyuan_dit_workflow_with_cfg_parallel_gives_the_latents_of_one_worker(server):
+    shipped = load_workflow("hunyuan_dit_txt2img_parallel")
+    assert shipped["9"]["class_type"] == "VAEDecode" and shipped["1"]["class_type"] == "CheckpointLoaderSimple"
+    graph = hunyuan_dit_latent_workflow("cpu,cpu")
+    assert node_of(graph, "XditTestHunyuanDiTConditioning")
+    assert all(node["class_type"] != "CheckpointLoaderSimple" for node in graph.values())
+    two = server.run(graph)
+    assert status_str(two) == "success", error_message(two) + server.log()[-2000:]
+    pool = pool_status(server)
+    assert len(pool["workers"]) == 2 and pool["model"]["family"] == "hunyuan_dit"
+    one = server.run(hunyuan_dit_latent_workflow("cpu", use_cfg_parallel=False))
+    assert status_str(one) == "success", error_message(one)
+    a, b = saved_latent(server, two), saved_latent(server, one)
+    assert a.shape == (1, 4, 10, 12) and b.abs().max() > 0.1
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-4

@@ -19,6 +19,7 @@ NODE_TYPES = {
     "DualCLIPLoader": (["clip_name1", "clip_name2", "type", "device"], [], [("CLIP", "CLIP")]),
     "TripleCLIPLoader": (["clip_name1", "clip_name2", "clip_name3"], [], [("CLIP", "CLIP")]),
     "CLIPLoader": (["clip_name", "type", "device"], [], [("CLIP", "CLIP")]),
+    "CheckpointLoaderSimple": (["ckpt_name"], [], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
     "EmptyHunyuanLatentVideo": (["width", "height", "length", "batch_size"], [], [("LATENT", "LATENT")]),
     "EmptyMochiLatentVideo": (["width", "height", "length", "batch_size"], [], [("LATENT", "LATENT")]),
     "VAEDecode": ([], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
@@ -276,6 +277,24 @@ def mochi_text_to_video() -> dict:
     }
 
 
+def hunyuan_dit_text_to_image() -> dict:
+    """HunyuanDiT v1.2 txt2img as ComfyUI's HunyuanDiT example builds it (the all-in-one checkpoint's BERT + mT5-XL
+    CLIP and SDXL-format VAE from CheckpointLoaderSimple, 1024x1024, cfg 6, euler / sgm_uniform), with the MODEL
+    nodes swapped for ours: the stock loader's MODEL output stays unused (ComfyUI loads the DiT only when a sampler
+    asks). HunyuanDiT needs cfg, so the loader puts the two branches on two worker groups; the decode is stock."""
+    return {
+        "1": ("CheckpointLoaderSimple", dict(ckpt_name="hunyuan_dit_1.2.safetensors"), {}),
+        "2": ("CLIPTextEncode", dict(text="a red fox in fresh snow, morning light, photograph"), {"clip": ("1", 1)}),
+        "4": ("CLIPTextEncode", dict(text=""), {"clip": ("1", 1)}),
+        "5": ("EmptyLatentImage", dict(width=1024, height=1024, batch_size=1), {}),
+        "6": ("ParallelLoader", dict(LOADER, model_name="checkpoints/hunyuan_dit_1.2.safetensors", use_cfg_parallel=True), {}),
+        "7": ("ParallelSampler", dict(SAMPLER, steps=40, cfg=6.0, sampler_name="euler", scheduler="sgm_uniform"),
+              {"model": ("6", 0), "positive": ("2", 0), "negative": ("4", 0), "latent_image": ("5", 0)}),
+        "9": ("VAEDecode", {}, {"samples": ("7", 0), "vae": ("1", 2)}),
+        "10": ("SaveImage", dict(filename_prefix="xdit_hunyuan_dit"), {"images": ("9", 0)}),
+    }
+
+
 WORKFLOWS = {
     "flux_txt2img_parallel": text_to_image(),
     "flux_lora_parallel": with_lora(),
@@ -289,6 +308,7 @@ WORKFLOWS = {
     "dit_class2img_parallel": dit_class_to_image(),
     "cogvideox_txt2video_parallel": cogvideox_text_to_video(),
     "mochi_txt2video_parallel": mochi_text_to_video(),
+    "hunyuan_dit_txt2img_parallel": hunyuan_dit_text_to_image(),
 }
 
 

@@ -130,6 +130,36 @@ class XditTestMochiConditioning:
         return ([[torch.cat([prompt, padding], dim=1), {"pooled_output": None, "attention_mask": mask}]],)
 
 
+class XditTestHunyuanDiTConditioning:
+    """HunyuanDiT's layout (the checkpoint's CLIP + CLIPTextEncode): 77 BERT tokens with their mask and
+    BERT pooled output, 256 mT5-XL tokens and their mask in the extras; the last ``padded`` tokens of
+    each are masked, as the stock encoders pad a short prompt."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                "padded": ("INT", {"default": 60, "min": 0, "max": 76}),
+                "context_dim": ("INT", {"default": 1024, "min": 1, "max": 8192}),
+                "t5_dim": ("INT", {"default": 2048, "min": 1, "max": 8192}),
+            }
+        }
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "testing"
+
+    def encode(self, seed, padded, context_dim, t5_dim):
+        g = torch.Generator().manual_seed(seed)
+        mask, mask_t5 = torch.ones(1, 77, dtype=torch.long), torch.ones(1, 256, dtype=torch.long)
+        mask[:, 77 - padded:], mask_t5[:, 256 - padded:] = 0, 0
+        extras = {"pooled_output": torch.randn(1, context_dim, generator=g), "attention_mask": mask,
+                  "conditioning_mt5xl": torch.randn(1, 256, t5_dim, generator=g), "attention_mask_mt5xl": mask_t5}
+        return ([[torch.randn(1, 77, context_dim, generator=g), extras]],)
+
+
 NODE_CLASS_MAPPINGS = {"XditTestFluxConditioning": XditTestFluxConditioning, "XditTestSD3Conditioning": XditTestSD3Conditioning,
                        "XditTestPixArtConditioning": XditTestPixArtConditioning, "XditTestWanConditioning": XditTestWanConditioning,
-                       "XditTestMochiConditioning": XditTestMochiConditioning}
+                       "XditTestMochiConditioning": XditTestMochiConditioning,
+                       "XditTestHunyuanDiTConditioning": XditTestHunyuanDiTConditioning}

@@ -98,8 +98,8 @@ def test_hunyuan_video_latent_format_sampling_and_conditioning_are_comfyuis():
 
 
 def test_an_unknown_family_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="model family 'hunyuan_dit' is not supported; supported: flux, sd3, pixart"):
-        families.get("hunyuan_dit")
+    with pytest.raises(ValueError, match="model family 'lumina2' is not supported; supported: flux, sd3, pixart"):
+        families.get("lumina2")
 
 
 @pytest.mark.parametrize("name", list(families.FAMILIES))

@@ -150,3 +150,17 @@ def test_other_text_lengths_and_conditionings_are_refused_by_name():
                                              narrow.positive.mask_t5)
     with pytest.raises(ValueError, match="mT5 tokens are 16 wide but this HunyuanDiT.*takes 32"):
         engine.sample(narrow)
+
+
+def test_the_bridge_reads_comfyuis_hunyuan_dit_conditioning_and_names_what_is_missing():
+    from comfy_xdit.bridge import hunyuan_dit_conditioning
+
+    mask = torch.ones(1, 7, dtype=torch.long)
+    mask[:, 5:] = 0
+    extras = {"pooled_output": torch.zeros(1, 24), "attention_mask": mask, "conditioning_mt5xl": torch.ones(1, 9, 32),
+              "attention_mask_mt5xl": torch.ones(1, 9, dtype=torch.long), "width": 1024, "height": 768}
+    cond = hunyuan_dit_conditioning([[torch.ones(1, 7, 24), extras]], "positive")
+    assert cond.context.shape == (1, 7, 24) and cond.context_t5.shape == (1, 9, 32)
+    assert cond.mask.tolist() == [[1.0] * 5 + [0.0] * 2] and cond.size == (768.0, 1024.0, None, None)
+    with pytest.raises(ValueError, match="no mT5 tokens.*HunyuanDiT BERT \\+ mT5-XL"):
+        hunyuan_dit_conditioning([[torch.ones(1, 7, 24), {"attention_mask": mask}]], "positive")

@@ -222,8 +222,8 @@ class RankEngine:
                 # One call for both CFG branches, except where a call must see one branch: the
                 # step cache, PipeFusion and DistriFusion keep state per branch, ControlNet hints are per row
                 # (DiTFastAttn keeps its state per call and shares across CFG inside a batched one).
-                batch_cfg=(not cache or getattr(cache, "one_call_for_both_branches", False)) and self.mesh.size("pipefusion") == 1 and self.mesh.size("distrifusion") == 1
-                and not controls,
+                batch_cfg=((not cache or getattr(cache, "one_call_for_both_branches", False))
+                           and self.mesh.size("pipefusion") == 1 and self.mesh.size("distrifusion") == 1 and not controls),
             )
 
     def _sample_diffusers(self, request: SampleRequest, hooks: StepHooks) -> torch.Tensor:

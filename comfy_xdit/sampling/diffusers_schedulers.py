@@ -1,8 +1,9 @@
 """The second sampling path: a diffusers scheduler and the loop of the family's diffusers pipeline.
 
-For the families core ComfyUI does not run (DiT-XL, later CogVideoX, ...) there are no ComfyUI
-semantics to match: the diffusers folder is the format and its ``scheduler/scheduler_config.json``
-defines the sampling. The loop below is the pipeline's (DiTPipeline's for DiT): the scheduler's
+For the families core ComfyUI does not run (DiT-XL-2, CogVideoX) there are no ComfyUI semantics to
+match: the diffusers folder is the format and its ``scheduler/scheduler_config.json`` defines the
+sampling. The loop below is the pipeline's (DiTPipeline's for DiT, CogVideoXPipeline's for
+CogVideoX, each family's differences in its ``DiffusersPipeline`` record): the scheduler's
 ``set_timesteps``, ``scale_model_input``, one model call with classifier-free guidance,
 ``scheduler.step``. Only the model call is ours: it goes through the family's parallel denoiser,
 so sequence parallel (inside the model), CFG parallel and data parallel apply.

@@ -11,14 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_xdit.config import ParallelConfig
-from comfy_xdit.engine import RankEngine
-from comfy_xdit.mesh import ParallelMesh
-from comfy_xdit.requests import ModelSpec, SampleRequest, SD3Conditioning, WanConditioning
+from comfy_xdit.requests import SampleRequest, SD3Conditioning, WanConditioning
 from checkpoints import make_wan_diffusers_model
-from distributed import relative_error, run_on_ranks
+from family_parallel import FamilySuite, ParallelExactness
 
-TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
 LATENT = (16, 3, 6, 10)
 
 
@@ -33,84 +29,12 @@ def request(batch: int = 1, cfg: float = 5.0, sampler: str = "euler") -> SampleR
     return SampleRequest(torch.zeros(batch, *LATENT), positive, negative, seed=42, steps=3, cfg=cfg, sampler_name=sampler)
 
 
-def engine_for(config_kwargs: dict) -> RankEngine:
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    config = ParallelConfig(devices=("cpu",) * world, **config_kwargs)
-    engine = RankEngine(ParallelMesh.build(config, torch.device("cpu")))
-    engine.set_model(tiny_wan(), ModelSpec("tiny", family="wan", dtype="float32"))
-    return engine
+SUITE = FamilySuite("wan", tiny_wan, request, LATENT)
+engine_for = SUITE.engine_for
 
 
-def generate(config_kwargs: dict, batch: int, wrong_shard_order: bool = False, sampler: str = "euler") -> torch.Tensor:
-    engine = engine_for(config_kwargs)
-    if wrong_shard_order:
-        # Deliberately hand each rank another rank's shard: the comparison must catch it.
-        forward = engine._denoiser.forward
-        forward.shard_index = forward.degree - 1 - forward.shard_index
-    return engine.sample(request(batch, sampler=sampler))
-
-
-@pytest.fixture(scope="module")
-def reference():
-    cache = {}
-
-    def get(batch: int, sampler: str = "euler") -> torch.Tensor:
-        if (batch, sampler) not in cache:
-            cache[(batch, sampler)] = generate({}, batch, sampler=sampler)
-        return cache[(batch, sampler)]
-
-    return get
-
-
-CASES = {
-    "ulysses=2": (dict(ulysses_degree=2), 1),
-    "ring=2": (dict(ring_degree=2), 1),
-    "cfg parallel": (dict(use_cfg_parallel=True), 1),
-    "data=2": (dict(data_parallel_degree=2), 2),
-}
-WRONG_ORDER = "ulysses=2, shards swapped"
-ANCESTRAL = "ring=2, euler_ancestral"
-
-
-def generate_all_cases() -> dict:
-    """Every case on the same two ranks: one process start for all of them."""
-    results = {name: generate(config_kwargs, batch) for name, (config_kwargs, batch) in CASES.items()}
-    results[WRONG_ORDER] = generate(dict(ulysses_degree=2), 1, wrong_shard_order=True)
-    # Extra noise of the whole 5-D latent, drawn on every rank and sliced, never per shard.
-    results[ANCESTRAL] = generate(dict(ring_degree=2), 1, sampler="euler_ancestral")
-    return results
-
-
-@pytest.fixture(scope="module")
-def two_workers():
-    return run_on_ranks(2, generate_all_cases)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_parallel_equals_one_worker(name, two_workers, reference):
-    batch = CASES[name][1]
-    expected = reference(batch)
-    for rank, results in enumerate(two_workers):
-        result = results[name]
-        assert result.shape == expected.shape == (batch, *LATENT)
-        error = relative_error(result, expected)
-        assert error < TOLERANCE, f"{name}: rank {rank} differs from one worker by {error:.2e}"
-
-
-def test_ancestral_sampler_on_ring_equals_one_worker(two_workers, reference):
-    for rank, results in enumerate(two_workers):
-        assert relative_error(results[ANCESTRAL], reference(1, "euler_ancestral")) < TOLERANCE, f"rank {rank}"
-
-
-def test_wrong_shard_order_is_caught(two_workers, reference):
-    assert relative_error(two_workers[0][WRONG_ORDER], reference(1)) > 100 * TOLERANCE
-
-
-def test_ulysses_times_ring_on_four_workers(reference):
-    # Both gathers in the hook, Ulysses inside Ring, rotary tables split four ways.
-    results = run_on_ranks(4, generate, dict(ulysses_degree=2, ring_degree=2), 1)
-    for rank, result in enumerate(results):
-        assert relative_error(result, reference(1)) < TOLERANCE, f"rank {rank}"
+class TestParallelEqualsOneWorker(ParallelExactness):
+    suite = SUITE
 
 
 def test_one_worker_is_diffusers_own_forward():

@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.skipif(not (COMFYUI / "main.py").exists(), reason="too
 SECRET_NAME, SECRET = "COMFY_XDIT_TEST_API_TOKEN", "tok-4f9a2c77e1b3d5"
 NOTICED_WITHIN_S = 10.0
 LOADER = dict(devices="cpu,cpu", ulysses_degree=2, use_cfg_parallel=False)  # the same pool for both models
-MEMORY_SLACK = 100 * 2**20  # issue 9: resident memory after prompt 50 within 100 MB of after prompt 5
+MEMORY_SLACK = 100 * 2**20  # issue 9: resident memory after prompt 50 at most 100 MB above after prompt 5
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +193,11 @@ def test_50_prompts_with_two_alternating_models_all_succeed_match_one_worker_and
     # The same workers served every prompt; alternating models reloads weights, never the pool.
     assert pool["pids"] == before["pool"]["pids"] and pool["generation"] == before["pool"]["generation"]
     assert pool["load_count"] - before["pool"]["load_count"] == 45
+    # Growth is what a leak looks like. Resident memory may also fall: the allocator returns freed
+    # pages to the system when it likes (CI once saw ComfyUI's host 244 MiB lower at prompt 50 than at
+    # prompt 5, after the earlier fault tests in this module), which is not a leak.
     for key in after:
-        assert abs(after[key] - before[key]) <= MEMORY_SLACK, (key, growth)
+        assert after[key] - before[key] <= MEMORY_SLACK, (key, growth)
     assert host.num_fds() <= before["fds"] + 5, (before["fds"], host.num_fds())
     assert len(host.children(recursive=True)) == before["children"]
     assert set(shm.our_segments(host.pid)) <= set(pool["shared_memory"]) and len(pool["shared_memory"]) <= 2

@@ -155,6 +155,14 @@ class TransformerCheckpoint(ClosesSource):
     def shape(self, name: str) -> tuple[int, ...]:
         return self.source.shape(self.prefix + name)
 
+    def refuse_unless_it_converts(self, convert, meta_model: torch.nn.Module, what: str, unexpected_note: str = "") -> None:
+        """Run ``convert`` (source weights -> (diffusers weights, unused source keys)) on meta tensors of
+        the header shapes, without reading a weight, and refuse any key or shape ``meta_model`` lacks."""
+        converted, unused = convert({k: torch.empty(self.shape(k), device="meta") for k in self.weight_keys})
+        expected = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
+        refuse_key_mismatch(expected, converted, what, also_unexpected=unused, unexpected_note=unexpected_note)
+        refuse_shape_mismatch({k: t.shape for k, t in converted.items()}, expected)
+
     def _read(self, name: str) -> torch.Tensor:
         """One source tensor in float form, with a scaled-fp8 scale applied."""
         return to_float(self.source, self.prefix + name, self.source.get(self.prefix + name))

@@ -32,7 +32,7 @@ from typing import Iterable
 import torch
 
 from .checkpoint_files import (
-    TransformerCheckpoint, as_load_dtype, detect_layout, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch,
+    TransformerCheckpoint, as_load_dtype, detect_layout, refuse_quantized,
 )
 from .safetensors_files import CheckpointError, assign_weights
 
@@ -231,13 +231,9 @@ class PixArtCheckpoint(TransformerCheckpoint):
 
     def _validate(self) -> None:
         refuse_quantized(self.source, [self.prefix + k for k in self.weight_keys], use="use a bf16, fp16 or fp32 file")
-        metas = {k: torch.empty(self.shape(k), device="meta") for k in self.weight_keys}
-        converted, unused = self._to_diffusers(metas)
-        expected = {k: tuple(v.shape) for k, v in _meta_model(self.config).state_dict().items()}
-        refuse_key_mismatch(expected, converted, f"a PixArt transformer ({self.layout} layout, prefix {self.prefix!r})",
-                            also_unexpected=unused,
-                            unexpected_note="; KV-compressed or qk-norm PixArt variants are not supported")
-        refuse_shape_mismatch({k: t.shape for k, t in converted.items()}, expected)
+        self.refuse_unless_it_converts(self._to_diffusers, _meta_model(self.config),
+                                       f"a PixArt transformer ({self.layout} layout, prefix {self.prefix!r})",
+                                       unexpected_note="; KV-compressed or qk-norm PixArt variants are not supported")
 
     def _to_diffusers(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         if self.layout == DIFFUSERS_LAYOUT:

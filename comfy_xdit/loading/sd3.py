@@ -27,7 +27,7 @@ from typing import Iterable
 
 import torch
 
-from .checkpoint_files import TransformerCheckpoint, as_load_dtype, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch
+from .checkpoint_files import TransformerCheckpoint, as_load_dtype, refuse_quantized
 from .safetensors_files import CheckpointError, assign_weights, find_layouts
 
 SAI_LAYOUT = "sai"
@@ -190,12 +190,8 @@ class SD3Checkpoint(TransformerCheckpoint):
     def _validate(self) -> None:
         refuse_quantized(self.source, [self.prefix + k for k in self.weight_keys])
         # The whole mapping on meta tensors: key names and shapes, without reading any weight.
-        metas = {k: torch.empty(self.shape(k), device="meta") for k in self.weight_keys}
-        converted, unused = self._to_diffusers(metas)
-        expected = {k: tuple(v.shape) for k, v in _meta_model(self.config).state_dict().items()}
-        refuse_key_mismatch(expected, converted, f"an SD3 transformer ({self.layout} layout, prefix {self.prefix!r})",
-                            also_unexpected=unused)
-        refuse_shape_mismatch({k: t.shape for k, t in converted.items()}, expected)
+        self.refuse_unless_it_converts(self._to_diffusers, _meta_model(self.config),
+                                       f"an SD3 transformer ({self.layout} layout, prefix {self.prefix!r})")
 
     def _to_diffusers(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         if self.layout == DIFFUSERS_LAYOUT:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint_files import (
-    TransformerCheckpoint, as_load_dtype, detect_layout, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch,
+    TransformerCheckpoint, as_load_dtype, detect_layout, refuse_quantized,
 )
 from .safetensors_files import CheckpointError, assign_weights
 from .sd3 import _count_blocks
@@ -176,12 +176,9 @@ class WanCheckpoint(TransformerCheckpoint):
     def _validate(self) -> None:
         refuse_quantized(self.source, [self.prefix + k for k in self.weight_keys])
         # The whole mapping on meta tensors: key names and shapes, without reading any weight.
-        metas = {k: torch.empty(self.shape(k), device="meta") for k in self.weight_keys}
-        converted = self._to_diffusers(metas)
-        expected = {k: tuple(v.shape) for k, v in _meta_model(self.config).state_dict().items()}
-        refuse_key_mismatch(expected, converted, f"a Wan text-to-video transformer ({self.layout} layout, prefix "
-                                                 f"{self.prefix!r}; diffusers names)")
-        refuse_shape_mismatch({k: t.shape for k, t in converted.items()}, expected)
+        self.refuse_unless_it_converts(lambda weights: (self._to_diffusers(weights), []), _meta_model(self.config),
+                                       f"a Wan text-to-video transformer ({self.layout} layout, prefix "
+                                       f"{self.prefix!r}; diffusers names)")
 
     def _to_diffusers(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.layout == DIFFUSERS_LAYOUT:

@@ -11,22 +11,27 @@ encoder gives T = 77 + 256 and D = 4096 (CLIP-L/G padded) and P = 2048.
 import torch
 
 
-class XditTestFluxConditioning:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
-                "tokens": ("INT", {"default": 16, "min": 1, "max": 4096}),
-                "context_dim": ("INT", {"default": 4096, "min": 1, "max": 8192}),
-                "pooled_dim": ("INT", {"default": 768, "min": 1, "max": 8192}),
-                "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1}),
-            }
-        }
+class _SeededConditioning:
+    """What every node here shares: a seed input, one CONDITIONING output, the "testing" category;
+    each node adds its own inputs (INPUTS) and its ``encode``."""
 
+    INPUTS: dict = {}
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "encode"
     CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}), **cls.INPUTS}}
+
+
+class XditTestFluxConditioning(_SeededConditioning):
+    INPUTS = {
+        "tokens": ("INT", {"default": 16, "min": 1, "max": 4096}),
+        "context_dim": ("INT", {"default": 4096, "min": 1, "max": 8192}),
+        "pooled_dim": ("INT", {"default": 768, "min": 1, "max": 8192}),
+        "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1}),
+    }
 
     def encode(self, seed, tokens, context_dim, pooled_dim, guidance):
         g = torch.Generator().manual_seed(seed)
@@ -35,21 +40,12 @@ class XditTestFluxConditioning:
         return ([[context, {"pooled_output": pooled, "guidance": guidance}]],)
 
 
-class XditTestSD3Conditioning:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
-                "tokens": ("INT", {"default": 333, "min": 1, "max": 4096}),
-                "context_dim": ("INT", {"default": 4096, "min": 1, "max": 8192}),
-                "pooled_dim": ("INT", {"default": 2048, "min": 1, "max": 8192}),
-            }
-        }
-
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "encode"
-    CATEGORY = "testing"
+class XditTestSD3Conditioning(_SeededConditioning):
+    INPUTS = {
+        "tokens": ("INT", {"default": 333, "min": 1, "max": 4096}),
+        "context_dim": ("INT", {"default": 4096, "min": 1, "max": 8192}),
+        "pooled_dim": ("INT", {"default": 2048, "min": 1, "max": 8192}),
+    }
 
     def encode(self, seed, tokens, context_dim, pooled_dim):
         g = torch.Generator().manual_seed(seed)
@@ -58,70 +54,43 @@ class XditTestSD3Conditioning:
         return ([[context, {"pooled_output": pooled}]],)
 
 
-class XditTestPixArtConditioning:
+class XditTestPixArtConditioning(_SeededConditioning):
     """PixArt's layout (CLIPLoader type pixart + CLIPTextEncode): T5 tokens only, no pooled output."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
-                "tokens": ("INT", {"default": 120, "min": 1, "max": 4096}),
-                "context_dim": ("INT", {"default": 4096, "min": 1, "max": 8192}),
-            }
-        }
-
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "encode"
-    CATEGORY = "testing"
+    INPUTS = {
+        "tokens": ("INT", {"default": 120, "min": 1, "max": 4096}),
+        "context_dim": ("INT", {"default": 4096, "min": 1, "max": 8192}),
+    }
 
     def encode(self, seed, tokens, context_dim):
         g = torch.Generator().manual_seed(seed)
         return ([[torch.randn(1, tokens, context_dim, generator=g), {}]],)
 
 
-class XditTestWanConditioning:
+class XditTestWanConditioning(_SeededConditioning):
     """Wan's layout (CLIPLoader type wan + CLIPTextEncode): umt5 tokens, pooled_output None."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
-                "tokens": ("INT", {"default": 512, "min": 1, "max": 4096}),
-                "context_dim": ("INT", {"default": 4096, "min": 1, "max": 8192}),
-            }
-        }
-
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "encode"
-    CATEGORY = "testing"
+    INPUTS = {
+        "tokens": ("INT", {"default": 512, "min": 1, "max": 4096}),
+        "context_dim": ("INT", {"default": 4096, "min": 1, "max": 8192}),
+    }
 
     def encode(self, seed, tokens, context_dim):
         g = torch.Generator().manual_seed(seed)
         return ([[torch.randn(1, tokens, context_dim, generator=g), {"pooled_output": None}]],)
 
 
-class XditTestMochiConditioning:
+class XditTestMochiConditioning(_SeededConditioning):
     """Mochi's layout (CLIPLoader type mochi + CLIPTextEncode): T5 tokens padded to at least 256 with an attention
     mask (long, 1 for the prompt's tokens, 0 for the padding), pooled_output None. As from stock T5, the padded
     positions carry values of their own (ComfyUI does not zero them), so a reader that kept them would change
     the result; the prompt's tokens depend only on (seed, tokens), not on the padding."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
-                "tokens": ("INT", {"default": 16, "min": 1, "max": 4096}),
-                "context_dim": ("INT", {"default": 4096, "min": 1, "max": 8192}),
-                "padded_tokens": ("INT", {"default": 256, "min": 0, "max": 4096}),
-            }
-        }
-
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "encode"
-    CATEGORY = "testing"
+    INPUTS = {
+        "tokens": ("INT", {"default": 16, "min": 1, "max": 4096}),
+        "context_dim": ("INT", {"default": 4096, "min": 1, "max": 8192}),
+        "padded_tokens": ("INT", {"default": 256, "min": 0, "max": 4096}),
+    }
 
     def encode(self, seed, tokens, context_dim, padded_tokens):
         prompt = torch.randn(1, tokens, context_dim, generator=torch.Generator().manual_seed(seed))
@@ -130,25 +99,16 @@ class XditTestMochiConditioning:
         return ([[torch.cat([prompt, padding], dim=1), {"pooled_output": None, "attention_mask": mask}]],)
 
 
-class XditTestHunyuanDiTConditioning:
+class XditTestHunyuanDiTConditioning(_SeededConditioning):
     """HunyuanDiT's layout (the checkpoint's CLIP + CLIPTextEncode): 77 BERT tokens with their mask and
     BERT pooled output, 256 mT5-XL tokens and their mask in the extras; the last ``padded`` tokens of
     each are masked, as the stock encoders pad a short prompt."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
-                "padded": ("INT", {"default": 60, "min": 0, "max": 76}),
-                "context_dim": ("INT", {"default": 1024, "min": 1, "max": 8192}),
-                "t5_dim": ("INT", {"default": 2048, "min": 1, "max": 8192}),
-            }
-        }
-
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "encode"
-    CATEGORY = "testing"
+    INPUTS = {
+        "padded": ("INT", {"default": 60, "min": 0, "max": 76}),
+        "context_dim": ("INT", {"default": 1024, "min": 1, "max": 8192}),
+        "t5_dim": ("INT", {"default": 2048, "min": 1, "max": 8192}),
+    }
 
     def encode(self, seed, padded, context_dim, t5_dim):
         g = torch.Generator().manual_seed(seed)

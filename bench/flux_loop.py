@@ -327,22 +327,34 @@ def graphs_against_eager(loop, steps: int) -> float | None:
     return float((with_graphs - eager).abs().max() / eager.abs().max())
 
 
-CACHE_ROWS = ("none", "fbcache", "teacache", "fbcache-forced", "teacache-forced")
+CACHE_ROWS = ("none", "fbcache", "teacache", "fbcache-forced", "teacache-forced",
+              "ditfastattn", "ditfastattn-share", "ditfastattn-window")
 
 
-def cache_settings(name: str, steps: int):
+def cache_settings(name: str, steps: int, config: dict):
     """A --cache entry: none, the cache at its published default threshold, or "-forced": the
-    published speedup's density of computed steps (random weights skip all or nothing)."""
+    published speedup's density of computed steps (random weights skip all or nothing).
+    DiTFastAttn: "ditfastattn" calibrates its plan at the default threshold on the warm-up loop
+    (the timed loops reuse it); "-share" and "-window" fix a plan that uses attention sharing
+    across steps (AST) or window attention with residual (WA-RS) in every layer on every other
+    step after the first, full attention elsewhere: what each method costs or saves when used."""
     from comfy_xdit.caching.settings import PUBLISHED_SPEEDUPS, CacheSettings, spread_computed_steps
+    from comfy_xdit.fastattn.plan import SHARE_STEP, WINDOW_RESIDUAL, FastAttnPlan
+    from comfy_xdit.fastattn.settings import FastAttnSettings
 
-    if name == "none":
-        return None
-    kind, _, forced = name.partition("-")
     if name not in CACHE_ROWS:
         raise SystemExit(f"--cache takes {', '.join(CACHE_ROWS)}; got {name!r}")
+    if name == "none":
+        return None
+    if name.startswith("ditfastattn"):
+        layers = config["num_layers"] + config["num_single_layers"]
+        fixed = {"ditfastattn-share": SHARE_STEP, "ditfastattn-window": WINDOW_RESIDUAL}.get(name)
+        return FastAttnSettings(plan=FastAttnPlan.uniform(layers, steps, fixed) if fixed else None)
+    kind, _, forced = name.partition("-")
     if forced:
         return CacheSettings(kind, computed_steps=spread_computed_steps(steps, PUBLISHED_SPEEDUPS[kind]))
     return CacheSettings(kind)
+
 
 class FluxPipelineStub:
     """What xfuser's DiTRuntimeState reads from a pipeline: the transformer's config and the VAE
@@ -693,7 +705,7 @@ def main(argv=None) -> int:
             run_row(DiffusersLoop(model, args, inputs, device, dtype), "diffusers-tp", degrees_list[0])
         if "ours" in impls and args.cache:
             for degrees in degrees_list:
-                run_cache_rows(run_row, model, args, inputs, device, dtype, degrees)
+                run_cache_rows(run_row, model, args, inputs, device, dtype, degrees, config)
         elif "ours" in impls:
             for degrees in degrees_list:
                 for cond in args.cond.split(","):
@@ -707,18 +719,22 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_cache_rows(run_row, model, args, inputs, device, dtype, degrees) -> None:
+def run_cache_rows(run_row, model, args, inputs, device, dtype, degrees, config) -> None:
     """One ours row per --cache entry at these degrees: time, computed/skipped steps, and the
     final latents' relative error against the no-cache row (a consistency check: random weights
     say nothing about image quality)."""
     reference = None
     for name in args.cache.split(","):
-        loop = OursLoop(model, args, inputs, device, dtype, degrees, cache=cache_settings(name.strip(), args.steps))
+        loop = OursLoop(model, args, inputs, device, dtype, degrees, cache=cache_settings(name.strip(), args.steps, config))
 
         def after(name=name, loop=loop):
             nonlocal reference
-            record = loop.engine.last_cache_record
-            extra = {"cache": name, "computed_calls": sum(d.computed for d in record), "skipped_calls": sum(not d.computed for d in record)}
+            if name.startswith("ditfastattn"):  # a plan of attention methods, not skipped calls
+                extra = {"cache": name, "fastattn_plan": fastattn_plan_of(loop).counts()}
+            else:
+                record = loop.engine.last_cache_record
+                extra = {"cache": name, "computed_calls": sum(d.computed for d in record),
+                         "skipped_calls": sum(not d.computed for d in record)}
             if name == "none":
                 reference = loop.last.float()
             elif reference is not None:
@@ -726,6 +742,18 @@ def run_cache_rows(run_row, model, args, inputs, device, dtype, degrees) -> None
             return extra
 
         run_row(loop, "ours", degrees, {"cond": "cpu", "cache": name}, after)
+
+
+def fastattn_plan_of(loop):
+    """The DiTFastAttn plan the loop's last job ran: its fixed plan, else the one calibrated on the
+    warm-up loop (kept on the model, one per job shape)."""
+    from comfy_xdit.fastattn.job import PLAN_STORE
+
+    fixed = loop.cache.plan
+    if fixed is not None:
+        return fixed
+    plans = list(loop.engine.model.__dict__.get(PLAN_STORE, {}).values())
+    return plans[-1]
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
   flux-4gpu         4 GPUs: diffusers 1 GPU eager and compiled; ours at ulysses=4, ring=4,
                     ulysses=2 x ring=2 (eager and compiled) and pipefusion=2 x ulysses=2; xDiT at
                     the three USP degrees, eager; median of 3.
+  flux-graphs       4 GPUs: ours with each forward replayed as a CUDA graph (eager and compiled) at
+                    ulysses=4, ring=4, ulysses=2 x ring=2, beside the 1-GPU baselines.
+  flux-4gpu-target  issue 11's target row: ours at ulysses=4 compiled + CUDA graphs, with 512 text
+                    tokens (split across the ranks) and 511 (kept whole), beside diffusers 1 GPU
+                    (eager and compiled) and xDiT at ulysses=4; median of 3.
   flux-cache        ours with First-Block-Cache and TeaCache at their published default thresholds
                     and with skip patterns forced to the published speedups' density, on 1 GPU and
                     at ulysses=2; each beside ours without cache; relative error of the final
@@ -32,6 +37,14 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
   flux-text-split   ours at ulysses=2 and ring=2 with 512 text tokens (split across the ranks) and
                     with 511 (indivisible: every rank keeps the whole text, as before the split),
                     eager, and ulysses=2 compiled + CUDA graphs both ways; the 1-GPU baselines.
+  flux-fastattn     ours on 1 GPU with DiTFastAttn: the plan calibrated at the default threshold on
+                    the warm-up loop, and two fixed plans (steps shared, window + residual, each on
+                    every other step) beside ours without it; relative error against no cache.
+                    DiTFastAttn refuses sequence parallelism, so there is no multi-GPU row.
+  sd3-4gpu          SD3-medium: diffusers and ours on 1 GPU; ours at cfg parallel x ulysses=2 and
+                    ulysses=4 on 4 GPUs, cfg parallel and ulysses=2 on 2.
+  sd3-graphs        SD3-medium with each of ours' forwards a CUDA graph: 1 GPU, cfg parallel and
+                    ulysses=2 on 2 GPUs, beside the eager 1-GPU rows.
   sd3-medium        SD3-medium 1024x1024, 28 steps, cfg 4.5, eager (bench/sd3_loop.py): diffusers
                     1 GPU, ours 1 GPU, ours with cfg parallel on 2 GPUs and at ulysses=2.
 
@@ -64,7 +77,7 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 
 GROUPS = ("flux-usp", "flux-usp-compile", "flux-usp-ring", "flux-pipefusion", "flux-4gpu", "flux-graphs", "flux-cache",
           "sd3-medium", "flux-4gpu-target", "sd3-4gpu", "sd3-graphs", "flux-tp", "flux-distrifusion",
-          "flux-text-split")
+          "flux-text-split", "flux-fastattn")
 
 
 def launches(group: str) -> list[tuple[str, int, list[str]]]:
@@ -143,6 +156,10 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
         return [
             ("1gpu", 1, ["--impl", "diffusers", "--compile", "--eager-baseline", "--runs", "3"]),
             ("ours-u4-compiled-graphs", 4, ["--impl", "ours", "--degrees", "u4", "--compile", "--cuda-graphs", "--runs", "3"]),
+            # 511 text tokens do not divide by 4: every rank keeps the whole text, as before the
+            # text split; the pair shows what the split saves at this degree.
+            ("ours-u4-compiled-graphs-text511", 4, ["--impl", "ours", "--degrees", "u4", "--compile", "--cuda-graphs",
+                                                    "--text-len", "511", "--runs", "3"]),
             ("xdit-u4", 4, ["--impl", "xdit", "--degrees", "u4", "--runs", "3"]),
         ]
     if group == "sd3-4gpu":
@@ -174,6 +191,9 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
                      (f"ours-u2-compiled-graphs-text{text}", 2,
                       ["--impl", "ours", "--degrees", "u2", "--compile", "--cuda-graphs", "--text-len", text, "--runs", "3"])]
         return rows
+    if group == "flux-fastattn":
+        return [("fastattn-1gpu", 1, ["--impl", "ours", "--cache", "none,ditfastattn,ditfastattn-share,ditfastattn-window",
+                                      "--runs", "3"])]
     if group == "flux-cache":
         caches = "none,fbcache,teacache,fbcache-forced,teacache-forced"
         return [
@@ -244,6 +264,9 @@ CACHE_NAMES = {
     "teacache": "TeaCache, threshold 0.4 (published default)",
     "fbcache-forced": "First-Block-Cache, forced pattern (1.55x density)",
     "teacache-forced": "TeaCache, forced pattern (1.8x density)",
+    "ditfastattn": "DiTFastAttn, plan calibrated at threshold 0.1 (ours) on the warm-up loop",
+    "ditfastattn-share": "DiTFastAttn, fixed plan: attention shared across steps on every other step",
+    "ditfastattn-window": "DiTFastAttn, fixed plan: window 64 + residual on every other step",
 }
 
 
@@ -251,7 +274,7 @@ def cache_table(rows: list[dict]) -> str:
     """Cache rows: speedup against ours without cache at the same degrees, and the latents' error."""
     base = {(r["ulysses"], r["ring"]): r for r in rows if r.get("cache") == "none"}
     lines = [
-        "| run | cache | computed / skipped calls | s (median) | runs | speedup vs no cache, same GPUs | rel. error vs no cache |",
+        "| run | cache | computed / skipped calls (DiTFastAttn: layer-steps per method) | s (median) | runs | speedup vs no cache, same GPUs | rel. error vs no cache |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (r["gpus"], list(CACHE_NAMES).index(r["cache"]) if r["cache"] in CACHE_NAMES else 99)):
@@ -260,7 +283,11 @@ def cache_table(rows: list[dict]) -> str:
         error = f"{r['rel_error_vs_none']:.2e}" if "rel_error_vs_none" in r else "-"
         runs = " / ".join(f"{t:.2f}" for t in r["times"])
         how = "1 GPU" if r["gpus"] == 1 else f"{r['gpus']} GPUs, ulysses={r['ulysses']}"
-        lines.append(f"| ours, {how}, eager | {CACHE_NAMES.get(r['cache'], r['cache'])} | {r['computed_calls']} / {r['skipped_calls']} "
+        if "fastattn_plan" in r:  # DiTFastAttn runs every call; say how its attentions were computed
+            calls = ", ".join(f"{method} {n}" for method, n in r["fastattn_plan"].items() if n)
+        else:
+            calls = f"{r['computed_calls']} / {r['skipped_calls']}"
+        lines.append(f"| ours, {how}, eager | {CACHE_NAMES.get(r['cache'], r['cache'])} | {calls} "
                      f"| {r['median_s']:.3f} | {runs} | {speed} | {error} |")
     return "\n".join(lines)
 

@@ -145,6 +145,28 @@ class CogVideoXConditioning:
     pooled: None = None
 
 
+@dataclass(eq=False)
+class ConsisIDConditioning:
+    """One prompt's conditioning for ConsisID (the Parallel ConsisID Identity node's outputs).
+
+    context: T5-XXL hidden states [B or 1, T, 4096]; id_cond: the face embedding [1, 1280] and
+    id_vit_hidden: the EVA-CLIP hidden states, their scales stacked [1, 5, 577, 1024] (diffusers'
+    ``process_face_embeddings_infer``); face_mean / face_std: the face image's VAE posterior
+    [1 or B, 16, 1, h, w] and face_scale the VAE's scaling factor. image_latents (pipeline layout
+    [B, T, C, h, w]: the face's latent sample, then zero frames) is drawn by the sampler from the
+    job's generator before the noise, as ConsisIDPipeline.prepare_latents does.
+    """
+
+    context: torch.Tensor
+    id_cond: torch.Tensor
+    id_vit_hidden: torch.Tensor
+    face_mean: torch.Tensor
+    face_std: torch.Tensor
+    face_scale: float
+    image_latents: torch.Tensor | None = None
+    pooled: None = None
+
+
 @dataclass
 class DiTConditioning:
     """Class conditioning of DiT (the Parallel Class Label node): ImageNet class ids [B or 1], long;

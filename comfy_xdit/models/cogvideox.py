@@ -62,16 +62,20 @@ class ParallelCogVideoXAttnProcessor:
         return out[:, text:], out[:, :text]
 
 
-def install_sequence_parallel(model: torch.nn.Module, mesh, lse_kernel) -> ModuleShardedForward:
-    """Route every attention through USP and split the video tokens at the first block; returns the sharded forward."""
-    forward = ModuleShardedForward(model, COGVIDEOX_SEQUENCE_PLAN, mesh)
+def install_sequence_parallel(model: torch.nn.Module, mesh, lse_kernel, plan: ModuleSequencePlan = COGVIDEOX_SEQUENCE_PLAN,
+                              make_processor=None) -> ModuleShardedForward:
+    """Route every attention through USP and split the video tokens at the first block; returns the sharded forward.
+
+    ``plan`` and ``make_processor(attention, forward)`` let a CogVideoX derivative (ConsisID) reuse this plan."""
+    forward = ModuleShardedForward(model, plan, mesh)
     if forward.degree > 1:
         from diffusers.models.attention_processor import Attention
 
         attention = SequenceParallelAttention(mesh.group("ulysses"), mesh.group("ring"), lse_kernel)
         for module in model.modules():
             if isinstance(module, Attention):
-                module.set_processor(ParallelCogVideoXAttnProcessor(attention))
+                module.set_processor(make_processor(attention, forward) if make_processor is not None
+                                     else ParallelCogVideoXAttnProcessor(attention))
 
         def split_video_tokens(module, args, kwargs):
             if forward._layout is None:  # a call that did not come through the sharded forward
@@ -106,7 +110,7 @@ class CogVideoXDenoiser:
     def _rotary_for(self, frames: int, height: int, width: int, device):
         key = (frames, height, width, str(device))
         if key != self._rotary_key:
-            tables = rotary_tables(self.forward.model, frames, height, width, device)
+            tables = self._rotary_tables(frames, height, width, device)
             if tables is not None and self.forward.degree > 1:
                 # this rank's rows, padded as the video tokens are (padding rows never meet a real token)
                 f = self.forward
@@ -114,8 +118,15 @@ class CogVideoXDenoiser:
             self._rotary_key, self._rotary = key, tables
         return self._rotary
 
+    def _rotary_tables(self, frames: int, height: int, width: int, device):
+        return rotary_tables(self.forward.model, frames, height, width, device)
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.forward(**self.model_inputs(x, timestep, context)).float()
+
+    def model_inputs(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> dict:
+        """The transformer's keyword inputs for x [b, T, C, H, W], checked for what the model takes."""
         b, frames, _, h, w = x.shape
         p = self.config.patch_size
         if h % p or w % p:
@@ -127,10 +138,9 @@ class CogVideoXDenoiser:
                              f"tokens, got {context.shape[1]}: pad the T5 prompt to {max_text} tokens, as diffusers' "
                              "pipeline does")
         device = x.device
-        out = self.forward(
+        return dict(
             hidden_states=x.to(self.dtype),
             encoder_hidden_states=context.to(device, self.dtype).expand(b, -1, -1),
             timestep=torch.as_tensor(timestep, device=device).reshape(1).expand(b),
             image_rotary_emb=self._rotary_for(frames, h, w, device),
         )
-        return out.float()

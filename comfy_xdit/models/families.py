@@ -12,6 +12,7 @@ Heavy imports (diffusers) happen inside the functions, so reading the registry s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 
 from ..loading.safetensors_files import CheckpointError, SafetensorsSource, find_layouts, find_weight_files
 from ..preview import FLUX_LATENT_RGB_BIAS, FLUX_LATENT_RGB_FACTORS
-from ..requests import (CogVideoXConditioning, DiTConditioning, FluxConditioning, HunyuanDiTConditioning,
+from ..requests import (CogVideoXConditioning, ConsisIDConditioning, DiTConditioning, FluxConditioning, HunyuanDiTConditioning,
                         HunyuanVideoConditioning, MochiConditioning, PixArtConditioning, QwenImageConditioning, SD3Conditioning,
                         WanConditioning)
 from ..sampling.diffusers_schedulers import DiffusersPipeline
@@ -926,8 +927,97 @@ HUNYUAN_DIT = ModelFamily(
 )
 
 
+# --- ConsisID identity-preserving text-to-video (a CogVideoX-5b derivative; diffusers semantics) -------
+
+
+def _consisid_read_config(path: str) -> dict:
+    from ..loading.consisid import read_consisid_config
+
+    config = read_consisid_config(path)
+    _consisid_scheduler_config(path)  # refused before any weight is read
+    return config
+
+
+def _consisid_load(path: str, dtype, device):
+    from ..loading.consisid import load_consisid_transformer
+
+    return load_consisid_transformer(path, dtype=dtype, device=device)
+
+
+def _consisid_scheduler_config(path: str) -> dict:
+    from ..loading.diffusers_folders import folder_of_weights_file
+    from ..sampling.diffusers_schedulers import read_scheduler_config
+
+    return read_scheduler_config(folder_of_weights_file(path), "ConsisID")
+
+
+def _consisid_denoiser(model, mesh, lse_kernel, dtype):
+    from . import consisid
+
+    return consisid.ConsisIDDenoiser(consisid.install_consisid_sequence_parallel(model, mesh, lse_kernel), dtype, model.config)
+
+
+def _consisid_model_call(denoiser, x, timestep, cond: ConsisIDConditioning, controls=()):
+    return denoiser(x, timestep, cond)
+
+
+def _consisid_check(request, config) -> None:
+    from .consisid import check_request
+
+    check_request(request, config)
+
+
+def _consisid_prepare(request, generator, batch):
+    from .consisid import draw_image_latents
+
+    return draw_image_latents(request, generator, batch)
+
+
+def _consisid_signatures() -> dict[str, tuple[str, ...]]:
+    from ..loading.consisid import CONSISID_SIGNATURES
+
+    return CONSISID_SIGNATURES
+
+
+CONSISID_PIPELINE = dataclasses.replace(
+    COGVIDEOX_PIPELINE,  # the same loop, guidance and DPM step (use_dynamic_cfg off, the pipeline's default)
+    name="ConsisIDPipeline",
+    scheduler_config=_consisid_scheduler_config,
+    check=_consisid_check,
+    prepare=_consisid_prepare,
+)
+
+CONSISID = ModelFamily(
+    name="consisid",
+    display_name="ConsisID identity-preserving text-to-video (preview)",
+    formats="diffusers folder (transformer/ + scheduler/ + vae/)",
+    key_signatures=_consisid_signatures(),
+    diffusers_class="ConsisIDTransformer3DModel",
+    read_config=_consisid_read_config,
+    load=_consisid_load,
+    latent=COGVIDEOX_5B_LATENT,  # the CogVideoX-5b VAE
+    sampling=lambda shift: None,  # not ComfyUI sampling: CONSISID_PIPELINE
+    default_shift=lambda config: 1.0,
+    sampling_note="diffusers semantics: the folder's scheduler (CogVideoXDPMScheduler) in ConsisIDPipeline's loop; "
+                  "face image and identity embeddings from Parallel ConsisID Identity",
+    build_denoiser=_consisid_denoiser,
+    velocity=_consisid_model_call,
+    conditioning=ConsisIDConditioning,
+    text_encoders="T5-XXL (CLIPLoader with t5xxl, e.g. type sd3, then CLIPTextEncode) through Parallel ConsisID Identity",
+    conditioning_keys=frozenset({"consisid_identity"}),
+    ignored_keys=frozenset({"pooled_output", "attention_mask", "guidance"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    resolution_shift=False,
+    conditioning_widths=lambda config: {"context": config.text_embed_dim},
+    vae_note="Parallel Folder VAE Decode: the folder's own vae/ (AutoencoderKLCogVideoX), as ConsisIDPipeline decodes",
+    semantics="diffusers",
+    pipeline=CONSISID_PIPELINE,
+)
+
+
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, PIXART, WAN, QWEN_IMAGE, HUNYUAN_VIDEO, DIT,
-                                                                        COGVIDEOX, MOCHI, HUNYUAN_DIT)}
+                                                                        COGVIDEOX, MOCHI, HUNYUAN_DIT,
+                                                                        CONSISID)}
 
 
 def get(name: str) -> ModelFamily:

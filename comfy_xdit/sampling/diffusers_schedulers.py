@@ -65,6 +65,9 @@ class DiffusersPipeline:
     from_pipeline: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
     # (scheduler, model_output, step index, timesteps, x, state, step kwargs) -> (x, state, x0 for previews or None)
     step: Callable = None  # None: scheduler_step
+    # (request, generator, batch) -> request: what the pipeline draws from its generator before the
+    # initial noise (ConsisID: the face image's latent sample), filled into the request
+    prepare: Callable | None = None
 
     @staticmethod
     def uses_guidance(scale: float) -> bool:
@@ -188,6 +191,8 @@ def run_diffusers_sampler(
 
     scheduler = build_scheduler(scheduler_config)
     generator = torch.Generator("cpu").manual_seed(request.seed)
+    if pipeline.prepare is not None:
+        request = pipeline.prepare(request, generator, batch)
     shape = tuple(pipeline.to_pipeline(latent).shape)
     x = torch.randn(shape, generator=generator, dtype=torch.float32)  # randn_tensor with a CPU generator
     if pipeline.scale_initial_noise:

@@ -341,8 +341,51 @@ class ParallelFolderVAEDecode(io.ComfyNode):
         return io.NodeOutput(_bridge().folder_vae_decode(model, samples, tiled))
 
 
+CONSISID_IDENTITY_FOLDER = "consisid_identity"  # models/consisid_identity: identity files (README, ConsisID)
+
+
+def _identity_files() -> list[str]:
+    import os
+
+    import folder_paths
+
+    if CONSISID_IDENTITY_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(CONSISID_IDENTITY_FOLDER, os.path.join(folder_paths.models_dir, CONSISID_IDENTITY_FOLDER))
+    return [f for f in folder_paths.get_filename_list(CONSISID_IDENTITY_FOLDER) if f.endswith(".safetensors")]
+
+
+class ParallelConsisIDIdentity(io.ComfyNode):
+    """ConsisID's face identity: attaches the identity file (id_cond + EVA-CLIP hidden states, see the README) and the face image (VAE-encoded with the model folder's vae/, as ConsisIDPipeline does) to the T5 prompts, and makes the empty video latent."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ParallelConsisIDIdentity",
+            display_name="Parallel ConsisID Identity (xDiT)",
+            category=CATEGORY,
+            description=cls.__doc__,
+            inputs=[XditModelType.Input("model", tooltip="the Parallel Loader's ConsisID: its diffusers folder's vae/ encodes the face"),
+                    io.Conditioning.Input("positive"), io.Conditioning.Input("negative"),
+                    io.Image.Input("face_image", tooltip="the aligned face crop that process_face_embeddings_infer returned (LoadImage)"),
+                    io.Combo.Input("identity", options=_identity_files(),
+                                   tooltip="models/consisid_identity/*.safetensors: id_cond and id_vit_hidden.0..4 of the same face"),
+                    io.Int.Input("width", default=720, min=16, max=4096, step=16),
+                    io.Int.Input("height", default=480, min=16, max=4096, step=16),
+                    io.Int.Input("length", default=49, min=1, max=1024, step=4, tooltip="video frames (1 + 4k)"),
+                    io.Int.Input("batch_size", default=1, min=1, max=64)],
+            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative"),
+                     io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, face_image, identity, width, height, length, batch_size) -> io.NodeOutput:
+        path = _folder_file("identity", CONSISID_IDENTITY_FOLDER, identity, _identity_files())
+        return io.NodeOutput(*_bridge().consisid_identity(model, positive, negative, face_image, path, width=width,
+                                                          height=height, length=length, batch_size=batch_size))
+
+
 NODES = [ParallelLoader, ParallelLoraLoader, ParallelControlNetLoader, ParallelControlNetApply, ParallelSampler,
-         ParallelVAEDecode, ParallelClassLabel, ParallelFolderVAEDecode]
+         ParallelVAEDecode, ParallelClassLabel, ParallelFolderVAEDecode, ParallelConsisIDIdentity]
 
 
 class XditExtension(ComfyExtension):

@@ -375,6 +375,61 @@ def cogvideox_conditioning(conditioning, which: str):
     return CogVideoXConditioning(tokens)
 
 
+CONSISID_IDENTITY = "consisid_identity"  # the CONDITIONING extra Parallel ConsisID Identity adds
+
+
+def consisid_conditioning(conditioning, which: str):
+    from .requests import ConsisIDConditioning
+
+    entries = conditioning if isinstance(conditioning, list) else []
+    if len(entries) != 1 or CONSISID_IDENTITY not in entries[0][1]:
+        raise ValueError(f"{which}: ConsisID needs the face identity: connect the Parallel ConsisID Identity node's "
+                         f"{which} output (the T5 prompt goes into that node)")
+    tokens, _, extras = _conditioning_entry(conditioning, which, families.CONSISID)
+    return ConsisIDConditioning(tokens, **extras[CONSISID_IDENTITY])
+
+
+@page_safe
+def consisid_identity(model: XditModel, positive, negative, face_image: torch.Tensor, identity_path: str, *,
+                      width: int, height: int, length: int, batch_size: int) -> tuple[list, list, dict]:
+    """Parallel ConsisID Identity: the prompts with the face identity attached, and the empty video latent.
+
+    The identity file gives id_cond / id_vit_hidden; the face image is encoded with the VAE of the
+    model's own diffusers folder (in this process, on ComfyUI's VAE device), as ConsisIDPipeline does."""
+    import comfy.model_management
+
+    from .consisid_identity import face_latent_distribution, read_identity_file
+    from .folder_vae import load_folder_vae, vae_folder_of
+
+    family = families.get(model.spec.family)
+    if family is not families.CONSISID:
+        raise ValueError(f"Parallel ConsisID Identity takes a ConsisID model; the loader holds {family.display_name}")
+    config = family.read_config(model.spec.path)
+    spatial = 8 * config["patch_size"]
+    if width % spatial or height % spatial:
+        raise ValueError(f"ConsisID takes videos whose sides are multiples of {spatial} px; got {width}x{height}")
+    id_cond, id_vit_hidden = read_identity_file(identity_path)
+    folder = vae_folder_of(model.spec.path)  # refused by name before any weight is read
+    device = comfy.model_management.vae_device()
+    dtype = comfy.model_management.vae_dtype(device, [torch.bfloat16, torch.float32])
+    vae = load_folder_vae(folder, dtype=dtype, device=device, tiled=False)  # the pipeline encodes untiled
+    try:
+        mean, std = face_latent_distribution(vae, face_image, height, width)
+        scale = float(vae.config.scaling_factor)
+    finally:
+        del vae
+        comfy.model_management.soft_empty_cache()
+    identity = {"id_cond": id_cond, "id_vit_hidden": id_vit_hidden, "face_mean": mean, "face_std": std, "face_scale": scale}
+
+    def attach(conditioning, which: str) -> list:
+        _conditioning_entry(conditioning, which, families.CONSISID)  # one T5 prompt (other features refused by name)
+        return [[tokens, {**extras, CONSISID_IDENTITY: identity}] for tokens, extras in conditioning]
+
+    frames = (length - 1) // 4 + 1  # the CogVideoX VAE's temporal compression, as the pipeline counts
+    latent = torch.zeros(batch_size, mean.shape[1], frames, height // 8, width // 8)
+    return attach(positive, "positive"), attach(negative, "negative"), {"samples": latent}
+
+
 def dit_conditioning(conditioning, which: str):
     from .requests import DiTConditioning
 
@@ -432,7 +487,7 @@ CONDITIONING_READERS = {"flux": flux_conditioning, "sd3": sd3_conditioning, "pix
                         "wan": wan_conditioning, "qwen_image": qwen_image_conditioning,
                         "hunyuan_video": hunyuan_video_conditioning, "dit": dit_conditioning,
                         "cogvideox": cogvideox_conditioning, "mochi": mochi_conditioning,
-                        "hunyuan_dit": hunyuan_dit_conditioning}
+                        "hunyuan_dit": hunyuan_dit_conditioning, "consisid": consisid_conditioning}
 
 
 def check_latent(latent: dict, family: families.ModelFamily = families.FLUX) -> None:

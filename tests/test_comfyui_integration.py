@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cogvideox_files import make_cogvideox_model, make_cogvideox_vae, write_cogvideox_folder
+from consisid_files import face_image, identity, make_consisid_model, write_consisid_folder
 from checkpoints import (make_flux_diffusers_model, make_hunyuan_video_diffusers_model, make_qwen_image_diffusers_model,
                          make_sd3_diffusers_model, make_wan_diffusers_model, sd3_checkpoint_extras, write_bfl_file,
                          write_hunyuan_video_file, write_qwen_image_file, write_sd3_file, write_wan_file)
@@ -34,7 +35,7 @@ from wan_vae_file import write_wan_vae_file
 pytestmark = pytest.mark.skipif(not (COMFYUI / "main.py").exists(), reason="tools/setup.sh installs the test ComfyUI")
 
 NODES = ("ParallelLoader", "ParallelLoraLoader", "ParallelControlNetLoader", "ParallelControlNetApply", "ParallelSampler",
-         "ParallelVAEDecode", "ParallelClassLabel", "ParallelFolderVAEDecode")
+         "ParallelVAEDecode", "ParallelClassLabel", "ParallelFolderVAEDecode", "ParallelConsisIDIdentity")
 CONTEXT_DIM, POOLED_DIM = 32, 24
 
 
@@ -72,6 +73,21 @@ def write_diffusers_folders(models) -> None:
     make_cogvideox_vae(scaling_factor=0.7, seed=11).save_pretrained(root / "vae", safe_serialization=True)
 
 
+CONSISID_NAME = "tiny_consisid/transformer/diffusion_pytorch_model.safetensors"
+
+
+def write_consisid_files(base) -> None:
+    """A tiny ConsisID folder (transformer/ + scheduler/ + vae/), its identity file in models/consisid_identity
+    and a face image in input/ (another size than the video: the identity node resizes it as the pipeline does)."""
+    from comfy_xdit.consisid_identity import save_identity_file
+
+    write_consisid_folder(base / "models" / "diffusion_models" / "tiny_consisid", make_consisid_model(text_dim=CONTEXT_DIM, seed=12))
+    (base / "models" / "consisid_identity").mkdir(parents=True, exist_ok=True)
+    save_identity_file(base / "models" / "consisid_identity" / "face.safetensors", *identity(seed=13))
+    (base / "input").mkdir(parents=True, exist_ok=True)
+    Image.fromarray((face_image(56, 40)[0] * 255).round().byte().numpy()).save(base / "input" / "face.png")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui")
@@ -97,6 +113,7 @@ def server(tmp_path_factory):
                                                  rope_axes_dim=(16, 56, 56), text_dim=CONTEXT_DIM, pooled_dim=POOLED_DIM, seed=8)
     write_hunyuan_video_file(hunyuan, models / "diffusion_models" / "tiny_hunyuan_video.safetensors", prefix="model.diffusion_model.")
     write_diffusers_folders(models)
+    write_consisid_files(base)
     # Mochi 1 preview in Genmo's layout with ComfyUI's prefix (asymmetric: video stream 16 wide, text stream 8).
     mochi = make_mochi_diffusers_model(num_layers=2, heads=2, head_dim=8, pooled_dim=8, text_dim=CONTEXT_DIM, seed=9)
     write_mochi_file(mochi, models / "diffusion_models" / "tiny_mochi.safetensors", prefix="model.diffusion_model.")
@@ -692,6 +709,47 @@ def test_cogvideox_workflow_runs_with_cfg_parallel_and_decodes_with_the_folder_v
     assert len(entry["outputs"]["91"]["images"]) == 9  # 3 latent frames: 1 + 2 x 4 video frames
     pool = pool_status(server)
     assert len(pool["workers"]) == 2 and pool["model"]["family"] == "cogvideox"
+
+
+# --- ConsisID identity-preserving text-to-video (diffusers folder + identity file) ----------------
+
+
+def consisid_workflow() -> dict:
+    graph = with_demo_conditioning(load_workflow("consisid_txt2video_parallel"), CONTEXT_DIM, POOLED_DIM)
+    for node in graph.values():
+        cls = node["class_type"]
+        if cls == "ParallelLoader":
+            node["inputs"].update(model_name=CONSISID_NAME, devices="cpu,cpu")
+        elif cls == "ParallelSampler":
+            node["inputs"].update(steps=2)
+        elif cls == "ParallelConsisIDIdentity":
+            node["inputs"].update(width=80, height=48, length=9)  # latent [1, 16, 3, 6, 10]
+    return graph
+
+
+def test_consisid_workflow_runs_with_cfg_parallel_and_decodes_with_the_folder_vae(server):
+    graph = consisid_workflow()
+    assert node_of(graph, "ParallelConsisIDIdentity")["inputs"]["identity"] == "face.safetensors"
+    assert node_of(graph, "LoadImage")["inputs"]["image"] == "face.png"
+    decode_id = next(k for k, n in graph.items() if n["class_type"] == "ParallelFolderVAEDecode")
+    graph["91"] = {"class_type": "SaveImage", "inputs": {"images": [decode_id, 0], "filename_prefix": "consisid_frames"}}
+    entry = server.run(graph)
+    assert status_str(entry) == "success", error_message(entry) + server.log()[-2000:]
+    video = entry["outputs"][next(k for k, n in graph.items() if n["class_type"] == "SaveAnimatedWEBP")]["images"][0]
+    assert Image.open(server.base / "output" / video.get("subfolder", "") / video["filename"]).size == (80, 48)
+    assert len(entry["outputs"]["91"]["images"]) == 9  # 3 latent frames: 1 + 2 x 4 video frames
+    pool = pool_status(server)
+    assert len(pool["workers"]) == 2 and pool["model"]["family"] == "consisid"
+
+
+def test_consisid_without_the_identity_node_is_refused_by_name(server):
+    graph = consisid_workflow()
+    identity_id = next(k for k, n in graph.items() if n["class_type"] == "ParallelConsisIDIdentity")
+    sampler = node_of(graph, "ParallelSampler")
+    sampler["inputs"].update(positive=graph[identity_id]["inputs"]["positive"], negative=graph[identity_id]["inputs"]["negative"])
+    entry = server.run(graph)
+    assert status_str(entry) == "error"
+    assert "connect the Parallel ConsisID Identity node's positive output" in error_message(entry)
 
 
 # --- Mochi 1 preview text-to-video ----------------------------------------------------------------

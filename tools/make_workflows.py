@@ -51,6 +51,10 @@ NODE_TYPES = {
         ["strength", "start_percent", "end_percent", "union_type"],
         [("model", "XDIT_MODEL"), ("control_net", "XDIT_CONTROL_NET"), ("image", "IMAGE"), ("vae", "VAE")],
         [("XDIT_MODEL", "XDIT_MODEL")]),
+    "ParallelConsisIDIdentity": (
+        ["identity", "width", "height", "length", "batch_size"],
+        [("model", "XDIT_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("face_image", "IMAGE")],
+        [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")]),
 }
 UI_ONLY_WIDGETS = {"control_after_generate", "upload"}
 
@@ -295,6 +299,30 @@ def hunyuan_dit_text_to_image() -> dict:
     }
 
 
+def consisid_text_to_video() -> dict:
+    """ConsisID-preview identity-preserving text-to-video as ConsisIDPipeline's example runs it (720x480, 49
+    frames, 50 steps of the folder's CogVideoXDPMScheduler, cfg 6 with CFG parallel). T5-XXL through CLIPLoader
+    type sd3; the face: the aligned crop process_face_embeddings_infer returned (LoadImage) and its identity file
+    in models/consisid_identity (README, ConsisID); Parallel ConsisID Identity encodes the face with the folder's
+    vae/ and makes the video latent; Parallel Folder VAE Decode decodes with the same vae/."""
+    return {
+        "1": ("CLIPLoader", dict(clip_name="t5xxl_fp16.safetensors", type="sd3", device="default"), {}),
+        "2": ("CLIPTextEncode", dict(text="a woman walking along a city street at dusk, smiling, cinematic, 35mm film"),
+              {"clip": ("1", 0)}),
+        "4": ("CLIPTextEncode", dict(text=""), {"clip": ("1", 0)}),
+        "5": ("LoadImage", dict(image="face.png", upload="image"), {}),
+        "6": ("ParallelLoader", dict(LOADER, model_name="ConsisID-preview/transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+                                     use_cfg_parallel=True), {}),
+        "3": ("ParallelConsisIDIdentity", dict(identity="face.safetensors", width=720, height=480, length=49, batch_size=1),
+              {"model": ("6", 0), "positive": ("2", 0), "negative": ("4", 0), "face_image": ("5", 0)}),
+        "7": ("ParallelSampler", dict(SAMPLER, steps=50, cfg=6.0),
+              {"model": ("6", 0), "positive": ("3", 0), "negative": ("3", 1), "latent_image": ("3", 2)}),
+        "9": ("ParallelFolderVAEDecode", dict(tiled=True), {"samples": ("7", 0), "model": ("6", 0)}),
+        "10": ("SaveAnimatedWEBP", dict(filename_prefix="xdit_consisid", fps=8.0, lossless=False, quality=90, method="default"),
+               {"images": ("9", 0)}),
+    }
+
+
 WORKFLOWS = {
     "flux_txt2img_parallel": text_to_image(),
     "flux_lora_parallel": with_lora(),
@@ -309,6 +337,7 @@ WORKFLOWS = {
     "cogvideox_txt2video_parallel": cogvideox_text_to_video(),
     "mochi_txt2video_parallel": mochi_text_to_video(),
     "hunyuan_dit_txt2img_parallel": hunyuan_dit_text_to_image(),
+    "consisid_txt2video_parallel": consisid_text_to_video(),
 }
 
 

@@ -47,6 +47,14 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
                     ulysses=2 on 2 GPUs, beside the eager 1-GPU rows.
   sd3-medium        SD3-medium 1024x1024, 28 steps, cfg 4.5, eager (bench/sd3_loop.py): diffusers
                     1 GPU, ours 1 GPU, ours with cfg parallel on 2 GPUs and at ulysses=2.
+  video-cogvideox   CogVideoX-5B at real size, 49 frames 480x720 (17550 video tokens), cfg 6.0, eager,
+                    in SECONDS PER STEP (bench/video_loop.py): each row one sampling call of 1 warm-up
+                    + 4 timed steps (--steps sets the timed steps), the median timed step of the
+                    slowest rank; diffusers' CogVideoXPipeline 1 GPU, ours 1 GPU, ours with cfg
+                    parallel on 2 GPUs and at ulysses=2; diffusers 1 GPU with each block compiled.
+                    CPU dry run: --smoke --extra "--device cpu --tiny" --only 1gpu,ours-2gpu.
+  video-cogvideox-4gpu  the same on 4 GPUs: the 1-GPU and 2-GPU rows, and ours at cfg parallel x
+                    ulysses=2 and at ulysses=4. CPU dry run: --smoke --extra "--device cpu --tiny".
 
 Writes to --out: results.jsonl (one row per line), table.md, group.log (every child's output),
 profiles.txt (with --profile-steps). Multi-GPU launches keep NVLink multicast off.
@@ -69,15 +77,21 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LOOP = HERE / "flux_loop.py"
 SD3_LOOP = HERE / "sd3_loop.py"
+VIDEO_LOOP = HERE / "video_loop.py"
 # Groups timed by another loop script than flux_loop.py.
-GROUP_LOOPS = {"sd3-medium": SD3_LOOP, "sd3-4gpu": SD3_LOOP, "sd3-graphs": SD3_LOOP}
+GROUP_LOOPS = {"sd3-medium": SD3_LOOP, "sd3-4gpu": SD3_LOOP, "sd3-graphs": SD3_LOOP,
+               "video-cogvideox": VIDEO_LOOP, "video-cogvideox-4gpu": VIDEO_LOOP}
+# (steps, runs) of a group unless --steps / --runs say otherwise: video rows time a few steps
+# (seconds each) after a warm-up step, inside one sampling call per run.
+GROUP_STEPS_RUNS = {"video-cogvideox": (4, 1), "video-cogvideox-4gpu": (4, 1)}
+DEFAULT_STEPS_RUNS = (28, 5)
 
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 GROUPS = ("flux-usp", "flux-usp-compile", "flux-usp-ring", "flux-pipefusion", "flux-4gpu", "flux-graphs", "flux-cache",
           "sd3-medium", "flux-4gpu-target", "sd3-4gpu", "sd3-graphs", "flux-tp", "flux-distrifusion",
-          "flux-text-split", "flux-fastattn")
+          "flux-text-split", "flux-fastattn", "video-cogvideox", "video-cogvideox-4gpu")
 
 
 def launches(group: str) -> list[tuple[str, int, list[str]]]:
@@ -200,7 +214,29 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
             ("cache-1gpu", 1, ["--impl", "ours", "--cache", caches, "--runs", "3"]),
             ("cache-u2", 2, ["--impl", "ours", "--degrees", "u2", "--cache", caches, "--runs", "3"]),
         ]
+    if group == "video-cogvideox":
+        # Issue 7's video row: CogVideoX-5B on 1 and 2 GPUs (bench/video_loop.py, seconds per step).
+        return [
+            ("1gpu", 1, ["--impl", "diffusers,ours"]),
+            ("ours-2gpu", 2, ["--impl", "ours", "--degrees", "c2,u2"]),
+            # ours refuses compile for CogVideoX: what regional compile gives diffusers, for reference
+            ("1gpu-compiled", 1, ["--impl", "diffusers", "--compile"]),
+        ]
+    if group == "video-cogvideox-4gpu":
+        return [
+            ("1gpu", 1, ["--impl", "diffusers,ours"]),
+            ("ours-2gpu", 2, ["--impl", "ours", "--degrees", "c2,u2"]),
+            ("ours-4gpu", 4, ["--impl", "ours", "--degrees", "c2u2,u4"]),
+        ]
     raise SystemExit(f"unknown group {group!r}; choose one of: " + ", ".join(GROUPS))
+
+
+def steps_and_runs(group: str, args) -> tuple[int, int]:
+    """The timed steps and runs of a group's launches: --smoke's 2 and 1, else --steps / --runs, else the group's."""
+    if args.smoke:
+        return 2, 1
+    steps, runs = GROUP_STEPS_RUNS.get(group, DEFAULT_STEPS_RUNS)
+    return args.steps or steps, args.runs or runs
 
 
 def command(nproc: int, loop_args: list[str], loop: Path = LOOP) -> list[str]:
@@ -230,7 +266,8 @@ def row_name(row: dict) -> str:
         note += f", attention {row['attention_backend']}"
     if row.get("text_len", 512) != 512:
         note += f", {row['text_len']} text tokens"
-    model = "SD3-medium: " if row.get("model") == "sd3-medium" else ""
+    model = {"sd3-medium": "SD3-medium: ", "cogvideox-5b": "CogVideoX-5B: ",
+             "cogvideox-tiny": "CogVideoX (tiny): "}.get(row.get("model"), "")
     return f"{model}{who}, {how}, {mode}{note}"
 
 
@@ -241,8 +278,10 @@ def table(rows: list[dict]) -> str:
     xdit = {(r["ulysses"], r["ring"]): r for r in rows if r["impl"] == "xdit" and not r.get("compiled")}
     order = {"diffusers": 0, "ours": 1, "xdit": 2, "diffusers-tp": 3}
     rows = sorted(rows, key=lambda r: (r.get("compiled", False), r["gpus"], r["ring"], order[r["impl"]] if r["gpus"] == 1 else -order[r["impl"]]))
+    # Video rows time single steps: the columns say so.
+    time_column, times_column = ("s per step (median)", "timed steps (s)") if all(r.get("per_step") for r in rows) else ("s (median)", "runs")
     lines = [
-        "| run | s (median) | runs | speedup vs diffusers 1 GPU eager | time / xDiT same degree | TFLOP/s per GPU | peak mem per GPU (GiB) |",
+        f"| run | {time_column} | {times_column} | speedup vs diffusers 1 GPU eager | time / xDiT same degree | TFLOP/s per GPU | peak mem per GPU (GiB) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -296,8 +335,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--group", default="flux-usp")
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "out"))
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--runs", type=int, default=None, help="timed runs per row (default 5; video groups 1)")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default 28; video groups: 4 timed steps)")
     p.add_argument("--smoke", action="store_true", help="2 steps, 1 run per row: only checks that every row runs")
     p.add_argument("--profile-steps", type=int, default=0)
     p.add_argument("--only", default=None, help="comma list of launch names to run")
@@ -310,8 +349,7 @@ def main(argv=None) -> int:
     results = out / "results.jsonl"
     log_path = out / "group.log"
     prof_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"flux_profiles_{os.getpid()}"
-    steps, runs = (2, 1) if args.smoke else (args.steps, args.runs)
-    common = ["--steps", str(steps), "--runs", str(runs), "--json", str(results), "--tag", args.group]
+    common = ["--json", str(results), "--tag", args.group]
     if args.profile_steps:
         common += ["--profile-steps", str(args.profile_steps), "--profile-out", str(prof_dir)]
     if args.extra:
@@ -327,7 +365,9 @@ def main(argv=None) -> int:
         for group, name, nproc, loop_args in [(g, *x) for g in args.group.split(",") for x in launches(g)]:
             if only and name not in only:
                 continue
-            cmd = command(nproc, common + loop_args, GROUP_LOOPS.get(group, LOOP))  # a launch's own arguments win
+            steps, runs = steps_and_runs(group, args)
+            timing = ["--steps", str(steps), "--runs", str(runs)]
+            cmd = command(nproc, timing + common + loop_args, GROUP_LOOPS.get(group, LOOP))  # a launch's own arguments win
             header = f"\n### {name}: {' '.join(cmd)}  ({time.perf_counter() - started:.0f} s into the group)\n"
             print(header, flush=True)
             log.write(header)
@@ -357,11 +397,17 @@ def main(argv=None) -> int:
     text = (cache_table(rows) if all("cache" in r for r in rows) else table(rows)) if rows else "(no rows)"
     env_row = rows[0]["env"] if rows else {}
     xfuser_version = next((r["env"].get("xfuser") for r in rows if r["impl"] == "xdit"), None)
+    if rows and all(r.get("per_step") for r in rows):
+        r0 = rows[0]
+        timing = (f"SECONDS PER STEP: each row the median of the timed steps listed ({r0['steps']} per sampling call x "
+                  f"{r0['runs']} call(s); slowest rank per step) after {r0['warmup_steps']} warm-up step(s) in the same call")
+    else:
+        timing = (f"{steps_and_runs(args.group.split(',')[0], args)[0]} steps; each row the median of the runs listed "
+                  "(slowest rank per run) after 1 warm-up")
     head = (
         f"group {args.group}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"{env_row.get('gpu')}, torch {env_row.get('torch')} (CUDA {env_row.get('cuda')}), diffusers {env_row.get('diffusers')}, "
-        f"yunchang {env_row.get('yunchang')}, xfuser {xfuser_version}; {steps} steps; each row the median of the "
-        f"runs listed (slowest rank per run) after 1 warm-up; group wall {time.perf_counter() - started:.0f} s"
+        f"yunchang {env_row.get('yunchang')}, xfuser {xfuser_version}; {timing}; group wall {time.perf_counter() - started:.0f} s"
     )
     if failures:
         head += f"; FAILED: {', '.join(failures)}"

@@ -144,3 +144,30 @@ def test_weights_file_inside_the_folder_loads_the_folder(folders):
     assert families.detect(weights) is families.COGVIDEOX
     assert families.COGVIDEOX.pipeline.scheduler_config(str(weights))["_class_name"] == "CogVideoXDDIMScheduler"
     assert torch.equal(engine_for(weights).sample(request()), engine_for(folders["5b-ddim"]).sample(request()))
+
+
+def test_bench_video_group_and_tiny_dry_run(tmp_path):
+    """bench/video_loop.py's CPU dry run: the diffusers and ours rows time their steps and sample the same latents."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    modules = {}
+    for name in ("run", "video_loop"):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[name])
+    launches = {name: (nproc, args) for name, nproc, args in modules["run"].launches("video-cogvideox")}
+    assert launches["ours-2gpu"] == (2, ["--impl", "ours", "--degrees", "c2,u2"])
+    four = {name: (nproc, args) for name, nproc, args in modules["run"].launches("video-cogvideox-4gpu")}
+    assert four["ours-4gpu"] == (4, ["--impl", "ours", "--degrees", "c2u2,u4"])
+    assert modules["run"].GROUP_LOOPS["video-cogvideox"].name == "video_loop.py"
+
+    results = tmp_path / "rows.jsonl"
+    assert modules["video_loop"].main(["--device", "cpu", "--tiny", "--steps", "2", "--json", str(results)]) == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["impl"] for r in rows] == ["diffusers", "ours"]
+    assert all(r["per_step"] and len(r["times"]) == 2 and r["finite"] for r in rows)
+    assert rows[1]["rel_diff_vs_diffusers"] < PIPELINE_TOLERANCE
+    assert "s per step" in modules["run"].table(rows)

@@ -483,11 +483,30 @@ def hunyuan_dit_conditioning(conditioning, which: str) -> HunyuanDiTConditioning
     return HunyuanDiTConditioning(tokens, mask_of("attention_mask", tokens), t5, mask_of("attention_mask_mt5xl", t5), size)
 
 
+def latte_conditioning(conditioning, which: str):
+    """T5 tokens for Latte; padding marked by an attention mask is cropped, as LattePipeline keeps only
+    a prompt's real tokens (its ``mask_feature``)."""
+    from .requests import LatteConditioning
+
+    tokens, _, extras = _conditioning_entry(conditioning, which, families.LATTE)
+    mask = extras.get("attention_mask")
+    if mask is None:
+        return LatteConditioning(tokens)
+    mask = torch.as_tensor(mask).bool().cpu()
+    count = int(mask.sum())
+    if mask.ndim != 2 or mask.shape[0] != 1 or mask.shape[1] != tokens.shape[1] or count == 0 or not mask[0, :count].all():
+        raise ValueError(f"{which}: the conditioning's attention mask (shape {list(mask.shape)}, {count} tokens kept) is "
+                         "not one prompt's padding at the end; encode one prompt with the stock CLIPTextEncode node and "
+                         "a T5-XXL CLIP")
+    return LatteConditioning(tokens[:, :count])
+
+
 CONDITIONING_READERS = {"flux": flux_conditioning, "sd3": sd3_conditioning, "pixart": pixart_conditioning,
                         "wan": wan_conditioning, "qwen_image": qwen_image_conditioning,
                         "hunyuan_video": hunyuan_video_conditioning, "dit": dit_conditioning,
                         "cogvideox": cogvideox_conditioning, "mochi": mochi_conditioning,
-                        "hunyuan_dit": hunyuan_dit_conditioning, "consisid": consisid_conditioning}
+                        "hunyuan_dit": hunyuan_dit_conditioning, "consisid": consisid_conditioning,
+                        "latte": latte_conditioning}
 
 
 def check_latent(latent: dict, family: families.ModelFamily = families.FLUX) -> None:

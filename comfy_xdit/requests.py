@@ -206,6 +206,16 @@ class HunyuanDiTConditioning:
 
 
 @dataclass
+class LatteConditioning:
+    """One prompt's conditioning for Latte: T5-XXL hidden states of the prompt's tokens [B or 1, T, 4096],
+    T at most 120 (LattePipeline's T5 length); the bridge crops padding marked by an attention mask,
+    as the pipeline keeps only a prompt's real tokens (``mask_feature``)."""
+
+    context: torch.Tensor
+    pooled: None = None
+
+
+@dataclass
 class SampleRequest:
     """One KSampler-equivalent call. Latents are ComfyUI's raw VAE latents [B, 16, H/8, W/8]
     (video families: [B, 16, T, H/8, W/8])."""

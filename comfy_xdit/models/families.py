@@ -25,6 +25,7 @@ from ..preview import FLUX_LATENT_RGB_BIAS, FLUX_LATENT_RGB_FACTORS
 from ..requests import (CogVideoXConditioning, ConsisIDConditioning, DiTConditioning, FluxConditioning, HunyuanDiTConditioning,
                         HunyuanVideoConditioning, MochiConditioning, PixArtConditioning, QwenImageConditioning, SD3Conditioning,
                         WanConditioning)
+from ..requests import LatteConditioning
 from ..sampling.diffusers_schedulers import DiffusersPipeline
 from ..sampling.discrete_sampling import DiscreteSampling
 from ..sampling.schedules import FLUX_DEV_SHIFT, FLUX_SCHNELL_SHIFT, DiscreteFlowSampling, FlowSampling
@@ -1015,9 +1016,110 @@ CONSISID = ModelFamily(
 )
 
 
+# --- Latte text-to-video (maxin-cn/Latte-1; no ComfyUI support: diffusers semantics) ----------------
+
+LATTE_MAX_TEXT_TOKENS = 120  # LattePipeline's T5 length (encode_prompt's max_length)
+
+
+def _latte_read_config(path: str) -> dict:
+    from ..loading.latte import read_latte_config
+
+    config = read_latte_config(path)
+    _latte_scheduler_config(path)  # refused before any weight is read
+    return config
+
+
+def _latte_load(path: str, dtype, device):
+    from ..loading.latte import load_latte_transformer
+
+    return load_latte_transformer(path, dtype=dtype, device=device)
+
+
+def _latte_scheduler_config(path: str) -> dict:
+    from ..loading.diffusers_folders import folder_of_weights_file
+    from ..sampling.diffusers_schedulers import read_scheduler_config
+
+    return read_scheduler_config(folder_of_weights_file(path), "Latte")
+
+
+def _latte_denoiser(model, mesh, lse_kernel, dtype):
+    from . import latte
+
+    return latte.LatteDenoiser(latte.install_sequence_parallel(model, mesh, lse_kernel), dtype, model.config)
+
+
+def _latte_model_call(denoiser, x, timestep, cond, controls=()):
+    return denoiser(x, timestep, cond.context)
+
+
+def _latte_check(request, config) -> None:
+    for which, cond in (("positive", request.positive), ("negative", request.negative)):
+        if cond is not None and cond.context.shape[1] > LATTE_MAX_TEXT_TOKENS:
+            raise ValueError(f"the {which} prompt has {cond.context.shape[1]} T5 tokens; Latte takes at most "
+                             f"{LATTE_MAX_TEXT_TOKENS} (LattePipeline truncates there): shorten the prompt")
+
+
+def _latte_step(scheduler, output, i, timesteps, x, state, step_kwargs):
+    from ..sampling.diffusers_schedulers import scheduler_step
+
+    # LattePipeline: unless the scheduler reads the learned variance itself, only the noise
+    # prediction (the first half of the channels) goes to its step.
+    if getattr(scheduler.config, "variance_type", None) not in ("learned", "learned_range"):
+        output = output.chunk(2, dim=1)[0]
+    return scheduler_step(scheduler, output, i, timesteps, x, state, step_kwargs)
+
+
+LATTE_PIPELINE = DiffusersPipeline(
+    name="LattePipeline",
+    scheduler_config=_latte_scheduler_config,
+    guide=lambda cond, uncond, scale: uncond + scale * (cond - uncond),
+    unguided=lambda out: out,
+    scale_initial_noise=True,
+    check=_latte_check,
+    step=_latte_step,  # the latent layout [B, C, F, H, W] is ComfyUI's already
+)
+
+
+def _latte_signatures() -> dict[str, tuple[str, ...]]:
+    from ..loading.latte import LATTE_SIGNATURES
+
+    return LATTE_SIGNATURES
+
+
+LATTE = ModelFamily(
+    name="latte",
+    display_name="Latte text-to-video (Latte-1)",
+    formats="diffusers folder (transformer/ + scheduler/)",
+    key_signatures=_latte_signatures(),
+    diffusers_class="LatteTransformer3DModel",
+    read_config=_latte_read_config,
+    load=_latte_load,
+    # the SD VAE, frame by frame: 4 channels, scale 0.18215 (Latte-1's vae/ scaling_factor)
+    latent=LatentFormat(channels=4, scale=0.18215, shift=0.0, rgb_factors=SD15_LATENT.rgb_factors,
+                        rgb_bias=SD15_LATENT.rgb_bias, dimensions=3),
+    sampling=lambda shift: None,  # not ComfyUI sampling: LATTE_PIPELINE
+    default_shift=lambda config: 1.0,
+    sampling_note="diffusers semantics: the folder's scheduler (DDIMScheduler for Latte-1) in LattePipeline's loop "
+                  "(temporal attention on)",
+    build_denoiser=_latte_denoiser,
+    velocity=_latte_model_call,
+    conditioning=LatteConditioning,
+    text_encoders="T5-XXL (CLIPLoader with t5xxl, e.g. type sd3, then CLIPTextEncode)",
+    # attention_mask: padding cropped by the bridge, as LattePipeline keeps a prompt's real tokens
+    conditioning_keys=frozenset({"attention_mask"}),
+    ignored_keys=frozenset({"pooled_output", "guidance"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    resolution_shift=False,
+    conditioning_widths=lambda config: {"context": config.caption_channels},
+    vae_note="Parallel Folder VAE Decode: the folder's own vae/ (AutoencoderKL, frame by frame), as LattePipeline decodes",
+    semantics="diffusers",
+    pipeline=LATTE_PIPELINE,
+)
+
+
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, PIXART, WAN, QWEN_IMAGE, HUNYUAN_VIDEO, DIT,
                                                                         COGVIDEOX, MOCHI, HUNYUAN_DIT,
-                                                                        CONSISID)}
+                                                                        CONSISID, LATTE)}
 
 
 def get(name: str) -> ModelFamily:

@@ -51,7 +51,7 @@ def _model_path(name: str) -> str:
 
 
 class ParallelLoader(io.ComfyNode):
-    """Load a DiT (Flux.1, Stable Diffusion 3 / 3.5, Wan 2.1 / 2.2 text-to-video, Qwen-Image, HunyuanVideo 1.0 text-to-video, DiT-XL-2, CogVideoX, HunyuanDiT; detected from the file) once into a persistent multi-GPU worker pool."""
+    """Load a DiT (Flux.1, Stable Diffusion 3 / 3.5, Wan 2.1 / 2.2 text-to-video, Qwen-Image, HunyuanVideo 1.0 text-to-video, DiT-XL-2, CogVideoX, HunyuanDiT, Latte; detected from the file) once into a persistent multi-GPU worker pool."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -63,7 +63,7 @@ class ParallelLoader(io.ComfyNode):
             category=CATEGORY,
             description=cls.__doc__,
             inputs=[
-                io.Combo.Input("model_name", options=_model_files(), tooltip="a Flux.1, SD3/SD3.5, PixArt-alpha/Sigma, Wan 2.1/2.2 T2V, Qwen-Image, HunyuanVideo 1.0 T2V, DiT-XL-2 or HunyuanDiT .safetensors from diffusion_models (unet) or checkpoints; for a diffusers folder (DiT-XL-2, CogVideoX) pick a weights file in its transformer/; the family is detected from the file"),
+                io.Combo.Input("model_name", options=_model_files(), tooltip="a Flux.1, SD3/SD3.5, PixArt-alpha/Sigma, Wan 2.1/2.2 T2V, Qwen-Image, HunyuanVideo 1.0 T2V, DiT-XL-2 or HunyuanDiT .safetensors from diffusion_models (unet) or checkpoints; for a diffusers folder (DiT-XL-2, CogVideoX, Latte) pick a weights file in its transformer/; the family is detected from the file"),
                 io.Combo.Input("weight_dtype", options=DTYPES, default="default", tooltip="default: bfloat16 on GPUs, float32 on CPU workers"),
                 io.Int.Input("ulysses_degree", default=0, min=0, max=64, tooltip="0: all workers the other degrees leave"),
                 io.Int.Input("ring_degree", default=1, min=1, max=64),
@@ -320,7 +320,7 @@ class ParallelVAEDecode(io.ComfyNode):
 
 
 class ParallelFolderVAEDecode(io.ComfyNode):
-    """Decode a CogVideoX video latent with the VAE of the model's own diffusers folder (vae/ beside transformer/), as CogVideoXPipeline decodes; gives the frames."""
+    """Decode a CogVideoX or Latte video latent with the VAE of the model's own diffusers folder (vae/ beside transformer/), as the model's diffusers pipeline decodes; gives the frames."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:

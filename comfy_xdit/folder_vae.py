@@ -1,11 +1,13 @@
 """Decode with the VAE of a model's own diffusers folder, as the family's diffusers pipeline decodes.
 
 Core ComfyUI has no VAE for some diffusers-semantics families (CogVideoX's 3-D causal
-``AutoencoderKLCogVideoX``), so stock VAELoader cannot load one. The diffusers folder the model was
+``AutoencoderKLCogVideoX``), so stock VAELoader cannot load one; Latte's is the SD image VAE
+(``AutoencoderKL``) applied frame by frame, which stock VAE Decode does not do to a video latent. The diffusers folder the model was
 loaded from has it beside ``transformer/``: ``<folder>/vae/`` (config.json + safetensors). It is
 loaded offline with diffusers' own class and decodes exactly as the pipeline's ``decode_latents``
 and ``postprocess_video`` do: ``vae.decode(model_space / vae.config.scaling_factor)``, then
-``(x / 2 + 0.5).clamp(0, 1)``. A ComfyUI LATENT is the family latent format's raw space (model space
+``(x / 2 + 0.5).clamp(0, 1)`` (an image VAE gets the frames as a batch, as LattePipeline's
+``decode_latents`` does). A ComfyUI LATENT is the family latent format's raw space (model space
 / the family's scale), so it is brought back to model space first: the result is the pipeline's
 even when the folder's VAE scale differs from the family's default.
 
@@ -25,8 +27,10 @@ from .loading.diffusers_folders import folder_of_weights_file
 from .loading.safetensors_files import CheckpointError
 
 VAE_FOLDER = "vae"
-# The diffusers VAE classes this decode runs, and the latent dimensions they take after [B, C].
-VIDEO_VAE_CLASSES = {"AutoencoderKLCogVideoX": 3}
+# The diffusers VAE classes this decode runs, and the latent dimensions they take after [B, C]
+# (2: an image VAE, given the video's frames as a batch).
+VIDEO_VAE_CLASSES = {"AutoencoderKLCogVideoX": 3, "AutoencoderKL": 2}
+FRAMES_PER_DECODE = 14  # LattePipeline's decode_chunk_size: frames an image VAE decodes at once
 
 
 def vae_folder_of(model_path: str | Path) -> Path:
@@ -74,7 +78,7 @@ def load_folder_vae(vae_folder: Path, dtype: torch.dtype = torch.float32, device
 @torch.no_grad()
 def decode_video_latent(vae, model_space: torch.Tensor) -> torch.Tensor:
     """A video latent in model space [B, C, T, H, W] -> ComfyUI IMAGE frames [B x F, H', W', 3] in [0, 1]
-    (CogVideoXPipeline.decode_latents + postprocess_video, output_type 'pt', channels last)."""
+    (CogVideoXPipeline's / LattePipeline's decode_latents + postprocess_video, output_type 'pt', channels last)."""
     if model_space.ndim != 5:
         raise ValueError(f"this VAE decodes video latents [B, C, T, H, W], got shape {list(model_space.shape)}")
     channels = vae.config.latent_channels
@@ -82,6 +86,11 @@ def decode_video_latent(vae, model_space: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"this VAE decodes latents with {channels} channels, got shape {list(model_space.shape)}")
     latents = model_space / vae.config.scaling_factor
     param = next(vae.parameters())
-    video = vae.decode(latents.to(param.device, param.dtype)).sample  # [B, 3, F, H, W]
+    latents = latents.to(param.device, param.dtype)
+    if VIDEO_VAE_CLASSES.get(type(vae).__name__) == 2:
+        frames = latents.permute(0, 2, 1, 3, 4).flatten(0, 1)  # [B x F, C, H, W]
+        images = torch.cat([vae.decode(chunk).sample for chunk in frames.split(FRAMES_PER_DECODE)])
+        return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+    video = vae.decode(latents).sample  # [B, 3, F, H, W]
     frames = (video.float() / 2 + 0.5).clamp(0, 1)
     return frames.permute(0, 2, 3, 4, 1).flatten(0, 1).cpu()

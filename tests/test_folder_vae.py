@@ -1,4 +1,4 @@
-"""The VAE of a model's diffusers folder decodes as the family's diffusers pipeline does (CogVideoX).
+"""The VAE of a model's diffusers folder decodes as the family's diffusers pipeline does (CogVideoX, Latte).
 
 The reference is diffusers' own CogVideoXPipeline: ``decode_latents`` (vae.decode of latents /
 scaling_factor) and ``video_processor.postprocess_video`` on a tiny random AutoencoderKLCogVideoX
@@ -17,6 +17,7 @@ from comfy_xdit.folder_vae import decode_video_latent, load_folder_vae, vae_fold
 from comfy_xdit.loading.safetensors_files import CheckpointError
 from comfy_xdit.models import families
 from cogvideox_files import make_cogvideox_vae, write_cogvideox_folder
+from latte_files import make_latte_vae
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,25 @@ def test_a_folder_without_vae_or_with_another_vae_is_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError, match="no vae/config.json beside the transformer"):
         vae_folder_of(bare / "transformer" / "diffusion_pytorch_model.safetensors")
     (bare / "vae").mkdir()
-    (bare / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
-    with pytest.raises(CheckpointError, match="holds a AutoencoderKL.*stock VAELoader"):
+    (bare / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLMochi"}))
+    with pytest.raises(CheckpointError, match="holds a AutoencoderKLMochi.*stock VAELoader"):
         load_folder_vae(vae_folder_of(bare))
     with pytest.raises(ValueError, match=r"decodes latents with 16 channels"):
         decode_video_latent(make_cogvideox_vae(), torch.zeros(1, 4, 2, 6, 10))
+
+
+def test_an_image_vae_decodes_the_frames_as_the_latte_pipeline(tmp_path):
+    from diffusers import LattePipeline
+
+    make_latte_vae().save_pretrained(tmp_path / "vae", safe_serialization=True)
+    vae = load_folder_vae(tmp_path / "vae")
+    latents = torch.randn(2, 4, 3, 6, 10, generator=torch.Generator().manual_seed(3))  # model space [B, C, F, H, W]
+    pipe = LattePipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=None, scheduler=None)
+    with torch.no_grad():
+        video = pipe.video_processor.postprocess_video(pipe.decode_latents(latents, video_length=3), output_type="pt")
+    latte = families.LATTE.latent
+    ours = decode_video_latent(vae, latte.to_model_space(latte.from_model_space(latents)))
+    expected = video.permute(0, 1, 3, 4, 2).flatten(0, 1)  # [B x F, H, W, 3]
+    assert ours.shape == expected.shape == (6, 48, 80, 3)
+    assert expected.std() > 0.01
+    assert float((ours - expected).abs().max()) < 1e-5

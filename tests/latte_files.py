@@ -27,14 +27,14 @@ SCHEDULERS = {
 }
 
 
-def make_latte_model(seed: int = 0):
+def make_latte_model(seed: int = 0, text_dim: int = TEXT_WIDTH):
     from diffusers import LatteTransformer3DModel
 
     model = LatteTransformer3DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
         cross_attention_dim=16, attention_bias=True, sample_size=8, patch_size=2, activation_fn="gelu-approximate",
         num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-        caption_channels=TEXT_WIDTH, video_length=FRAMES,
+        caption_channels=text_dim, video_length=FRAMES,
     )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -25,6 +25,7 @@ from checkpoints import make_mochi_diffusers_model, write_mochi_file
 from comfy_xdit.comfyui_server import COMFYUI, ComfyServer, error_message, status_str, with_demo_conditioning
 from comfy_xdit.comfyui_server import shipped_workflow as load_workflow
 from dit_files import make_dit_model, write_dit_folder
+from latte_files import make_latte_model, make_latte_vae, write_latte_folder
 from controlnet_files import make_flux_controlnet, write_instantx_file, write_sd15_controlnet_file
 from lora_files import random_flux_lora, write_peft_lora, write_sd15_lora
 from hunyuan_dit_files import make_hunyuan_dit_diffusers_model, write_original_hunyuan_dit_file
@@ -60,6 +61,7 @@ def write_models(models) -> torch.nn.Module:
 # Diffusers folders as users copy them into models/diffusion_models; ComfyUI lists the files inside.
 DIT_NAME = "tiny_dit/transformer/diffusion_pytorch_model.safetensors"
 COGVIDEOX_NAME = "tiny_cogvideox/transformer/diffusion_pytorch_model.safetensors"
+LATTE_NAME = "tiny_latte/transformer/diffusion_pytorch_model.safetensors"
 
 
 def write_diffusers_folders(models) -> None:
@@ -71,6 +73,9 @@ def write_diffusers_folders(models) -> None:
     root = write_cogvideox_folder(models / "diffusion_models" / "tiny_cogvideox",
                                   model=make_cogvideox_model(text_dim=CONTEXT_DIM, seed=10))
     make_cogvideox_vae(scaling_factor=0.7, seed=11).save_pretrained(root / "vae", safe_serialization=True)
+    # A Latte-1-style folder (3 frames) with a tiny SD-style AutoencoderKL as its vae/.
+    root = write_latte_folder(models / "diffusion_models" / "tiny_latte", model=make_latte_model(seed=12, text_dim=CONTEXT_DIM))
+    make_latte_vae(seed=13).save_pretrained(root / "vae", safe_serialization=True)
 
 
 CONSISID_NAME = "tiny_consisid/transformer/diffusion_pytorch_model.safetensors"
@@ -751,6 +756,29 @@ def test_consisid_without_the_identity_node_is_refused_by_name(server):
     assert status_str(entry) == "error"
     assert "connect the Parallel ConsisID Identity node's positive output" in error_message(entry)
 
+
+# --- Latte text-to-video (diffusers folder) ------------------------------------------------------
+
+def test_latte_workflow_runs_on_ulysses_and_decodes_the_frames_with_the_folder_vae(server):
+    graph = with_demo_conditioning(load_workflow("latte_txt2video_parallel"), CONTEXT_DIM, POOLED_DIM)
+    for node in graph.values():
+        cls = node["class_type"]
+        if cls == "ParallelLoader":
+            # Ulysses over the spatial tokens of each frame (the shipped workflow's CFG parallel is cfg x 2 too)
+            node["inputs"].update(model_name=LATTE_NAME, devices="cpu,cpu", use_cfg_parallel=False)
+        elif cls == "ParallelSampler":
+            node["inputs"].update(steps=2)
+        elif cls == "EmptyHunyuanLatentVideo":
+            node["inputs"].update(width=80, height=48, length=9)  # latent [1, 16 -> 4, 3, 6, 10]: the tiny model's 3 frames
+    decode_id = next(k for k, n in graph.items() if n["class_type"] == "ParallelFolderVAEDecode")
+    graph["91"] = {"class_type": "SaveImage", "inputs": {"images": [decode_id, 0], "filename_prefix": "latte_frames"}}
+    entry = server.run(graph)
+    assert status_str(entry) == "success", error_message(entry) + server.log()[-2000:]
+    video = entry["outputs"][next(k for k, n in graph.items() if n["class_type"] == "SaveAnimatedWEBP")]["images"][0]
+    assert Image.open(server.base / "output" / video.get("subfolder", "") / video["filename"]).size == (80, 48)
+    assert len(entry["outputs"]["91"]["images"]) == 3  # one video frame per latent frame
+    pool = pool_status(server)
+    assert len(pool["workers"]) == 2 and pool["model"]["family"] == "latte"
 
 # --- Mochi 1 preview text-to-video ----------------------------------------------------------------
 

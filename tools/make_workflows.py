@@ -323,6 +323,27 @@ def consisid_text_to_video() -> dict:
     }
 
 
+def latte_text_to_video() -> dict:
+    """Latte-1 text-to-video as LattePipeline runs it (512x512, 16 frames, 50 steps of the folder's DDIMScheduler,
+    cfg 7.5 with CFG parallel; the sampler's sampler_name / scheduler do not apply). T5-XXL through CLIPLoader type
+    sd3 (t5xxl alone gives its hidden states). EmptyHunyuanLatentVideo's length 61 gives Latte's 16 latent frames
+    (one per video frame; the all-zero 16 channels become Latte's 4). The diffusers folder sits in
+    models/diffusion_models; Parallel Folder VAE Decode decodes the frames with the folder's own vae/ (the SD VAE),
+    saved at 8 fps."""
+    return {
+        "1": ("CLIPLoader", dict(clip_name="t5xxl_fp16.safetensors", type="sd3", device="default"), {}),
+        "2": ("CLIPTextEncode", dict(text="a red fox running through fresh snow, morning light, tracking shot"), {"clip": ("1", 0)}),
+        "4": ("CLIPTextEncode", dict(text=""), {"clip": ("1", 0)}),
+        "5": ("EmptyHunyuanLatentVideo", dict(width=512, height=512, length=61, batch_size=1), {}),
+        "6": ("ParallelLoader", dict(LOADER, model_name="Latte-1/transformer/diffusion_pytorch_model.safetensors",
+                                     use_cfg_parallel=True), {}),
+        "7": ("ParallelSampler", dict(SAMPLER, steps=50, cfg=7.5),
+              {"model": ("6", 0), "positive": ("2", 0), "negative": ("4", 0), "latent_image": ("5", 0)}),
+        "9": ("ParallelFolderVAEDecode", dict(tiled=True), {"samples": ("7", 0), "model": ("6", 0)}),
+        "10": ("SaveAnimatedWEBP", dict(filename_prefix="xdit_latte", fps=8.0, lossless=False, quality=90, method="default"),
+               {"images": ("9", 0)}),
+    }
+
 WORKFLOWS = {
     "flux_txt2img_parallel": text_to_image(),
     "flux_lora_parallel": with_lora(),
@@ -338,6 +359,7 @@ WORKFLOWS = {
     "mochi_txt2video_parallel": mochi_text_to_video(),
     "hunyuan_dit_txt2img_parallel": hunyuan_dit_text_to_image(),
     "consisid_txt2video_parallel": consisid_text_to_video(),
+    "latte_txt2video_parallel": latte_text_to_video(),
 }
 
 

@@ -65,7 +65,8 @@ def make_latte_vae(seed: int = 0):
 
 
 def latte_pipeline_latents(model, scheduler: str, positive: torch.Tensor, negative: torch.Tensor, *, height: int,
-                           width: int, seed: int, steps: int, guidance_scale: float) -> torch.Tensor:
+                           width: int, seed: int, steps: int, guidance_scale: float,
+                           enable_temporal_attentions: bool = True) -> torch.Tensor:
     """LattePipeline.__call__ (diffusers' own) on latents of FRAMES x ``height`` x ``width``; returns its
     latents [B, C, F, H, W]."""
     import diffusers
@@ -77,4 +78,5 @@ def latte_pipeline_latents(model, scheduler: str, positive: torch.Tensor, negati
     pipe.set_progress_bar_config(disable=True)
     return pipe(prompt_embeds=positive, negative_prompt=None, negative_prompt_embeds=negative, video_length=FRAMES, height=height * 8,
                 width=width * 8, num_inference_steps=steps, guidance_scale=guidance_scale,
-                generator=torch.Generator().manual_seed(seed), output_type="latent", return_dict=False)[0]
+                generator=torch.Generator().manual_seed(seed), enable_temporal_attentions=enable_temporal_attentions,
+                output_type="latent", return_dict=False)[0]

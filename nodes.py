@@ -320,7 +320,7 @@ class ParallelVAEDecode(io.ComfyNode):
 
 
 class ParallelFolderVAEDecode(io.ComfyNode):
-    """Decode a CogVideoX or Latte video latent with the VAE of the model's own diffusers folder (vae/ beside transformer/), as the model's diffusers pipeline decodes; gives the frames."""
+    """Decode a CogVideoX, ConsisID or Latte video latent with the VAE of the model's own diffusers folder (vae/ beside transformer/), as the model's diffusers pipeline decodes; gives the frames."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:

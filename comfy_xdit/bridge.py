@@ -597,7 +597,7 @@ def vae_decode(vae, latent: dict) -> torch.Tensor:
     if samples.ndim != 4:
         raise ValueError(f"Parallel VAE Decode decodes image latents [B, C, H, W], got shape {list(samples.shape)}: "
                          "for a video latent use the stock VAE Decode node (Wan, HunyuanVideo) or Parallel Folder VAE "
-                         "Decode (CogVideoX, Latte)")
+                         "Decode (CogVideoX, ConsisID, Latte)")
     module = vae.first_stage_model
     fingerprint = _VAE_FINGERPRINTS.get(module)
     state = None
@@ -623,7 +623,7 @@ def vae_decode(vae, latent: dict) -> torch.Tensor:
 
 @page_safe
 def folder_vae_decode(model: XditModel, latent: dict, tiled: bool = True) -> torch.Tensor:
-    """Decode a video LATENT with the VAE of the model's own diffusers folder (CogVideoX, Latte), in this
+    """Decode a video LATENT with the VAE of the model's own diffusers folder (CogVideoX, ConsisID, Latte), in this
     process on ComfyUI's VAE device and dtype; returns IMAGE frames [B x F, H, W, 3]."""
     import comfy.model_management
 
@@ -633,7 +633,7 @@ def folder_vae_decode(model: XditModel, latent: dict, tiled: bool = True) -> tor
     samples = latent["samples"]
     if family.semantics != "diffusers" or samples.ndim != 5:
         raise ValueError(f"Parallel Folder VAE Decode decodes the video latents of models loaded from a diffusers folder "
-                         f"(CogVideoX, Latte); for {family.display_name} (latent {list(samples.shape)}) use the stock VAE Decode")
+                         f"(CogVideoX, ConsisID, Latte); for {family.display_name} (latent {list(samples.shape)}) use the stock VAE Decode")
     folder = vae_folder_of(model.spec.path)  # refused by name before any weight is read
     model_space = family.latent_format(family.read_config(model.spec.path)).to_model_space(samples.float().cpu())
     device = comfy.model_management.vae_device()

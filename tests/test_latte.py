@@ -114,6 +114,17 @@ def test_wrong_shard_order_is_caught(two_workers, reference):
     assert relative_error(two_workers[0][WRONG_ORDER], reference("ddim", 1)) > 100 * TOLERANCE
 
 
+def sample_on_ulysses_times_ring(path: str) -> torch.Tensor:
+    return engine_for(path, dict(ulysses_degree=2, ring_degree=2)).sample(request())
+
+
+def test_ulysses_times_ring_on_four_workers(folders, reference):
+    # 25 tokens per frame padded to 28, 7 a rank; both gathers, Ulysses inside Ring.
+    results = run_on_ranks(4, sample_on_ulysses_times_ring, str(folders["ddim"]))
+    for rank, result in enumerate(results):
+        assert relative_error(result, reference("ddim", 1)) < TOLERANCE, f"rank {rank}"
+
+
 def test_without_temporal_attention_equals_the_pipeline_and_differs(folders, reference):
     # The temporal blocks run (and the split keeps them exact above): without them each frame is its own image.
     engine = engine_for(folders["ddim"])

@@ -2,18 +2,18 @@
 
 Core ComfyUI has no VAE for some diffusers-semantics families (CogVideoX's 3-D causal
 ``AutoencoderKLCogVideoX``), so stock VAELoader cannot load one; Latte's is the SD image VAE
-(``AutoencoderKL``) applied frame by frame, which stock VAE Decode does not do to a video latent. The diffusers folder the model was
-loaded from has it beside ``transformer/``: ``<folder>/vae/`` (config.json + safetensors). It is
-loaded offline with diffusers' own class and decodes exactly as the pipeline's ``decode_latents``
-and ``postprocess_video`` do: ``vae.decode(model_space / vae.config.scaling_factor)``, then
-``(x / 2 + 0.5).clamp(0, 1)`` (an image VAE gets the frames as a batch, as LattePipeline's
-``decode_latents`` does). A ComfyUI LATENT is the family latent format's raw space (model space
+(``AutoencoderKL``) applied frame by frame, which stock VAE Decode does not do to a video latent.
+The diffusers folder the model was loaded from has it beside ``transformer/``: ``<folder>/vae/``
+(config.json + safetensors). It is loaded offline with diffusers' own class and decodes exactly as
+the pipeline's ``decode_latents`` and ``postprocess_video`` do: ``vae.decode(model_space /
+vae.config.scaling_factor)``, then ``(x / 2 + 0.5).clamp(0, 1)`` (an image VAE gets the frames as
+a batch, as LattePipeline's ``decode_latents`` does). A ComfyUI LATENT is the family latent format's raw space (model space
 / the family's scale), so it is brought back to model space first: the result is the pipeline's
 even when the folder's VAE scale differs from the family's default.
 
-The decode runs in the calling process on one device: this VAE is not patch-parallel (its causal
+The decode runs in the calling process on one device: the 3-D VAE is not patch-parallel (its causal
 3-D convolutions carry a cache from one frame batch to the next), so splitting it over the pool
-would decode the same frames on every worker. diffusers' tiling bounds its memory on large frames.
+would decode the same frames on every worker (Latte's image VAE could be split by frames; not done yet). diffusers' tiling bounds its memory on large frames.
 """
 
 from __future__ import annotations

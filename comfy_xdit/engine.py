@@ -245,6 +245,7 @@ class RankEngine:
                 from_model_space=latent.from_model_space,
                 hooks=hooks,
                 device=self.device,
+                model_config=self.model.config,
             )
 
     def _job_controls(self, request: SampleRequest, dtype: torch.dtype):

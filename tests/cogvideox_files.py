@@ -26,20 +26,39 @@ SCHEDULERS = {
 }
 
 
-def make_cogvideox_model(rotary: bool = True, seed: int = 0, text_tokens: int = 7, text_dim: int = 16):
+def make_cogvideox_model(rotary: bool = True, seed: int = 0, text_tokens: int = 7, text_dim: int = 16, **config):
     from diffusers import CogVideoXTransformer3DModel
 
-    model = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, time_embed_dim=8,
-        text_embed_dim=text_dim, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
-        max_text_seq_length=text_tokens, use_rotary_positional_embeddings=rotary,
-    )
+    model = CogVideoXTransformer3DModel(**{
+        **dict(num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, time_embed_dim=8,
+               text_embed_dim=text_dim, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+               max_text_seq_length=text_tokens, use_rotary_positional_embeddings=rotary),
+        **config,
+    })
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator)
             param.copy_(noise / param[0].numel() ** 0.5 if param.ndim >= 2 else 0.1 * noise)
     return model.eval()
+
+
+def make_cogvideox15_model(seed: int = 0, **config):
+    """A tiny CogVideoX 1.5 (THUDM/CogVideoX1.5-5B's layout): 2 latent frames x 2x2 pixels per token
+    (a linear patch embedding without bias), 3-D rotary over a "slice" grid of at most 10x10 latent
+    pixels (sample_height / sample_width), no learned positions. The per-head q/k LayerNorm weights
+    are 2 (not ~0.1 as the other random weights) so that attention is far from uniform and the
+    rotary positions matter: a rotary row on the wrong token changes the result."""
+    model = make_cogvideox_model(rotary=True, seed=seed, **{
+        **dict(patch_size_t=2, patch_bias=False, sample_width=10, sample_height=10, sample_frames=17,
+               use_learned_positional_embeddings=False),
+        **config,
+    })
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("norm_q.weight", "norm_k.weight")):
+                param.add_(2.0)
+    return model
 
 
 def write_cogvideox_folder(root: Path, scheduler: str | dict | None = "dpm", model=None) -> Path:

@@ -3,7 +3,8 @@
 Only the diffusers folder (THUDM/CogVideoX-2b / -5b layout: ``transformer/`` + ``scheduler/``) is a
 format here: core ComfyUI has no CogVideoX, so there is no other file layout users have. The
 folder's config.json is checked against the weights' shapes before any weight is read. CogVideoX
-1.5 (temporal patches), image-to-video (32 input channels, ofs embedding) are refused by name.
+1.0 (2b, 5b) and 1.5 (THUDM/CogVideoX1.5-5B: ``patch_size_t`` 2) text-to-video load; image-to-video
+(32 input channels, 1.5-I2V's ofs embedding) is refused by name.
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ def _folder_config(config_path: Path | None) -> dict:
     if stored.get("_class_name") != COGVIDEOX_CLASS:
         raise CheckpointError(f"{config_path}: the folder holds a {stored.get('_class_name')}, not a {COGVIDEOX_CLASS}")
     config = {k: v for k, v in stored.items() if k in _init_names()}
-    if config.get("patch_size_t") is not None:
-        raise CheckpointError(f"{config_path}: CogVideoX 1.5 (patch_size_t) is not supported yet; use CogVideoX-2b or -5b")
     if config.get("ofs_embed_dim") is not None or config.get("in_channels", 16) != config.get("out_channels", 16):
-        raise CheckpointError(f"{config_path}: CogVideoX image-to-video is not supported yet; use a text-to-video model")
+        version = "1.5" if config.get("patch_size_t") is not None else "1.0"
+        raise CheckpointError(f"{config_path}: CogVideoX {version} image-to-video ({config.get('in_channels')} input "
+                              "channels: the noise and the image's latent) is not supported yet; use a text-to-video "
+                              "model (CogVideoX-2b, -5b or CogVideoX1.5-5B)")
     return config
 
 

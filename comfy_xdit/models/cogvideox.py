@@ -86,6 +86,12 @@ def install_sequence_parallel(model: torch.nn.Module, mesh, lse_kernel, plan: Mo
     return forward
 
 
+def frame_padding(config, frames: int) -> int:
+    """Latent frames CogVideoXPipeline adds in front of ``frames`` so that they fill whole temporal patches."""
+    patch_t = getattr(config, "patch_size_t", None)
+    return 0 if not patch_t else -frames % patch_t
+
+
 def rotary_tables(model, frames: int, height: int, width: int, device):
     """The pipeline's 3-D rotary tables (cos, sin) [frames x h x w tokens, head width] for a latent of
     ``frames`` x ``height`` x ``width``, from CogVideoXPipeline's own method (None without rotary)."""
@@ -128,10 +134,18 @@ class CogVideoXDenoiser:
     def model_inputs(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> dict:
         """The transformer's keyword inputs for x [b, T, C, H, W], checked for what the model takes."""
         b, frames, _, h, w = x.shape
-        p = self.config.patch_size
+        p, patch_t = self.config.patch_size, getattr(self.config, "patch_size_t", None)  # None: 1.0, ConsisID
         if h % p or w % p:
             raise ValueError(f"CogVideoX takes latents whose sides are multiples of {p} "
                              f"(videos in steps of {VAE_SPATIAL * p} px); got a {h}x{w} latent")
+        if patch_t and frames % patch_t:  # the sampling loop pads them (frame_padding): a direct call did not
+            raise ValueError(f"CogVideoX 1.5 takes latent frames in multiples of {patch_t}; got {frames}")
+        if patch_t and self.config.use_rotary_positional_embeddings:
+            # CogVideoX 1.5's rotary grid ("slice") has rows for at most sample_height x sample_width latent pixels
+            most_h, most_w = self.config.sample_height, self.config.sample_width
+            if h > most_h or w > most_w:
+                raise ValueError(f"this CogVideoX 1.5 takes latents of at most {most_h}x{most_w} "
+                                 f"({most_h * VAE_SPATIAL}x{most_w * VAE_SPATIAL} px), got {h}x{w}: make the video smaller")
         max_text = self.config.max_text_seq_length
         if not self.config.use_rotary_positional_embeddings and context.shape[1] != max_text:
             raise ValueError(f"this CogVideoX (sin-cos positions, as CogVideoX-2b) takes exactly {max_text} text "

@@ -718,6 +718,12 @@ def _cogvideox_step(scheduler, output, i, timesteps, x, state, step_kwargs):
     return x, old_pred_original, old_pred_original
 
 
+def _cogvideox_frame_padding(config, frames: int) -> int:
+    from .cogvideox import frame_padding
+
+    return frame_padding(config, frames)
+
+
 COGVIDEOX_PIPELINE = DiffusersPipeline(
     name="CogVideoXPipeline",
     scheduler_config=_cogvideox_scheduler_config,
@@ -728,6 +734,7 @@ COGVIDEOX_PIPELINE = DiffusersPipeline(
     to_pipeline=lambda x: x.permute(0, 2, 1, 3, 4),
     from_pipeline=lambda x: x.permute(0, 2, 1, 3, 4),
     step=_cogvideox_step,
+    frame_padding=_cogvideox_frame_padding,  # CogVideoX 1.5's latent frames fill whole temporal patches
 )
 
 
@@ -748,7 +755,7 @@ COGVIDEOX_2B_LATENT = _cogvideox_latent(1.15258426)  # CogVideoX-2b's
 
 COGVIDEOX = ModelFamily(
     name="cogvideox",
-    display_name="CogVideoX 1.0 text-to-video (2b, 5b)",
+    display_name="CogVideoX 1.0 and 1.5 text-to-video (2b, 5b, 1.5-5b)",
     formats="diffusers folder (transformer/ + scheduler/)",
     key_signatures=_cogvideox_signatures(),
     diffusers_class="CogVideoXTransformer3DModel",

@@ -68,6 +68,10 @@ class DiffusersPipeline:
     # (request, generator, batch) -> request: what the pipeline draws from its generator before the
     # initial noise (ConsisID: the face image's latent sample), filled into the request
     prepare: Callable | None = None
+    # (model config, latent frames) -> frames the pipeline samples in front of them and drops at the end
+    # (CogVideoX 1.5 pads its latent frames to a multiple of its temporal patch); in the pipeline
+    # layout's dim 1
+    frame_padding: Callable[[object, int], int] = lambda config, frames: 0
 
     @staticmethod
     def uses_guidance(scale: float) -> bool:
@@ -170,6 +174,7 @@ def run_diffusers_sampler(
     hooks: StepHooks,
     device: torch.device,
     batch_cfg: bool = True,
+    model_config=None,
 ) -> torch.Tensor:
     """Sample like the family's diffusers pipeline; every rank returns the whole batch's raw latents.
 
@@ -193,8 +198,14 @@ def run_diffusers_sampler(
     generator = torch.Generator("cpu").manual_seed(request.seed)
     if pipeline.prepare is not None:
         request = pipeline.prepare(request, generator, batch)
-    shape = tuple(pipeline.to_pipeline(latent).shape)
-    x = torch.randn(shape, generator=generator, dtype=torch.float32)  # randn_tensor with a CPU generator
+    shape = list(pipeline.to_pipeline(latent).shape)
+    padding = pipeline.frame_padding(model_config, shape[1]) if latent_dimensions == 3 else 0
+    shape[1] += padding
+
+    def to_comfyui(x: torch.Tensor) -> torch.Tensor:  # the pipeline's latents -> ComfyUI's, padding frames dropped
+        return pipeline.from_pipeline(x[:, padding:])
+
+    x = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)  # randn_tensor with a CPU generator
     if pipeline.scale_initial_noise:
         x = x * scheduler.init_noise_sigma
     x = x.to(device)
@@ -232,10 +243,10 @@ def run_diffusers_sampler(
         x, state, x0 = step(scheduler, output, i, timesteps, x, state, step_kwargs)
         preview = None
         if request.preview_every and (i + 1) % request.preview_every == 0:
-            shown = pipeline.from_pipeline(x0 if x0 is not None else x)
+            shown = to_comfyui(x0 if x0 is not None else x)
             preview = from_model_space(shown[:1]).float().cpu()
         hooks.on_step(i + 1, total, preview)
         # One vote per step on every rank, so all ranks stop after the same step.
         if i + 1 < total and mesh.any_rank(hooks.cancel_requested()):
             raise SamplingCancelled(i + 1)
-    return from_model_space(pipeline.from_pipeline(x)).float().cpu()
+    return from_model_space(to_comfyui(x)).float().cpu()

@@ -147,6 +147,32 @@ def test_offline_loading_and_refusals(folders, tmp_path):
     with pytest.raises(ValueError, match="latent frames in multiples of 2; got 3"):
         engine._denoiser(torch.zeros(1, 3, 16, 10, 10), torch.tensor(999), conditioning()[0].context)
 
-    i2v = write_cogvideox_folder(tmp_path / "i2v", "dpm", make_cogvideox15_model(in_channels=32, ofs_embed_dim=8))
-    with pytest.raises(CheckpointError, match="CogVideoX 1.5 image-to-video .*32 input channels.* not supported yet"):
+
+
+@pytest.mark.parametrize("version,i2v_config", [("1.5", dict(in_channels=32, ofs_embed_dim=8)),
+                                                ("1.0", dict(in_channels=32, patch_size_t=None, patch_bias=True))])
+def test_image_to_video_is_refused_by_name(tmp_path, version, i2v_config):
+    i2v = write_cogvideox_folder(tmp_path / "i2v", "dpm", make_cogvideox15_model(**i2v_config))
+    with pytest.raises(CheckpointError, match=f"CogVideoX {version} image-to-video .*32 input channels.* not supported yet"):
         families.COGVIDEOX.read_config(str(i2v))
+
+
+class Previews:
+    def __init__(self):
+        self.shown = []
+
+    def on_step(self, step, total, preview):
+        self.shown.append(preview)
+
+    def cancel_requested(self):
+        return False
+
+
+def test_previews_drop_the_padding_frame(folders):
+    job = request()
+    job.preview_every = 1
+    hooks = Previews()
+    result = engine_for(folders["dpm"]).sample(job, hooks)
+    assert [tuple(p.shape) for p in hooks.shown] == [(1, 16, *LATENT)] * 3
+    # the DPM step's last x0 prediction is the result
+    assert relative_error(hooks.shown[-1], result) < 1e-6

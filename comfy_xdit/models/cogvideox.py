@@ -9,8 +9,15 @@ latent's frames and size) are split the same way, so each rank's positions trave
 tokens. Every block attends jointly over [text, video]; the text tokens stay whole on every rank
 and SequenceParallelAttention handles them beside the split video tokens.
 
-Supported: CogVideoX 1.0 text-to-video (2b: sin-cos positions, 5b: 3-D rotary). Refused by name:
-CogVideoX 1.5 (temporal patches), image-to-video (32 input channels) and the ofs embedding.
+CogVideoX 1.5 patches time too (``patch_size_t`` latent frames per token, a linear patch
+embedding): its video tokens are ordered (frame patch, row, column), as are the rows of its
+rotary table (the pipeline's "slice" grid over the frame patches), so the same split applies. Its
+pipeline pads the latent frames to a multiple of ``patch_size_t`` (extra noise frames in front,
+dropped at the end: ``frame_padding``, applied by the sampling loop).
+
+Supported: CogVideoX 1.0 text-to-video (2b: sin-cos positions, 5b: 3-D rotary) and CogVideoX 1.5
+text-to-video. Refused by name (loading/cogvideox.py): image-to-video (32 input channels, 1.5's
+ofs embedding).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ComfyUI's model lists show files, so a diffusers folder under models/diffusion_models appears as
 ``<folder>/transformer/diffusion_pytorch_model*.safetensors``. For the families whose format is
-the diffusers folder (DiT, CogVideoX), such a file means its folder: the folder's config.json,
+the diffusers folder (DiT, CogVideoX, ConsisID, Latte), such a file means its folder: the folder's config.json,
 all its shards and its ``scheduler/`` apply, not a single file's inferred defaults.
 """
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from random_weights import randomize_weights
 
 SCHEDULERS = {
     # CogVideoX-5b's
@@ -35,11 +36,7 @@ def make_cogvideox_model(rotary: bool = True, seed: int = 0, text_tokens: int = 
                max_text_seq_length=text_tokens, use_rotary_positional_embeddings=rotary),
         **config,
     })
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(noise / param[0].numel() ** 0.5 if param.ndim >= 2 else 0.1 * noise)
+    randomize_weights(model, seed)
     return model.eval()
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cogvideox_files import SCHEDULERS, make_cogvideox_vae
+from random_weights import randomize_weights
 
 ID_DIM, VIT_DIM, SCALES, VIT_TOKENS = 12, 8, 2, 5
 
@@ -31,11 +32,7 @@ def make_consisid_model(seed: int = 0, text_tokens: int = 7, text_dim: int = 16,
         LFE_id_dim=ID_DIM, LFE_vit_dim=VIT_DIM, LFE_depth=2, LFE_dim_head=4, LFE_num_heads=2, LFE_num_id_token=2,
         LFE_num_querie=3, LFE_output_dim=int(32 / 3 * 2), LFE_ff_mult=1, LFE_num_scale=SCALES,
     )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(noise / param[0].numel() ** 0.5 if param.ndim >= 2 else 0.1 * noise)
+    randomize_weights(model, seed)
     return model.eval()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from random_weights import randomize_weights
 
 DDIM_CONFIG = {  # DiT's training betas with DDIM, as the released folder samples
     "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
@@ -27,11 +28,7 @@ def make_dit_model(num_layers: int = 2, heads: int = 2, head_dim: int = 64, seed
 
     model = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8,
                                   num_layers=num_layers, sample_size=8, patch_size=2)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(noise / param[0].numel() ** 0.5 if param.ndim >= 2 else 0.1 * noise)
+    randomize_weights(model, seed)
     return model.eval()
 
 

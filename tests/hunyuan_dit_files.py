@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from random_weights import randomize_weights
 
 COMFY_PREFIX = "model.diffusion_model."
 
@@ -29,11 +30,7 @@ def make_hunyuan_dit_diffusers_model(num_layers: int = 4, heads: int = 2, head_d
         pooled_projection_dim=pooled, text_len=text_len, text_len_t5=text_len_t5,
         use_style_cond_and_image_meta_size=meta, sample_size=16, mlp_ratio=mlp_ratio,
     )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(noise / param[0].numel() ** 0.5 if param.ndim >= 2 else 0.1 * noise)
+    randomize_weights(model, seed)
     return model.eval()
 
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from random_weights import randomize_weights
 
 FRAMES = 3  # the tiny model's video_length
 TEXT_WIDTH = 12
@@ -36,11 +37,7 @@ def make_latte_model(seed: int = 0, text_dim: int = TEXT_WIDTH):
         num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
         caption_channels=text_dim, video_length=FRAMES,
     )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(noise / param[0].numel() ** 0.5 if param.ndim >= 2 else 0.1 * noise)
+    randomize_weights(model, seed)
     return model.eval()
 
 

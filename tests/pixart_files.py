@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from random_weights import randomize_weights
 
 COMFY_PREFIX = "model.diffusion_model."
 
@@ -25,11 +26,7 @@ def make_pixart_diffusers_model(num_layers: int = 2, heads: int = 2, head_dim: i
         cross_attention_dim=heads * head_dim, caption_channels=caption_channels, sample_size=sample_size,
         use_additional_conditions=alpha,
     )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(noise / param[0].numel() ** 0.5 if param.ndim >= 2 else 0.1 * noise)
+    randomize_weights(model, seed)
     return model.eval()
 
 

@@ -3,8 +3,11 @@
 First-Block-Cache works on any family whose blocks diffusers' ``TransformerBlockRegistry`` knows
 (it says where a block returns its image and text streams): Flux's and SD3's joint blocks,
 PixArt's ``BasicTransformerBlock`` (image only), Wan's ``WanTransformerBlock`` (image only) and
-Qwen-Image's ``QwenImageTransformerBlock`` (text, image) are all registered there, so nothing is
-registered here. What a family adds is where its blocks find the ``SequenceLayout`` (so the
+Qwen-Image's ``QwenImageTransformerBlock`` (text, image), HunyuanVideo's dual- and single-stream
+blocks and Mochi's ``MochiTransformerBlock`` (image, text) are all registered there. HunyuanDiT's
+``HunyuanDiTBlock`` is not; it returns the image stream only, and is registered here the same way
+(its long skip connections need nothing more: on a skipped step every block after the first passes
+its input through, and the skip inputs are then unused). What a family adds is where its blocks find the ``SequenceLayout`` (so the
 metric can leave out the zero padding of the last sequence shard).
 
 TeaCache also needs the family's published rescale polynomial, fitted on the real model, and the
@@ -25,6 +28,8 @@ from .settings import (
     FBCACHE,
     TEACACHE,
     TEACACHE_FLUX_COEFFICIENTS,
+    TEACACHE_HUNYUAN_VIDEO,
+    TEACACHE_MOCHI,
     TEACACHE_WAN_1_3B,
     TEACACHE_WAN_14B,
     TEACACHE_WAN_RETAINED_STEPS,
@@ -72,6 +77,17 @@ def _wan_timestep_modulation(block, arguments: dict) -> torch.Tensor:
     return arguments["temb"]
 
 
+def _hunyuan_video_modulated_input(block, arguments: dict) -> torch.Tensor:
+    # the first dual-stream block's norm1 output for the video tokens: TeaCache4HunyuanVideo's
+    # modulated_inp (img_norm1, shifted and scaled by img_mod1), which diffusers' AdaLayerNormZero computes
+    return block.norm1(arguments["hidden_states"], emb=arguments["temb"])[0]
+
+
+def _mochi_modulated_input(block, arguments: dict) -> torch.Tensor:
+    # the first block's norm1 output (MochiRMSNormZero), as TeaCache4Mochi measures
+    return block.norm1(arguments["hidden_states"], arguments["temb"])[0]
+
+
 FLUX_TEACACHE = TeaCacheRecipe("TeaCache4FLUX", TEACACHE_FLUX_COEFFICIENTS, DEFAULT_THRESHOLDS[TEACACHE],
                                _flux_modulated_input)
 WAN_1_3B_TEACACHE = TeaCacheRecipe("TeaCache4Wan2.1 T2V 1.3B (use_ret_steps)", *TEACACHE_WAN_1_3B,
@@ -80,6 +96,8 @@ WAN_1_3B_TEACACHE = TeaCacheRecipe("TeaCache4Wan2.1 T2V 1.3B (use_ret_steps)", *
 WAN_14B_TEACACHE = TeaCacheRecipe("TeaCache4Wan2.1 T2V 14B (use_ret_steps)", *TEACACHE_WAN_14B,
                                   _wan_timestep_modulation, per_token=False,
                                   retained_steps=TEACACHE_WAN_RETAINED_STEPS, last_step_runs=False)
+HUNYUAN_VIDEO_TEACACHE = TeaCacheRecipe("TeaCache4HunyuanVideo", *TEACACHE_HUNYUAN_VIDEO, _hunyuan_video_modulated_input)
+MOCHI_TEACACHE = TeaCacheRecipe("TeaCache4Mochi", *TEACACHE_MOCHI, _mochi_modulated_input)
 WAN_14B_WIDTH = 5120  # Wan 2.1 14B and each Wan 2.2 A14B expert; the 1.3B is 1536 wide
 
 
@@ -99,7 +117,23 @@ FAMILY_CACHES: dict[str, FamilyCaches] = {
     "wan": FamilyCaches(None, teacache=_wan_teacache),
     # Community ports label Flux's polynomial as Qwen-Image's "to be tuned": not a fit of this model.
     "qwen_image": FamilyCaches("joint_attention_kwargs", no_teacache_because=NO_POLYNOMIAL.format("Qwen-Image")),
+    # The video families' blocks get no attention kwargs: the layout is asked of the sharded forward.
+    "hunyuan_video": FamilyCaches(None, teacache=lambda config: HUNYUAN_VIDEO_TEACACHE),
+    "mochi": FamilyCaches(None, teacache=lambda config: MOCHI_TEACACHE),
+    "hunyuan_dit": FamilyCaches(None, no_teacache_because=NO_POLYNOMIAL.format("HunyuanDiT")),
 }
+
+
+def _register_hunyuan_dit_block() -> None:
+    """Describe HunyuanDiT's block to diffusers' TransformerBlockRegistry: it returns the image stream only."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+    from diffusers.models.transformers.hunyuan_transformer_2d import HunyuanDiTBlock
+
+    TransformerBlockRegistry.register(HunyuanDiTBlock, TransformerBlockMetadata(return_hidden_states_index=0,
+                                                                               return_encoder_hidden_states_index=None))
+
+
+_register_hunyuan_dit_block()
 
 
 def layout_reader(caches: FamilyCaches, sharded_forward=None) -> Callable[[dict], object]:

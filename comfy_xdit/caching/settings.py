@@ -2,9 +2,10 @@
 
 Random weights cannot calibrate quality, so every default here is a published value (sources
 in the README's cache section). First-Block-Cache's is published for Flux.1-dev only; SD3/SD3.5,
-PixArt, Wan and Qwen-Image take it too: no family-specific threshold is published for them.
+PixArt, Wan, Qwen-Image and the video families take it too: no family-specific threshold is published for them.
 TeaCache needs a rescale polynomial fitted on the model: published for Flux.1-dev and Wan 2.1
-T2V (1.3B, 14B); caching/families.py says which family uses which.
+T2V (1.3B, 14B), HunyuanVideo and Mochi; caching/families.py says which family uses which.
+HunyuanVideo, Mochi and HunyuanDiT take First-Block-Cache's Flux default too (none published).
 
 - First-Block-Cache: residual_diff_threshold 0.08, ParaAttention's default for FLUX models
   (28 steps: 26.36 s -> 17.01 s, 1.55x, on an L20).
@@ -41,6 +42,18 @@ TEACACHE_FLUX_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.8
 TEACACHE_WAN_1_3B = ((-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02), 0.05)
 TEACACHE_WAN_14B = ((-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01), 0.10)
 TEACACHE_WAN_RETAINED_STEPS = 5
+
+# TeaCache4HunyuanVideo (ali-vilab/TeaCache, TeaCache4HunyuanVideo/teacache_sample_video.py): the
+# polynomial fitted on the first dual-stream block's modulated video input (img_norm1, then
+# img_mod1's shift and scale); the first and the last step always run. Thresholds from its README
+# and script comment: 0.1 ~1.6x, 0.15 ~2.1x (720p 129 frames 50 steps: ~50 min -> ~30 / ~23 min,
+# one A800); the script uses 0.15. We default to 0.1, the quality end, as for Wan.
+TEACACHE_HUNYUAN_VIDEO = ((7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02), 0.1)
+# TeaCache4Mochi (ali-vilab/TeaCache, TeaCache4Mochi/teacache_mochi.py): the polynomial fitted on the
+# first block's norm1 output (the modulated video input) of diffusers' MochiTransformer3DModel; the
+# first and the last step always run. Its comment: 0.06 ~1.5x, 0.09 ~2.1x (the script uses 0.09,
+# 64 steps); we default to 0.06, the quality end.
+TEACACHE_MOCHI = ((-3.51241319e03, 8.11675948e02, -6.09400215e01, 2.42429681e00, 3.05291719e-03), 0.06)
 
 
 @dataclass(frozen=True)

@@ -568,7 +568,7 @@ HUNYUAN_VIDEO = ModelFamily(
     # attention_mask: only an all-ones mask is taken (the bridge refuses one that hides tokens).
     conditioning_keys=frozenset({"pooled_output", "guidance", "attention_mask"}),
     ignored_keys=frozenset(),
-    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data", "cache"}),
     resolution_shift=False,
     conditioning_widths=lambda config: {"context": config.text_embed_dim, "pooled": config.pooled_projection_dim},
     vae_note="the stock VAELoader + VAE Decode nodes (the HunyuanVideo 3D VAE is not patch-parallel yet; Parallel VAE "
@@ -854,7 +854,7 @@ MOCHI = ModelFamily(
     # first sum(mask) tokens); the stock encoder sets pooled_output None; Mochi has no guidance input.
     conditioning_keys=frozenset({"attention_mask"}),
     ignored_keys=frozenset({"pooled_output", "guidance"}),
-    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data", "cache"}),
     resolution_shift=False,
     conditioning_widths=lambda config: {"context": config.text_embed_dim},
     vae_note="the stock VAELoader + VAE Decode nodes (the Mochi VAE is not patch-parallel yet; Parallel VAE Decode "
@@ -928,7 +928,7 @@ HUNYUAN_DIT = ModelFamily(
                                  "target_width", "target_height"}),
     # Stock HunyuanDiT reads neither the BERT pooled output nor a guidance value.
     ignored_keys=frozenset({"pooled_output", "guidance"}),
-    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data", "cache"}),
     resolution_shift=False,
     conditioning_widths=lambda config: {"context": config.cross_attention_dim, "context_t5": config.cross_attention_dim_t5},
     vae_note="stock VAELoader + VAEDecode (the SDXL VAE; ParallelVAEDecode is not checked against stock on 4-channel VAEs yet)",

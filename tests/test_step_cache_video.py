@@ -1,0 +1,253 @@
+"""Step caches on HunyuanVideo, Mochi and HunyuanDiT: threshold 0 changes nothing, 2 workers equal one.
+
+Tiny diffusers transformers (random weights), float32, gloo processes on the CPU, euler steps with
+cfg (so one worker keeps a cache per branch). HunyuanVideo's dual- and single-stream blocks and
+Mochi's blocks return (image, text) (Mochi's last block hands its text input on); HunyuanDiT's
+blocks return the image only and take long skip connections. None of them gets attention kwargs,
+so the metric asks the sharded forward for the layout. Every latent gives a token count that
+sequence parallelism of 2 must pad. TeaCache measures the first block's modulated video input with
+TeaCache4HunyuanVideo's and TeaCache4Mochi's polynomials and always runs the first and last step.
+As in test_step_cache_families.py, random weights check the mechanics, not quality; thresholds
+are chosen on these tiny models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from checkpoints import make_hunyuan_video_diffusers_model, make_mochi_diffusers_model
+from comfy_xdit.caching.settings import CacheSettings
+from comfy_xdit.config import ParallelConfig
+from comfy_xdit.engine import RankEngine
+from comfy_xdit.mesh import ParallelMesh
+from comfy_xdit.requests import HunyuanDiTConditioning, HunyuanVideoConditioning, MochiConditioning, ModelSpec, SampleRequest
+from distributed import relative_error, run_on_ranks
+from hunyuan_dit_files import make_hunyuan_dit_diffusers_model
+
+TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
+STEPS = 8
+
+
+def hunyuan_video_conditioning(g: torch.Generator, tokens: int, guidance: float) -> HunyuanVideoConditioning:
+    return HunyuanVideoConditioning(torch.randn(1, tokens, 32, generator=g), torch.randn(1, 24, generator=g), guidance)
+
+
+def hunyuan_dit_conditioning(g: torch.Generator, hidden: int) -> HunyuanDiTConditioning:
+    mask, mask_t5 = torch.ones(1, 7), torch.ones(1, 9)
+    mask[:, 7 - hidden:], mask_t5[:, 9 - hidden:] = 0, 0
+    return HunyuanDiTConditioning(torch.randn(1, 7, 24, generator=g), mask, torch.randn(1, 9, 32, generator=g), mask_t5)
+
+
+def tiny_mochi():
+    model = make_mochi_diffusers_model(num_layers=3, heads=2, head_dim=8, pooled_dim=8, text_dim=32, seed=0)
+    # With random weights the first block's modulated input changes by 15-30 % a step, where
+    # TeaCache4Mochi's polynomial (fitted on changes of a few %) turns negative and the sum never
+    # grows. A constant offset on the video tokens brings the changes to 7-30 %, mostly in range.
+    with torch.no_grad():
+        model.patch_embed.proj.bias += 4.0
+    return model
+
+
+@dataclass(frozen=True)
+class Family:
+    make_model: object
+    conditionings: object  # generator -> (positive, negative)
+    latent: tuple[int, ...]  # [C, (T,) H, W] of one image; the top half carries an image, the rest is empty
+    scheduler: str = "simple"
+
+
+FAMILIES = {
+    # one dual-stream and two single-stream blocks; 3 frames of 6x10 -> 45 tokens
+    "hunyuan_video": Family(
+        lambda: make_hunyuan_video_diffusers_model(num_layers=1, num_single_layers=2, num_refiner_layers=1, heads=2,
+                                                   head_dim=8, rope_axes_dim=(2, 2, 4), text_dim=32, pooled_dim=24, seed=0),
+        lambda g: (hunyuan_video_conditioning(g, 9, 6.0), hunyuan_video_conditioning(g, 5, 3.5)), (16, 3, 6, 10)),
+    # three blocks, the last without text outputs; 3 frames of 6x10 -> 45 tokens
+    "mochi": Family(tiny_mochi,
+                    lambda g: (MochiConditioning(torch.randn(1, 9, 32, generator=g)),
+                               MochiConditioning(torch.randn(1, 5, 32, generator=g))), (12, 3, 6, 10)),
+    # four blocks (one long skip connection); 18x14 -> 63 tokens; v prediction on the discrete schedule
+    "hunyuan_dit": Family(lambda: make_hunyuan_dit_diffusers_model(meta=False),
+                          lambda g: (hunyuan_dit_conditioning(g, 2), hunyuan_dit_conditioning(g, 4)), (4, 18, 14), "normal"),
+}
+# (family, cache) -> a threshold at which a quarter or more of the calls skip, without every call skipping.
+THRESHOLDS = {
+    ("hunyuan_video", "fbcache"): 0.5,
+    ("hunyuan_video", "teacache"): 0.3,
+    ("mochi", "fbcache"): 0.5,
+    ("mochi", "teacache"): 0.05,
+    ("hunyuan_dit", "fbcache"): 0.5,
+}
+
+
+def request(family: str, batch: int, cache: CacheSettings | None) -> SampleRequest:
+    spec = FAMILIES[family]
+    g = torch.Generator().manual_seed(1)
+    positive, negative = spec.conditionings(g)
+    # img2img from a latent whose top rows carry an image and whose bottom rows are empty, so the
+    # sequence shards change at different rates.
+    latent = torch.zeros(batch, *spec.latent)
+    rows = spec.latent[-2] // 2
+    latent[..., :rows, :] = 3 * torch.randn(batch, *spec.latent[:-2], rows, spec.latent[-1], generator=g)
+    return SampleRequest(latent, positive, negative, seed=42, steps=STEPS, cfg=4.0, denoise=0.75,
+                         scheduler=spec.scheduler, cache=cache)
+
+
+@contextlib.contextmanager
+def cfg_as_two_calls():
+    """Without a cache the engine batches the CFG branches into one call where their conditionings
+    have the same shapes (HunyuanDiT's always do), which differs from two calls in the last bits
+    (README: < 1e-5). A step cache always makes two calls; so does this reference, to compare bits."""
+    import comfy_xdit.engine as engine_module
+
+    batched = engine_module.run_ksampler
+    engine_module.run_ksampler = lambda *args, **kwargs: batched(*args, **{**kwargs, "batch_cfg": False})
+    try:
+        yield
+    finally:
+        engine_module.run_ksampler = batched
+
+
+def sample_with_caches(family: str, kind: str, config_kwargs: dict, batch: int, thresholds: list) -> dict:
+    """On every rank: {threshold or None: (latents, decisions as tuples)}, plus this rank's cfg index."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    mesh = ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **config_kwargs), torch.device("cpu"))
+    engine = RankEngine(mesh)
+    engine.set_model(FAMILIES[family].make_model(), ModelSpec("tiny", family=family, dtype="float32"))
+    out = {"cfg_rank": mesh.local_rank("cfg")}
+    for threshold in thresholds:
+        cache = None if threshold is None else CacheSettings(kind, threshold)
+        with cfg_as_two_calls() if cache is None else contextlib.nullcontext():
+            latents = engine.sample(request(family, batch, cache))
+        out[threshold] = (latents, [tuple(vars(d).values()) for d in engine.last_cache_record])
+    return out
+
+
+def skipped(decisions) -> int:
+    return sum(1 for d in decisions if not d[2])
+
+
+def schedule(decisions, branch: str) -> list[tuple[int, bool]]:
+    return [(d[1], d[2]) for d in decisions if d[0] == branch]
+
+
+@pytest.fixture(scope="module")
+def one_worker():
+    """(family, kind, batch, threshold) -> one worker's (latents, decisions), each run once per module."""
+    cache = {}
+
+    def get(family: str, kind: str, batch: int, threshold) -> tuple:
+        key = (family, None if threshold is None else kind, batch, threshold)  # no cache: the same run for every kind
+        if key not in cache:
+            cache[key] = sample_with_caches(family, kind, {}, batch, [threshold])[threshold]
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("family, kind", list(THRESHOLDS))
+def test_threshold_zero_equals_no_cache(family, kind, one_worker):
+    latents, decisions = one_worker(family, kind, 1, 0.0)
+    assert torch.equal(latents, one_worker(family, kind, 1, None)[0])
+    # The hooks did run: every call computed, each branch called once per step.
+    assert len(decisions) == 2 * STEPS and skipped(decisions) == 0
+    for branch in ("branch0", "branch1"):
+        assert [step for step, _ in schedule(decisions, branch)] == list(range(STEPS))
+    measured = sum(math.isfinite(d[3]) for d in decisions)
+    # First-Block-Cache measures from the second step on; TeaCache neither on the first nor the last.
+    assert measured == 2 * (STEPS - 1 if kind == "fbcache" else STEPS - 2)
+
+
+@pytest.mark.parametrize("family, kind", list(THRESHOLDS))
+def test_threshold_skips_a_quarter_of_the_calls(family, kind, one_worker):
+    latents, decisions = one_worker(family, kind, 1, THRESHOLDS[(family, kind)])
+    assert skipped(decisions) >= 0.25 * len(decisions), decisions
+    assert skipped(decisions) < len(decisions) - 4
+    # Skipping changed the result (else the parallel comparisons below would prove nothing).
+    assert relative_error(latents, one_worker(family, kind, 1, None)[0]) > 1e-3
+
+
+# (config, batch) for the 2-rank comparisons; all run in one launch of two processes.
+CASES = {
+    "ulysses=2": (dict(ulysses_degree=2), 1),
+    "ring=2": (dict(ring_degree=2), 1),
+    "cfg parallel": (dict(use_cfg_parallel=True), 1),
+    "data=2, batch 2": (dict(data_parallel_degree=2), 2),
+}
+# Ulysses for each, plus Ring, cfg or data parallel (alternating, to keep the launch short).
+PARALLEL = [("hunyuan_video", "fbcache", "ulysses=2"), ("hunyuan_video", "fbcache", "cfg parallel"),
+            ("hunyuan_video", "teacache", "ulysses=2"), ("hunyuan_video", "teacache", "data=2, batch 2"),
+            ("mochi", "fbcache", "ulysses=2"), ("mochi", "fbcache", "data=2, batch 2"),
+            ("mochi", "teacache", "ulysses=2"), ("mochi", "teacache", "ring=2"),
+            ("hunyuan_dit", "fbcache", "ulysses=2"), ("hunyuan_dit", "fbcache", "cfg parallel")]
+
+
+def sample_all_cases() -> dict:
+    return {(family, kind, name): sample_with_caches(family, kind, CASES[name][0], CASES[name][1], [THRESHOLDS[(family, kind)]])
+            for family, kind, name in PARALLEL}
+
+
+@pytest.fixture(scope="module")
+def two_workers():
+    return run_on_ranks(2, sample_all_cases)
+
+
+@pytest.mark.parametrize("family, kind, name", PARALLEL)
+def test_parallel_cache_skips_the_same_steps_and_equals_one_worker(family, kind, name, two_workers, one_worker):
+    config_kwargs, batch = CASES[name]
+    threshold = THRESHOLDS[(family, kind)]
+    expected_latents, expected_decisions = one_worker(family, kind, batch, threshold)
+    for rank, results in enumerate(two_workers):
+        out = results[(family, kind, name)]
+        latents, decisions = out[threshold]
+        if config_kwargs.get("use_cfg_parallel"):  # a cfg rank's only branch is one worker's branch<cfg rank>
+            pairs = [("branch0", f"branch{out['cfg_rank']}")]
+        else:
+            pairs = [("branch0", "branch0"), ("branch1", "branch1")]
+        for mine, theirs in pairs:
+            assert schedule(decisions, mine) == schedule(expected_decisions, theirs), f"{family} {kind} {name} rank {rank}"
+            # The decided-on value is one worker's: summed over both shards' real tokens (padding
+            # excluded) and both data ranks' rows. Up to float32 summation order.
+            ours = [d[3] for d in decisions if d[0] == mine]
+            reference = [d[3] for d in expected_decisions if d[0] == theirs]
+            for a, b in zip(ours, reference, strict=True):
+                assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-5 * abs(b), f"{family} {name} rank {rank}: {a} != {b}"
+        error = relative_error(latents, expected_latents)
+        assert error < TOLERANCE, f"{family} {kind} {name}: rank {rank} differs from one worker by {error:.2e}"
+
+
+@pytest.mark.parametrize("family, kind", [("hunyuan_video", "fbcache"), ("mochi", "teacache"), ("hunyuan_dit", "fbcache")])
+def test_under_ulysses_the_shards_own_changes_differ_but_the_decision_is_shared(family, kind, two_workers):
+    """The two sequence shards see different changes; both decide on the same reduced value."""
+    key = (family, kind, "ulysses=2")
+    mine, theirs = (results[key][THRESHOLDS[(family, kind)]][1] for results in two_workers)
+    measured = [i for i, d in enumerate(mine) if math.isfinite(d[3])]
+    assert measured and all(mine[i][3] == theirs[i][3] for i in measured)
+    assert any(abs(mine[i][4] - theirs[i][4]) > 0.01 * mine[i][3] for i in measured)
+
+
+def test_teacache_is_refused_for_hunyuan_dit():
+    from comfy_xdit.caching.job import cache_job_for
+    from comfy_xdit.config import ConfigError
+
+    one = ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"teacache step cache is not available for hunyuan_dit models \(TeaCache has no "
+                                          r"published rescale coefficients for HunyuanDiT\) \(available: fbcache\); set the "
+                                          r"sampler's cache to fbcache or none"):
+        cache_job_for(request("hunyuan_dit", 1, CacheSettings("teacache")), None, one, 1.0, family="hunyuan_dit")
+
+
+def test_teacache_recipes_are_the_published_ones():
+    from comfy_xdit.caching.families import FAMILY_CACHES, HUNYUAN_VIDEO_TEACACHE, MOCHI_TEACACHE
+
+    assert FAMILY_CACHES["hunyuan_video"].teacache(None) is HUNYUAN_VIDEO_TEACACHE
+    assert HUNYUAN_VIDEO_TEACACHE.coefficients[0] == 7.33226126e02 and HUNYUAN_VIDEO_TEACACHE.default_threshold == 0.1
+    assert FAMILY_CACHES["mochi"].teacache(None) is MOCHI_TEACACHE
+    assert MOCHI_TEACACHE.coefficients[0] == -3.51241319e03 and MOCHI_TEACACHE.default_threshold == 0.06
+    for recipe in (HUNYUAN_VIDEO_TEACACHE, MOCHI_TEACACHE):
+        assert recipe.retained_steps == 1 and recipe.last_step_runs and recipe.per_token

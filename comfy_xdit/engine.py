@@ -228,24 +228,39 @@ class RankEngine:
 
     def _sample_diffusers(self, request: SampleRequest, hooks: StepHooks) -> torch.Tensor:
         """A family without ComfyUI support: its diffusers scheduler in its pipeline's loop."""
-        from .sampling.diffusers_schedulers import run_diffusers_sampler
+        from .caching.job import diffusers_cache_job_for
+        from .sampling.diffusers_schedulers import run_diffusers_sampler, scheduler_timesteps
 
         family, denoiser, pipeline = self.family, self._denoiser, self.family.pipeline
         pipeline.check(request, self.model.config)
         latent = family.latent_format(self.model.config)
-        with torch.inference_mode():
+        scheduler_config = pipeline.scheduler_config(self.spec.path)
+        cache = diffusers_cache_job_for(request, self.model, self.mesh, self.spec.family,  # refuses before any work
+                                        scheduler_timesteps(scheduler_config, request.steps),
+                                        sharded_forward=getattr(denoiser, "forward", None))
+        if cache and self.spec.cuda_graphs and self.device.type == "cuda":
+            raise ConfigError("a step cache decides on the host at every step, which a captured CUDA graph cannot; "
+                              "set the cache to none or turn the loader's cuda_graphs off")
+
+        def model_call(x, t, cond):
+            with cache.call(cond, t) if cache else contextlib.nullcontext():
+                return family.velocity(denoiser, x, t, cond)
+
+        self.last_cache_record = cache.record if cache else []
+        with torch.inference_mode(), cache or contextlib.nullcontext():
             return run_diffusers_sampler(
                 request,
-                lambda x, t, cond: family.velocity(denoiser, x, t, cond),
+                model_call,
                 self.mesh,
                 pipeline=pipeline,
-                scheduler_config=pipeline.scheduler_config(self.spec.path),
+                scheduler_config=scheduler_config,
                 latent_channels=latent.channels,
                 latent_dimensions=latent.dimensions,
                 from_model_space=latent.from_model_space,
                 hooks=hooks,
                 device=self.device,
                 model_config=self.model.config,
+                batch_cfg=cache is None,  # the cache keeps a state per branch: one call per branch
             )
 
     def _job_controls(self, request: SampleRequest, dtype: torch.dtype):

@@ -27,6 +27,7 @@ from .settings import (
     DEFAULT_THRESHOLDS,
     FBCACHE,
     TEACACHE,
+    TEACACHE_COGVIDEOX_2B,
     TEACACHE_FLUX_COEFFICIENTS,
     TEACACHE_HUNYUAN_VIDEO,
     TEACACHE_MOCHI,
@@ -73,7 +74,8 @@ def _flux_modulated_input(block, arguments: dict) -> torch.Tensor:
 
 def _wan_timestep_modulation(block, arguments: dict) -> torch.Tensor:
     # the blocks' timestep modulation [B, 6, dim] (the original code's e0), which TeaCache4Wan2.1
-    # measures with use_ret_steps
+    # measures with use_ret_steps; CogVideoX's blocks get its time embedding ``emb`` [B, D] here,
+    # which TeaCache's CogVideoX experiment measures
     return arguments["temb"]
 
 
@@ -98,6 +100,8 @@ WAN_14B_TEACACHE = TeaCacheRecipe("TeaCache4Wan2.1 T2V 14B (use_ret_steps)", *TE
                                   retained_steps=TEACACHE_WAN_RETAINED_STEPS, last_step_runs=False)
 HUNYUAN_VIDEO_TEACACHE = TeaCacheRecipe("TeaCache4HunyuanVideo", *TEACACHE_HUNYUAN_VIDEO, _hunyuan_video_modulated_input)
 MOCHI_TEACACHE = TeaCacheRecipe("TeaCache4Mochi", *TEACACHE_MOCHI, _mochi_modulated_input)
+COGVIDEOX_2B_TEACACHE = TeaCacheRecipe("TeaCache's CogVideoX-2b experiment", *TEACACHE_COGVIDEOX_2B,
+                                       _wan_timestep_modulation, per_token=False)
 WAN_14B_WIDTH = 5120  # Wan 2.1 14B and each Wan 2.2 A14B expert; the 1.3B is 1536 wide
 
 
@@ -106,6 +110,17 @@ def _wan_teacache(config) -> TeaCacheRecipe:
     # architecture; the polynomial was fitted on 2.1), the 1.3B one for every other width.
     width = config.num_attention_heads * config.attention_head_dim
     return WAN_14B_TEACACHE if width == WAN_14B_WIDTH else WAN_1_3B_TEACACHE
+
+
+def _cogvideox_teacache(config) -> TeaCacheRecipe:
+    # CogVideoX-2b is the one with learned positional embeddings; 5b and 1.5 use rotary ones.
+    from ..config import ConfigError
+
+    if config.use_rotary_positional_embeddings:
+        raise ConfigError("the teacache step cache is not available for this CogVideoX model (TeaCache's CogVideoX "
+                          "polynomial is fitted on CogVideoX-2b; none is published for 5b) (available: fbcache); "
+                          "set the sampler's cache to fbcache or none")
+    return COGVIDEOX_2B_TEACACHE
 
 
 NO_POLYNOMIAL = "TeaCache has no published rescale coefficients for {}"
@@ -121,6 +136,16 @@ FAMILY_CACHES: dict[str, FamilyCaches] = {
     "hunyuan_video": FamilyCaches(None, teacache=lambda config: HUNYUAN_VIDEO_TEACACHE),
     "mochi": FamilyCaches(None, teacache=lambda config: MOCHI_TEACACHE),
     "hunyuan_dit": FamilyCaches(None, no_teacache_because=NO_POLYNOMIAL.format("HunyuanDiT")),
+    # Diffusers-semantics families: the job is keyed by the scheduler's timesteps (job.py).
+    "dit": FamilyCaches("cross_attention_kwargs", no_teacache_because=NO_POLYNOMIAL.format("DiT-XL-2")),
+    "cogvideox": FamilyCaches("attention_kwargs", teacache=_cogvideox_teacache),
+}
+# Families whose blocks a step cache cannot skip cleanly, and why.
+NO_CACHE_BECAUSE = {
+    "consisid": "ConsisID adds its face features between blocks (perceiver cross-attention), which would run on "
+                "skipped steps too and be added on top of a cached residual that already holds them",
+    "latte": "Latte alternates spatial and temporal blocks with the tokens regrouped between them, so the first "
+             "and the last block's outputs are not in one layout to take a residual of",
 }
 
 

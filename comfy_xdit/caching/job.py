@@ -20,7 +20,7 @@ from diffusers.hooks.hooks import CacheContext
 
 from . import hooks
 from .decision import ReducedRelativeL1
-from .families import FAMILY_CACHES, layout_reader
+from .families import FAMILY_CACHES, NO_CACHE_BECAUSE, layout_reader
 from .settings import DEFAULT_THRESHOLDS, FBCACHE, CacheSettings
 
 
@@ -81,25 +81,12 @@ UNAVAILABLE_BECAUSE = {(family, "teacache"): caches.no_teacache_because
                        for family, caches in FAMILY_CACHES.items() if caches.no_teacache_because}
 
 
-def cache_job_for(request, model: torch.nn.Module, mesh, default_shift: float, family: str = "flux",
-                  sharded_forward=None) -> CacheJob | None:
-    """The request's cache for this rank, or None; refuses combinations it cannot keep exact.
-
-    sharded_forward: the model's ModuleShardedForward, for families whose blocks get no attention
-    kwargs (Wan): the metric asks it for the sequence layout of the call in progress.
-    """
+def _refuse_what_it_cannot_keep_exact(settings: CacheSettings, request, mesh, family: str) -> None:
     from ..config import ConfigError
 
-    settings: CacheSettings | None = getattr(request, "cache", None)
-    if settings is None:
-        return None
-    if settings.kind == "ditfastattn":  # DiTFastAttn compresses attention instead of skipping blocks
-        from ..fastattn.job import fastattn_job_for
-
-        return fastattn_job_for(request, model, mesh, default_shift, family)
     if settings.kind not in SUPPORTED.get(family, ()):
         offered = SUPPORTED.get(family, ())
-        why = UNAVAILABLE_BECAUSE.get((family, settings.kind))
+        why = UNAVAILABLE_BECAUSE.get((family, settings.kind)) or NO_CACHE_BECAUSE.get(family)
         raise ConfigError(f"the {settings.kind} step cache is not available for {family} models"
                           f"{f' ({why})' if why else ''} (available: {', '.join(offered) or 'none yet'}); "
                           f"set the sampler's cache to {' or '.join((*offered, 'none'))}")
@@ -110,10 +97,35 @@ def cache_job_for(request, model: torch.nn.Module, mesh, default_shift: float, f
                          "or remove the ControlNet")
     if mesh.size("pipefusion") > 1:
         raise ConfigError("the step cache does not work with PipeFusion: set the sampler's cache to none, or use "
-                         "Ulysses/Ring sequence parallelism (pipefusion_parallel_degree 1)")
+                          "Ulysses/Ring sequence parallelism (pipefusion_parallel_degree 1)")
     if mesh.size("distrifusion") > 1:
         raise ConfigError("the step cache does not work with DistriFusion: set the sampler's cache to none, or use "
-                         "Ulysses/Ring sequence parallelism (distrifusion_degree 1)")
+                          "Ulysses/Ring sequence parallelism (distrifusion_degree 1)")
+
+
+def _job(settings: CacheSettings, model, mesh, steps_by: list[float], family: str, sharded_forward) -> CacheJob:
+    caches = FAMILY_CACHES[family]
+    teacache = None if settings.kind == FBCACHE else caches.teacache(model.config)
+    threshold = settings.threshold_or(DEFAULT_THRESHOLDS[FBCACHE] if teacache is None else teacache.default_threshold)
+    return CacheJob(model, settings, ReducedRelativeL1.for_mesh(mesh), steps_by, threshold,
+                    layout_reader(caches, sharded_forward), teacache)
+
+
+def cache_job_for(request, model: torch.nn.Module, mesh, default_shift: float, family: str = "flux",
+                  sharded_forward=None) -> CacheJob | None:
+    """The request's cache for this rank, or None; refuses combinations it cannot keep exact.
+
+    sharded_forward: the model's ModuleShardedForward, for families whose blocks get no attention
+    kwargs (Wan): the metric asks it for the sequence layout of the call in progress.
+    """
+    settings: CacheSettings | None = getattr(request, "cache", None)
+    if settings is None:
+        return None
+    if settings.kind == "ditfastattn":  # DiTFastAttn compresses attention instead of skipping blocks
+        from ..fastattn.job import fastattn_job_for
+
+        return fastattn_job_for(request, model, mesh, default_shift, family)
+    _refuse_what_it_cannot_keep_exact(settings, request, mesh, family)
     from ..models.families import get as get_family
     from ..sampling.ksampler import flow_sampling_for
     from ..sampling.schedules import sigmas_for
@@ -122,8 +134,19 @@ def cache_job_for(request, model: torch.nn.Module, mesh, default_shift: float, f
     # The family's own model sampling (SD3: discrete flow), so the step of a sigma is the sampler's.
     sampling = flow_sampling_for(request, default_shift, height, width, get_family(family).sampling)
     sigmas = sigmas_for(sampling, request.scheduler, request.steps, request.denoise, request.sampler_name)
-    caches = FAMILY_CACHES[family]
-    teacache = None if settings.kind == FBCACHE else caches.teacache(model.config)
-    threshold = settings.threshold_or(DEFAULT_THRESHOLDS[FBCACHE] if teacache is None else teacache.default_threshold)
-    return CacheJob(model, settings, ReducedRelativeL1.for_mesh(mesh), sigmas, threshold,
-                    layout_reader(caches, sharded_forward), teacache)
+    return _job(settings, model, mesh, sigmas, family, sharded_forward)
+
+
+def diffusers_cache_job_for(request, model: torch.nn.Module, mesh, family: str, timesteps,
+                            sharded_forward=None) -> CacheJob | None:
+    """The cache of a diffusers-semantics family (its pipeline's loop; sampling/diffusers_schedulers.py).
+
+    The loop calls the model with the scheduler's timesteps, one per step and strictly decreasing,
+    so they stand in for the sigmas: step i covers (timesteps[i+1], timesteps[i]], the last step
+    everything below.
+    """
+    settings: CacheSettings | None = getattr(request, "cache", None)
+    if settings is None:
+        return None
+    _refuse_what_it_cannot_keep_exact(settings, request, mesh, family)
+    return _job(settings, model, mesh, [*(float(t) for t in timesteps), float("-inf")], family, sharded_forward)

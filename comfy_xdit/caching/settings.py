@@ -53,6 +53,12 @@ TEACACHE_HUNYUAN_VIDEO = ((7.33226126e02, -4.01131952e02, 6.75869174e01, -3.1498
 # first block's norm1 output (the modulated video input) of diffusers' MochiTransformer3DModel; the
 # first and the last step always run. Its comment: 0.06 ~1.5x, 0.09 ~2.1x (the script uses 0.09,
 # 64 steps); we default to 0.06, the quality end.
+# TeaCache's CogVideoX experiment (ali-vilab/TeaCache, eval/teacache/experiments/cogvideox.py, the
+# paper's VBench runs on VideoSys' CogVideoXConfig, i.e. CogVideoX-2b 1.0): the polynomial fitted on
+# the time embedding ``emb`` every block gets (no image tokens); the first and the last timestep
+# always run; its "slow" and "fast" runs use 0.1 and 0.2. We default to 0.1 and offer it for 2b
+# only (learned positional embeddings): nothing published for 5b (TeaCache4CogVideoX1.5 is 1.5's).
+TEACACHE_COGVIDEOX_2B = ((-3.10658903e01, 2.54732368e01, -5.92380459e00, 1.75769064e00, -3.61568434e-03), 0.1)
 TEACACHE_MOCHI = ((-3.51241319e03, 8.11675948e02, -6.09400215e01, 2.42429681e00, 3.05291719e-03), 0.06)
 
 

@@ -161,6 +161,13 @@ def scheduler_step(scheduler, output: torch.Tensor, i: int, timesteps, x: torch.
     return result.prev_sample, state, getattr(result, "pred_original_sample", None)
 
 
+def scheduler_timesteps(scheduler_config: dict, steps: int) -> torch.Tensor:
+    """The timesteps the loop below calls the model with (a step cache keys its steps on them)."""
+    scheduler = build_scheduler(scheduler_config)
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps
+
+
 def run_diffusers_sampler(
     request: SampleRequest,
     model_call: ModelCall,
@@ -188,8 +195,6 @@ def run_diffusers_sampler(
     if request.batch_index is not None:
         raise ValueError(f"latents with a batch_index (Latent From Batch) are not supported with {pipeline.name}'s "
                          "sampling; use a fresh empty latent")
-    if request.cache is not None:
-        raise ValueError(f"step caches are not supported with {pipeline.name}'s sampling yet; set the cache to none")
     batch = latent.shape[0]
     uses_cfg = pipeline.uses_guidance(request.cfg) and request.negative is not None
     mesh.config.check_request(batch_size=batch, uses_cfg=uses_cfg)

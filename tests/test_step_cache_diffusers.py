@@ -1,0 +1,203 @@
+"""Step caches on the diffusers-semantics families DiT-XL-2 and CogVideoX: threshold 0 changes nothing, 2 workers equal one.
+
+These families sample in their diffusers pipeline's loop (sampling/diffusers_schedulers.py): the
+cache keys its steps on the scheduler's timesteps, and with a cache the loop calls the two CFG
+branches separately (each keeps its own state). Tiny models from diffusers folders written at
+test time (DDIM), float32, gloo processes on the CPU. DiT's blocks are ``BasicTransformerBlock``
+(image only, layout in cross_attention_kwargs); CogVideoX's ``CogVideoXBlock`` returns (image,
+text), layout in attention_kwargs. TeaCache on CogVideoX-2b measures the blocks' time embedding
+with the polynomial of TeaCache's CogVideoX experiment; 5b (rotary) is refused, as are ConsisID
+and Latte (caching/families.py says why). Random weights check the mechanics, not quality.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from cogvideox_files import make_cogvideox_model, write_cogvideox_folder
+from comfy_xdit.caching.settings import CacheSettings
+from comfy_xdit.config import ConfigError, ParallelConfig
+from comfy_xdit.engine import RankEngine
+from comfy_xdit.mesh import ParallelMesh
+from comfy_xdit.requests import CogVideoXConditioning, DiTConditioning, ModelSpec, SampleRequest
+from dit_files import DDIM_CONFIG, make_dit_model, write_dit_folder
+from distributed import relative_error, run_on_ranks
+
+TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
+STEPS = 8
+
+
+def request(family: str, batch: int, cache) -> SampleRequest:
+    if family == "dit":  # 10x10 -> 25 tokens
+        labels = torch.tensor([207, 360][:batch])
+        return SampleRequest(torch.zeros(batch, 4, 10, 10), DiTConditioning(labels), DiTConditioning(torch.tensor([1000])),
+                             seed=7, steps=STEPS, cfg=4.0, cache=cache)
+    g = torch.Generator().manual_seed(1)  # 3 frames of 10x10 -> 75 tokens
+    positive, negative = (CogVideoXConditioning(torch.randn(1, 7, 16, generator=g)) for _ in range(2))
+    return SampleRequest(torch.zeros(batch, 16, 3, 10, 10), positive, negative, seed=5, steps=STEPS, cfg=6.0, cache=cache)
+
+
+def tiny_cogvideox_2b():
+    model = make_cogvideox_model(rotary=False)
+    # The tiny time embedding changes by 50-250 % a step, where the polynomial of TeaCache's CogVideoX
+    # experiment is negative and the sum never grows; an offset brings the changes to 5-20 %.
+    with torch.no_grad():
+        model.time_embedding.linear_2.bias += 3.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cached")
+    return {"dit": str(write_dit_folder(root / "dit", DDIM_CONFIG, make_dit_model(num_layers=3))),
+            "cogvideox": str(write_cogvideox_folder(root / "cogvideox-2b", "ddim", tiny_cogvideox_2b())),
+            "cogvideox-5b": str(write_cogvideox_folder(root / "cogvideox-5b", "ddim", make_cogvideox_model(rotary=True)))}
+
+
+def engine_for(folders: dict, name: str, config_kwargs: dict) -> RankEngine:
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **config_kwargs), torch.device("cpu")))
+    engine.load(ModelSpec(folders[name], family=name.split("-")[0], dtype="float32"))
+    return engine
+
+
+@contextlib.contextmanager
+def cfg_as_two_calls():
+    """Without a cache the loop batches [conditional, unconditional] as the pipeline does, which
+    differs from two calls in the last bits; a step cache always makes two calls, so does this reference."""
+    import comfy_xdit.sampling.diffusers_schedulers as loop
+
+    batched = loop.run_diffusers_sampler
+    loop.run_diffusers_sampler = lambda *args, **kwargs: batched(*args, **{**kwargs, "batch_cfg": False})
+    try:
+        yield
+    finally:
+        loop.run_diffusers_sampler = batched
+
+
+def sample_with_caches(folders: dict, family: str, kind: str, config_kwargs: dict, batch: int, thresholds: list) -> dict:
+    engine = engine_for(folders, family, config_kwargs)
+    out = {"cfg_rank": engine.mesh.local_rank("cfg")}
+    for threshold in thresholds:
+        cache = None if threshold is None else CacheSettings(kind, threshold)
+        with cfg_as_two_calls() if cache is None else contextlib.nullcontext():
+            latents = engine.sample(request(family, batch, cache))
+        out[threshold] = (latents, [tuple(vars(d).values()) for d in engine.last_cache_record])
+    return out
+
+
+def skipped(decisions) -> int:
+    return sum(1 for d in decisions if not d[2])
+
+
+def schedule(decisions, branch: str) -> list[tuple[int, bool]]:
+    return [(d[1], d[2]) for d in decisions if d[0] == branch]
+
+
+# (family, cache) -> a threshold at which a quarter or more of the calls skip, without every call skipping.
+# Random weights change the first block's residual by ~15-120 % a step, so the thresholds are high.
+THRESHOLDS = {
+    ("dit", "fbcache"): 0.9,
+    ("cogvideox", "fbcache"): 0.3,
+    ("cogvideox", "teacache"): 0.3,
+}
+
+
+@pytest.fixture(scope="module")
+def one_worker(folders):
+    cache = {}
+
+    def get(family: str, kind: str, batch: int, threshold) -> tuple:
+        key = (family, None if threshold is None else kind, batch, threshold)
+        if key not in cache:
+            cache[key] = sample_with_caches(folders, family, kind, {}, batch, [threshold])[threshold]
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("family, kind", list(THRESHOLDS))
+def test_threshold_zero_equals_no_cache(family, kind, one_worker):
+    latents, decisions = one_worker(family, kind, 1, 0.0)
+    assert torch.equal(latents, one_worker(family, kind, 1, None)[0])
+    assert len(decisions) == 2 * STEPS and skipped(decisions) == 0
+    for branch in ("branch0", "branch1"):  # one call per branch and step, numbered by the scheduler's timesteps
+        assert [step for step, _ in schedule(decisions, branch)] == list(range(STEPS))
+    measured = sum(math.isfinite(d[3]) for d in decisions)
+    assert measured == 2 * (STEPS - 1 if kind == "fbcache" else STEPS - 2)
+
+
+@pytest.mark.parametrize("family, kind", list(THRESHOLDS))
+def test_threshold_skips_a_quarter_of_the_calls(family, kind, one_worker):
+    latents, decisions = one_worker(family, kind, 1, THRESHOLDS[(family, kind)])
+    assert skipped(decisions) >= 0.25 * len(decisions), decisions
+    assert skipped(decisions) < len(decisions) - 4
+    assert relative_error(latents, one_worker(family, kind, 1, None)[0]) > 1e-3
+
+
+CASES = {
+    "ulysses=2": (dict(ulysses_degree=2), 1),
+    "cfg parallel": (dict(use_cfg_parallel=True), 1),
+    "data=2, batch 2": (dict(data_parallel_degree=2), 2),
+}
+PARALLEL = [("dit", "fbcache", "ulysses=2"), ("dit", "fbcache", "data=2, batch 2"),
+            ("cogvideox", "fbcache", "ulysses=2"), ("cogvideox", "fbcache", "cfg parallel"),
+            ("cogvideox", "teacache", "ulysses=2")]
+
+
+def sample_all_cases(folders: dict) -> dict:
+    return {(family, kind, name): sample_with_caches(folders, family, kind, CASES[name][0], CASES[name][1],
+                                                     [THRESHOLDS[(family, kind)]])
+            for family, kind, name in PARALLEL}
+
+
+@pytest.fixture(scope="module")
+def two_workers(folders):
+    return run_on_ranks(2, sample_all_cases, folders)
+
+
+@pytest.mark.parametrize("family, kind, name", PARALLEL)
+def test_parallel_cache_skips_the_same_steps_and_equals_one_worker(family, kind, name, two_workers, one_worker):
+    config_kwargs, batch = CASES[name]
+    threshold = THRESHOLDS[(family, kind)]
+    expected_latents, expected_decisions = one_worker(family, kind, batch, threshold)
+    for rank, results in enumerate(two_workers):
+        out = results[(family, kind, name)]
+        latents, decisions = out[threshold]
+        if config_kwargs.get("use_cfg_parallel"):
+            pairs = [("branch0", f"branch{out['cfg_rank']}")]
+        else:
+            pairs = [("branch0", "branch0"), ("branch1", "branch1")]
+        for mine, theirs in pairs:
+            assert schedule(decisions, mine) == schedule(expected_decisions, theirs), f"{family} {kind} {name} rank {rank}"
+            ours = [d[3] for d in decisions if d[0] == mine]
+            reference = [d[3] for d in expected_decisions if d[0] == theirs]
+            for a, b in zip(ours, reference, strict=True):
+                assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-5 * abs(b), f"{family} {name} rank {rank}: {a} != {b}"
+        error = relative_error(latents, expected_latents)
+        assert error < TOLERANCE, f"{family} {kind} {name}: rank {rank} differs from one worker by {error:.2e}"
+
+
+@pytest.mark.parametrize("family, kind, why", [
+    ("cogvideox-5b", "teacache", r"fitted on CogVideoX-2b; none is published for 5b"),
+    ("dit", "teacache", r"TeaCache has no published rescale coefficients for DiT-XL-2"),
+])
+def test_teacache_is_refused_where_no_polynomial_is_published(folders, family, kind, why):
+    engine = engine_for(folders, family, {})
+    with pytest.raises(ConfigError, match=why):
+        engine.sample(request(family.split("-")[0], 1, CacheSettings(kind)))
+
+
+@pytest.mark.parametrize("family, why", [("consisid", "face features between blocks"), ("latte", "not in one layout")])
+def test_caches_are_refused_by_name_where_blocks_cannot_be_skipped_cleanly(family, why):
+    from comfy_xdit.caching.job import diffusers_cache_job_for
+
+    one = ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu"))
+    cached = request("dit", 1, CacheSettings("fbcache"))
+    with pytest.raises(ConfigError, match=rf"fbcache step cache is not available for {family} models \(.*{why}.*\) "
+                                          r"\(available: none yet\); set the sampler's cache to none"):
+        diffusers_cache_job_for(cached, None, one, family, torch.tensor([999, 500]))

@@ -662,7 +662,7 @@ DIT = ModelFamily(
     conditioning_keys=frozenset({"class_label"}),
     # bridge.dit_conditioning reads only the class label and refuses a text encoder's CONDITIONING by name
     ignored_keys=frozenset({"pooled_output"}),
-    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data", "cache"}),
     resolution_shift=False,
     conditioning_widths=lambda config: {},
     vae_note="the stock VAELoader + VAE Decode nodes with the SD VAE (sd-vae-ft-ema or -mse)",
@@ -774,7 +774,7 @@ COGVIDEOX = ModelFamily(
     text_encoders="T5-XXL (CLIPLoader with t5xxl, e.g. type sd3, then CLIPTextEncode)",
     conditioning_keys=frozenset(),
     ignored_keys=frozenset({"pooled_output", "attention_mask", "guidance"}),
-    methods=frozenset({"ulysses", "ring", "cfg", "data"}),
+    methods=frozenset({"ulysses", "ring", "cfg", "data", "cache"}),
     resolution_shift=False,
     conditioning_widths=lambda config: {"context": config.text_embed_dim},
     vae_note="Parallel Folder VAE Decode: the folder's own vae/ (AutoencoderKLCogVideoX; core ComfyUI has no "

@@ -1,11 +1,11 @@
 """What a sampling request asks of the step cache, and the published defaults it falls back on.
 
 Random weights cannot calibrate quality, so every default here is a published value (sources
-in the README's cache section). First-Block-Cache's is published for Flux.1-dev only; SD3/SD3.5,
-PixArt, Wan, Qwen-Image and the video families take it too: no family-specific threshold is published for them.
-TeaCache needs a rescale polynomial fitted on the model: published for Flux.1-dev and Wan 2.1
-T2V (1.3B, 14B), HunyuanVideo and Mochi; caching/families.py says which family uses which.
-HunyuanVideo, Mochi and HunyuanDiT take First-Block-Cache's Flux default too (none published).
+in the README's cache section). First-Block-Cache's is published for Flux.1-dev only; every other
+family (SD3/SD3.5, PixArt, Wan, Qwen-Image, HunyuanVideo, Mochi, HunyuanDiT, DiT-XL-2, CogVideoX)
+takes it too: no family-specific threshold is published for them. TeaCache needs a rescale
+polynomial fitted on the model: published for Flux.1-dev, Wan 2.1 T2V (1.3B, 14B), HunyuanVideo,
+Mochi and CogVideoX-2b; caching/families.py says which family uses which.
 
 - First-Block-Cache: residual_diff_threshold 0.08, ParaAttention's default for FLUX models
   (28 steps: 26.36 s -> 17.01 s, 1.55x, on an L20).

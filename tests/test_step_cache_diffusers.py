@@ -6,8 +6,9 @@ branches separately (each keeps its own state). Tiny models from diffusers folde
 test time (DDIM), float32, gloo processes on the CPU. DiT's blocks are ``BasicTransformerBlock``
 (image only, layout in cross_attention_kwargs); CogVideoX's ``CogVideoXBlock`` returns (image,
 text), layout in attention_kwargs. TeaCache on CogVideoX-2b measures the blocks' time embedding
-with the polynomial of TeaCache's CogVideoX experiment; 5b (rotary) is refused, as are ConsisID
-and Latte (caching/families.py says why). Random weights check the mechanics, not quality.
+with the polynomial of TeaCache's CogVideoX experiment; 5b and 1.5 are refused, as are ConsisID
+and Latte (caching/families.py says why). CogVideoX 1.5 (frame patches, padding frame) takes
+First-Block-Cache. Random weights check the mechanics, not quality.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 import pytest
 import torch
 
-from cogvideox_files import make_cogvideox_model, write_cogvideox_folder
+from cogvideox_files import make_cogvideox15_model, make_cogvideox_model, write_cogvideox_folder
 from comfy_xdit.caching.settings import CacheSettings
 from comfy_xdit.config import ConfigError, ParallelConfig
 from comfy_xdit.engine import RankEngine
@@ -31,14 +32,16 @@ TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
 STEPS = 8
 
 
-def request(family: str, batch: int, cache) -> SampleRequest:
-    if family == "dit":  # 10x10 -> 25 tokens
+def request(name: str, batch: int, cache) -> SampleRequest:
+    if name == "dit":  # 10x10 -> 25 tokens
         labels = torch.tensor([207, 360][:batch])
         return SampleRequest(torch.zeros(batch, 4, 10, 10), DiTConditioning(labels), DiTConditioning(torch.tensor([1000])),
                              seed=7, steps=STEPS, cfg=4.0, cache=cache)
-    g = torch.Generator().manual_seed(1)  # 3 frames of 10x10 -> 75 tokens
+    # 1.0: 3 frames of 10x10 -> 75 tokens; 1.5: 5 frames, padded to 6 -> 3 frame patches x 25 = 75 tokens
+    frames = 5 if name == "cogvideox-15" else 3
+    g = torch.Generator().manual_seed(1)
     positive, negative = (CogVideoXConditioning(torch.randn(1, 7, 16, generator=g)) for _ in range(2))
-    return SampleRequest(torch.zeros(batch, 16, 3, 10, 10), positive, negative, seed=5, steps=STEPS, cfg=6.0, cache=cache)
+    return SampleRequest(torch.zeros(batch, 16, frames, 10, 10), positive, negative, seed=5, steps=STEPS, cfg=6.0, cache=cache)
 
 
 def tiny_cogvideox_2b():
@@ -55,7 +58,8 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("cached")
     return {"dit": str(write_dit_folder(root / "dit", DDIM_CONFIG, make_dit_model(num_layers=3))),
             "cogvideox": str(write_cogvideox_folder(root / "cogvideox-2b", "ddim", tiny_cogvideox_2b())),
-            "cogvideox-5b": str(write_cogvideox_folder(root / "cogvideox-5b", "ddim", make_cogvideox_model(rotary=True)))}
+            "cogvideox-5b": str(write_cogvideox_folder(root / "cogvideox-5b", "ddim", make_cogvideox_model(rotary=True))),
+            "cogvideox-15": str(write_cogvideox_folder(root / "cogvideox-15", "dpm", make_cogvideox15_model()))}
 
 
 def engine_for(folders: dict, name: str, config_kwargs: dict) -> RankEngine:
@@ -104,6 +108,7 @@ THRESHOLDS = {
     ("dit", "fbcache"): 0.9,
     ("cogvideox", "fbcache"): 0.3,
     ("cogvideox", "teacache"): 0.3,
+    ("cogvideox-15", "fbcache"): 0.7,
 }
 
 
@@ -146,7 +151,7 @@ CASES = {
 }
 PARALLEL = [("dit", "fbcache", "ulysses=2"), ("dit", "fbcache", "data=2, batch 2"),
             ("cogvideox", "fbcache", "ulysses=2"), ("cogvideox", "fbcache", "cfg parallel"),
-            ("cogvideox", "teacache", "ulysses=2")]
+            ("cogvideox", "teacache", "ulysses=2"), ("cogvideox-15", "fbcache", "ulysses=2")]
 
 
 def sample_all_cases(folders: dict) -> dict:
@@ -184,12 +189,13 @@ def test_parallel_cache_skips_the_same_steps_and_equals_one_worker(family, kind,
 
 @pytest.mark.parametrize("family, kind, why", [
     ("cogvideox-5b", "teacache", r"fitted on CogVideoX-2b; none is published for 5b"),
+    ("cogvideox-15", "teacache", r"TeaCache4CogVideoX1.5's polynomial is not wired in"),
     ("dit", "teacache", r"TeaCache has no published rescale coefficients for DiT-XL-2"),
 ])
 def test_teacache_is_refused_where_no_polynomial_is_published(folders, family, kind, why):
     engine = engine_for(folders, family, {})
     with pytest.raises(ConfigError, match=why):
-        engine.sample(request(family.split("-")[0], 1, CacheSettings(kind)))
+        engine.sample(request(family, 1, CacheSettings(kind)))
 
 
 @pytest.mark.parametrize("family, why", [("consisid", "face features between blocks"), ("latte", "not in one layout")])

@@ -116,6 +116,10 @@ def _cogvideox_teacache(config) -> TeaCacheRecipe:
     # CogVideoX-2b is the one with learned positional embeddings; 5b and 1.5 use rotary ones.
     from ..config import ConfigError
 
+    if getattr(config, "patch_size_t", None) is not None:  # 1.5
+        raise ConfigError("the teacache step cache is not available for CogVideoX 1.5 models yet (TeaCache4CogVideoX1.5's "
+                          "polynomial is not wired in; the CogVideoX-2b one is not a fit of 1.5) (available: fbcache); "
+                          "set the sampler's cache to fbcache or none")
     if config.use_rotary_positional_embeddings:
         raise ConfigError("the teacache step cache is not available for this CogVideoX model (TeaCache's CogVideoX "
                           "polynomial is fitted on CogVideoX-2b; none is published for 5b) (available: fbcache); "

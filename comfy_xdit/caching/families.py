@@ -2,13 +2,15 @@
 
 First-Block-Cache works on any family whose blocks diffusers' ``TransformerBlockRegistry`` knows
 (it says where a block returns its image and text streams): Flux's and SD3's joint blocks,
-PixArt's ``BasicTransformerBlock`` (image only), Wan's ``WanTransformerBlock`` (image only) and
+``BasicTransformerBlock`` (PixArt, DiT; image only), Wan's ``WanTransformerBlock`` (image only),
 Qwen-Image's ``QwenImageTransformerBlock`` (text, image), HunyuanVideo's dual- and single-stream
-blocks and Mochi's ``MochiTransformerBlock`` (image, text) are all registered there. HunyuanDiT's
-``HunyuanDiTBlock`` is not; it returns the image stream only, and is registered here the same way
-(its long skip connections need nothing more: on a skipped step every block after the first passes
-its input through, and the skip inputs are then unused). What a family adds is where its blocks find the ``SequenceLayout`` (so the
-metric can leave out the zero padding of the last sequence shard).
+blocks, Mochi's ``MochiTransformerBlock`` and ``CogVideoXBlock`` (image, text) are all registered
+there. HunyuanDiT's ``HunyuanDiTBlock`` is not; it returns the image stream only and is
+registered here the same way (its long skip connections need nothing more: on a skipped step
+every block after the first passes its input through, and the skip inputs go unused). What a
+family adds is where its blocks find the ``SequenceLayout`` (so the metric can leave out the zero
+padding of the last sequence shard). ConsisID and Latte cannot be skipped block by block
+(NO_CACHE_BECAUSE says why) and refuse both caches.
 
 TeaCache also needs the family's published rescale polynomial, fitted on the real model, and the
 tensor it was fitted on. A family without a published polynomial does not offer TeaCache: a

@@ -65,6 +65,9 @@ CASES = {
     "data=2 x ulysses=2": (4, dict(data_parallel_degree=2, ulysses_degree=2), 2),
     "cfg x ring=2": (4, dict(use_cfg_parallel=True, ring_degree=2), 1),
     "data=2, uneven batch of 3": (2, dict(data_parallel_degree=2), 3),
+    # Eight ranks: the hybrid issue 12 names for 8 GPUs (cfg x ulysses x ring), all three
+    # groups at once, each with its own collectives.
+    "cfg x ulysses=2 x ring=2 (8 ranks)": (8, dict(use_cfg_parallel=True, ulysses_degree=2, ring_degree=2), 1),
 }
 
 

@@ -98,6 +98,8 @@ def reference():
 # combinations with the rest of the mesh are checked the same way below.
 EXACT_CASES = {
     "pipefusion=2": (2, dict(pipefusion_parallel_degree=2, warmup_steps=3)),
+    # Eight ranks: issue 12's other 8-GPU hybrid, two stages of four Ulysses ranks each.
+    "pipefusion=2 x ulysses=4 (8 ranks)": (8, dict(pipefusion_parallel_degree=2, ulysses_degree=4, warmup_steps=3)),
 }
 
 

@@ -14,7 +14,6 @@ First-Block-Cache. Random weights check the mechanics, not quality.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import pytest
 import torch
@@ -26,7 +25,14 @@ from comfy_xdit.engine import RankEngine
 from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.requests import CogVideoXConditioning, DiTConditioning, ModelSpec, SampleRequest
 from dit_files import DDIM_CONFIG, make_dit_model, write_dit_folder
-from distributed import relative_error, run_on_ranks
+from distributed import run_on_ranks
+from step_cache_checks import (
+    assert_same_skips_and_latents,
+    assert_skips_a_quarter,
+    assert_threshold_zero_equals_no_cache,
+    memoized_one_worker,
+    sample_thresholds,
+)
 
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
 STEPS = 8
@@ -84,22 +90,8 @@ def cfg_as_two_calls():
 
 
 def sample_with_caches(folders: dict, family: str, kind: str, config_kwargs: dict, batch: int, thresholds: list) -> dict:
-    engine = engine_for(folders, family, config_kwargs)
-    out = {"cfg_rank": engine.mesh.local_rank("cfg")}
-    for threshold in thresholds:
-        cache = None if threshold is None else CacheSettings(kind, threshold)
-        with cfg_as_two_calls() if cache is None else contextlib.nullcontext():
-            latents = engine.sample(request(family, batch, cache))
-        out[threshold] = (latents, [tuple(vars(d).values()) for d in engine.last_cache_record])
-    return out
-
-
-def skipped(decisions) -> int:
-    return sum(1 for d in decisions if not d[2])
-
-
-def schedule(decisions, branch: str) -> list[tuple[int, bool]]:
-    return [(d[1], d[2]) for d in decisions if d[0] == branch]
+    return sample_thresholds(engine_for(folders, family, config_kwargs), lambda batch, cache: request(family, batch, cache),
+                             kind, batch, thresholds, uncached=cfg_as_two_calls)
 
 
 # (family, cache) -> a threshold at which a quarter or more of the calls skip, without every call skipping.
@@ -114,34 +106,20 @@ THRESHOLDS = {
 
 @pytest.fixture(scope="module")
 def one_worker(folders):
-    cache = {}
-
-    def get(family: str, kind: str, batch: int, threshold) -> tuple:
-        key = (family, None if threshold is None else kind, batch, threshold)
-        if key not in cache:
-            cache[key] = sample_with_caches(folders, family, kind, {}, batch, [threshold])[threshold]
-        return cache[key]
-
-    return get
+    return memoized_one_worker(lambda family, kind, batch, threshold:
+                               sample_with_caches(folders, family, kind, {}, batch, [threshold])[threshold])
 
 
 @pytest.mark.parametrize("family, kind", list(THRESHOLDS))
 def test_threshold_zero_equals_no_cache(family, kind, one_worker):
-    latents, decisions = one_worker(family, kind, 1, 0.0)
-    assert torch.equal(latents, one_worker(family, kind, 1, None)[0])
-    assert len(decisions) == 2 * STEPS and skipped(decisions) == 0
-    for branch in ("branch0", "branch1"):  # one call per branch and step, numbered by the scheduler's timesteps
-        assert [step for step, _ in schedule(decisions, branch)] == list(range(STEPS))
-    measured = sum(math.isfinite(d[3]) for d in decisions)
-    assert measured == 2 * (STEPS - 1 if kind == "fbcache" else STEPS - 2)
+    # one call per branch and step, numbered by the scheduler's timesteps
+    assert_threshold_zero_equals_no_cache(one_worker(family, kind, 1, 0.0), one_worker(family, kind, 1, None), STEPS,
+                                          measured_calls=2 * (STEPS - 1 if kind == "fbcache" else STEPS - 2))
 
 
 @pytest.mark.parametrize("family, kind", list(THRESHOLDS))
 def test_threshold_skips_a_quarter_of_the_calls(family, kind, one_worker):
-    latents, decisions = one_worker(family, kind, 1, THRESHOLDS[(family, kind)])
-    assert skipped(decisions) >= 0.25 * len(decisions), decisions
-    assert skipped(decisions) < len(decisions) - 4
-    assert relative_error(latents, one_worker(family, kind, 1, None)[0]) > 1e-3
+    assert_skips_a_quarter(one_worker(family, kind, 1, THRESHOLDS[(family, kind)]), one_worker(family, kind, 1, None))
 
 
 CASES = {
@@ -169,22 +147,8 @@ def two_workers(folders):
 def test_parallel_cache_skips_the_same_steps_and_equals_one_worker(family, kind, name, two_workers, one_worker):
     config_kwargs, batch = CASES[name]
     threshold = THRESHOLDS[(family, kind)]
-    expected_latents, expected_decisions = one_worker(family, kind, batch, threshold)
-    for rank, results in enumerate(two_workers):
-        out = results[(family, kind, name)]
-        latents, decisions = out[threshold]
-        if config_kwargs.get("use_cfg_parallel"):
-            pairs = [("branch0", f"branch{out['cfg_rank']}")]
-        else:
-            pairs = [("branch0", "branch0"), ("branch1", "branch1")]
-        for mine, theirs in pairs:
-            assert schedule(decisions, mine) == schedule(expected_decisions, theirs), f"{family} {kind} {name} rank {rank}"
-            ours = [d[3] for d in decisions if d[0] == mine]
-            reference = [d[3] for d in expected_decisions if d[0] == theirs]
-            for a, b in zip(ours, reference, strict=True):
-                assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-5 * abs(b), f"{family} {name} rank {rank}: {a} != {b}"
-        error = relative_error(latents, expected_latents)
-        assert error < TOLERANCE, f"{family} {kind} {name}: rank {rank} differs from one worker by {error:.2e}"
+    assert_same_skips_and_latents(two_workers, (family, kind, name), threshold, config_kwargs.get("use_cfg_parallel", False),
+                                  one_worker(family, kind, batch, threshold), TOLERANCE)
 
 
 @pytest.mark.parametrize("family, kind, why", [

@@ -14,7 +14,6 @@ are chosen on these tiny models.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import pytest
@@ -26,8 +25,16 @@ from comfy_xdit.config import ParallelConfig
 from comfy_xdit.engine import RankEngine
 from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.requests import HunyuanDiTConditioning, HunyuanVideoConditioning, MochiConditioning, ModelSpec, SampleRequest
-from distributed import relative_error, run_on_ranks
+from distributed import run_on_ranks
 from hunyuan_dit_files import make_hunyuan_dit_diffusers_model
+from step_cache_checks import (
+    assert_same_skips_and_latents,
+    assert_shards_differ_but_decide_alike,
+    assert_skips_a_quarter,
+    assert_threshold_zero_equals_no_cache,
+    memoized_one_worker,
+    sample_thresholds,
+)
 
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
 STEPS = 8
@@ -119,57 +126,27 @@ def sample_with_caches(family: str, kind: str, config_kwargs: dict, batch: int, 
     mesh = ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **config_kwargs), torch.device("cpu"))
     engine = RankEngine(mesh)
     engine.set_model(FAMILIES[family].make_model(), ModelSpec("tiny", family=family, dtype="float32"))
-    out = {"cfg_rank": mesh.local_rank("cfg")}
-    for threshold in thresholds:
-        cache = None if threshold is None else CacheSettings(kind, threshold)
-        with cfg_as_two_calls() if cache is None else contextlib.nullcontext():
-            latents = engine.sample(request(family, batch, cache))
-        out[threshold] = (latents, [tuple(vars(d).values()) for d in engine.last_cache_record])
-    return out
-
-
-def skipped(decisions) -> int:
-    return sum(1 for d in decisions if not d[2])
-
-
-def schedule(decisions, branch: str) -> list[tuple[int, bool]]:
-    return [(d[1], d[2]) for d in decisions if d[0] == branch]
+    return sample_thresholds(engine, lambda batch, cache: request(family, batch, cache), kind, batch, thresholds,
+                             uncached=cfg_as_two_calls)
 
 
 @pytest.fixture(scope="module")
 def one_worker():
     """(family, kind, batch, threshold) -> one worker's (latents, decisions), each run once per module."""
-    cache = {}
-
-    def get(family: str, kind: str, batch: int, threshold) -> tuple:
-        key = (family, None if threshold is None else kind, batch, threshold)  # no cache: the same run for every kind
-        if key not in cache:
-            cache[key] = sample_with_caches(family, kind, {}, batch, [threshold])[threshold]
-        return cache[key]
-
-    return get
+    return memoized_one_worker(lambda family, kind, batch, threshold:
+                               sample_with_caches(family, kind, {}, batch, [threshold])[threshold])
 
 
 @pytest.mark.parametrize("family, kind", list(THRESHOLDS))
 def test_threshold_zero_equals_no_cache(family, kind, one_worker):
-    latents, decisions = one_worker(family, kind, 1, 0.0)
-    assert torch.equal(latents, one_worker(family, kind, 1, None)[0])
-    # The hooks did run: every call computed, each branch called once per step.
-    assert len(decisions) == 2 * STEPS and skipped(decisions) == 0
-    for branch in ("branch0", "branch1"):
-        assert [step for step, _ in schedule(decisions, branch)] == list(range(STEPS))
-    measured = sum(math.isfinite(d[3]) for d in decisions)
     # First-Block-Cache measures from the second step on; TeaCache neither on the first nor the last.
-    assert measured == 2 * (STEPS - 1 if kind == "fbcache" else STEPS - 2)
+    assert_threshold_zero_equals_no_cache(one_worker(family, kind, 1, 0.0), one_worker(family, kind, 1, None), STEPS,
+                                          measured_calls=2 * (STEPS - 1 if kind == "fbcache" else STEPS - 2))
 
 
 @pytest.mark.parametrize("family, kind", list(THRESHOLDS))
 def test_threshold_skips_a_quarter_of_the_calls(family, kind, one_worker):
-    latents, decisions = one_worker(family, kind, 1, THRESHOLDS[(family, kind)])
-    assert skipped(decisions) >= 0.25 * len(decisions), decisions
-    assert skipped(decisions) < len(decisions) - 4
-    # Skipping changed the result (else the parallel comparisons below would prove nothing).
-    assert relative_error(latents, one_worker(family, kind, 1, None)[0]) > 1e-3
+    assert_skips_a_quarter(one_worker(family, kind, 1, THRESHOLDS[(family, kind)]), one_worker(family, kind, 1, None))
 
 
 # (config, batch) for the 2-rank comparisons; all run in one launch of two processes.
@@ -201,34 +178,14 @@ def two_workers():
 def test_parallel_cache_skips_the_same_steps_and_equals_one_worker(family, kind, name, two_workers, one_worker):
     config_kwargs, batch = CASES[name]
     threshold = THRESHOLDS[(family, kind)]
-    expected_latents, expected_decisions = one_worker(family, kind, batch, threshold)
-    for rank, results in enumerate(two_workers):
-        out = results[(family, kind, name)]
-        latents, decisions = out[threshold]
-        if config_kwargs.get("use_cfg_parallel"):  # a cfg rank's only branch is one worker's branch<cfg rank>
-            pairs = [("branch0", f"branch{out['cfg_rank']}")]
-        else:
-            pairs = [("branch0", "branch0"), ("branch1", "branch1")]
-        for mine, theirs in pairs:
-            assert schedule(decisions, mine) == schedule(expected_decisions, theirs), f"{family} {kind} {name} rank {rank}"
-            # The decided-on value is one worker's: summed over both shards' real tokens (padding
-            # excluded) and both data ranks' rows. Up to float32 summation order.
-            ours = [d[3] for d in decisions if d[0] == mine]
-            reference = [d[3] for d in expected_decisions if d[0] == theirs]
-            for a, b in zip(ours, reference, strict=True):
-                assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-5 * abs(b), f"{family} {name} rank {rank}: {a} != {b}"
-        error = relative_error(latents, expected_latents)
-        assert error < TOLERANCE, f"{family} {kind} {name}: rank {rank} differs from one worker by {error:.2e}"
+    assert_same_skips_and_latents(two_workers, (family, kind, name), threshold, config_kwargs.get("use_cfg_parallel", False),
+                                  one_worker(family, kind, batch, threshold), TOLERANCE)
 
 
 @pytest.mark.parametrize("family, kind", [("hunyuan_video", "fbcache"), ("mochi", "teacache"), ("hunyuan_dit", "fbcache")])
 def test_under_ulysses_the_shards_own_changes_differ_but_the_decision_is_shared(family, kind, two_workers):
     """The two sequence shards see different changes; both decide on the same reduced value."""
-    key = (family, kind, "ulysses=2")
-    mine, theirs = (results[key][THRESHOLDS[(family, kind)]][1] for results in two_workers)
-    measured = [i for i, d in enumerate(mine) if math.isfinite(d[3])]
-    assert measured and all(mine[i][3] == theirs[i][3] for i in measured)
-    assert any(abs(mine[i][4] - theirs[i][4]) > 0.01 * mine[i][3] for i in measured)
+    assert_shards_differ_but_decide_alike(two_workers, (family, kind, "ulysses=2"), THRESHOLDS[(family, kind)])
 
 
 def test_teacache_is_refused_for_hunyuan_dit():

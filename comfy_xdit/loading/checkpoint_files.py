@@ -71,6 +71,24 @@ def detect_layout(keys: Iterable[str], signatures: dict[str, tuple[str, ...]], w
     raise CheckpointError(f"not a {what} transformer checkpoint: expected {expected}")
 
 
+def map_block_tensor(key: str, tensor: torch.Tensor, target: str, inner: str, suffix: str, renames: dict[str, str],
+                     splits: dict[str, tuple[str, ...]], out: dict[str, torch.Tensor]) -> bool:
+    """Put one block tensor of an original-layout file under its diffusers name(s) in ``out``:
+    ``inner`` renamed by ``renames``, or cut along dim 0 into the equal projections ``splits`` names
+    (a fused qkv or kv). ``target`` is the diffusers block prefix. False: neither table knows it."""
+    if inner in renames:
+        out[f"{target}{renames[inner]}.{suffix}"] = tensor
+        return True
+    if inner in splits:
+        parts = splits[inner]
+        if tensor.shape[0] % len(parts):
+            raise CheckpointError(f"tensor {key!r} of shape {tuple(tensor.shape)} does not split into {len(parts)} projections")
+        for part, chunk in zip(parts, tensor.chunk(len(parts), dim=0)):
+            out[f"{target}{part}.{suffix}"] = chunk
+        return True
+    return False
+
+
 def refuse_quantized(source: SafetensorsSource, keys: Iterable[str], use: str = "use a bf16, fp16 or fp8 file") -> None:
     """Refuse integer or packed tensors (bitsandbytes, int8, GGUF-style) from their header dtype."""
     for key in keys:

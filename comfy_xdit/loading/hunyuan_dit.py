@@ -27,7 +27,7 @@ from typing import Iterable
 
 import torch
 
-from .checkpoint_files import TransformerCheckpoint, as_load_dtype, refuse_quantized
+from .checkpoint_files import TransformerCheckpoint, as_load_dtype, map_block_tensor, refuse_quantized
 from .safetensors_files import CheckpointError, assign_weights, find_layouts
 
 ORIGINAL_LAYOUT = "original"
@@ -121,16 +121,7 @@ def original_to_diffusers(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str
         match = _BLOCK_KEY.fullmatch(key)
         if match:
             index, inner, suffix = match.groups()
-            target = f"blocks.{index}."
-            if inner in _IN_BLOCK:
-                out[f"{target}{_IN_BLOCK[inner]}.{suffix}"] = tensor
-                continue
-            if inner in _SPLIT_IN_BLOCK:
-                parts = _SPLIT_IN_BLOCK[inner]
-                if tensor.shape[0] % len(parts):
-                    raise CheckpointError(f"tensor {key!r} of shape {tuple(tensor.shape)} does not split into {len(parts)} projections")
-                for part, chunk in zip(parts, tensor.chunk(len(parts), dim=0)):
-                    out[f"{target}{part}.{suffix}"] = chunk
+            if map_block_tensor(key, tensor, f"blocks.{index}.", inner, suffix, _IN_BLOCK, _SPLIT_IN_BLOCK, out):
                 continue
         unused.append(key)
     return out, sorted(unused)

@@ -32,7 +32,7 @@ from typing import Iterable
 import torch
 
 from .checkpoint_files import (
-    TransformerCheckpoint, as_load_dtype, detect_layout, refuse_quantized,
+    TransformerCheckpoint, as_load_dtype, detect_layout, map_block_tensor, refuse_quantized,
 )
 from .safetensors_files import CheckpointError, assign_weights
 
@@ -112,16 +112,7 @@ def original_to_diffusers(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str
         match = _BLOCK_KEY.fullmatch(key)
         if match:
             index, inner, suffix = match.groups()
-            target = f"transformer_blocks.{index}."
-            if inner in _IN_BLOCK:
-                out[f"{target}{_IN_BLOCK[inner]}.{suffix}"] = tensor
-                continue
-            if inner in _SPLIT_IN_BLOCK:
-                parts = _SPLIT_IN_BLOCK[inner]
-                if tensor.shape[0] % len(parts):
-                    raise CheckpointError(f"tensor {key!r} of shape {tuple(tensor.shape)} does not split into {len(parts)} projections")
-                for part, chunk in zip(parts, tensor.chunk(len(parts), dim=0)):
-                    out[f"{target}{part}.{suffix}"] = chunk
+            if map_block_tensor(key, tensor, f"transformer_blocks.{index}.", inner, suffix, _IN_BLOCK, _SPLIT_IN_BLOCK, out):
                 continue
         unused.append(key)
     return out, sorted(unused)

@@ -1,9 +1,10 @@
 """What every family's checkpoint class shares: opening the files, header checks, float reads.
 
-Each family (loading/flux.py, sd3.py, pixart.py, wan.py, qwen_image.py, hunyuan_video.py) knows its own layouts,
-config inference and key conversion; opening, refusing quantized tensors, naming missing or
-unexpected keys, reading scaled-fp8 weights as floats and closing are the same for all of them
-and live here.
+Each family (loading/flux.py, sd3.py, pixart.py, wan.py, qwen_image.py, hunyuan_video.py, ...) knows
+its own layouts, config inference and key conversion; opening, refusing quantized tensors, naming
+missing or unexpected keys, reading scaled-fp8 weights as floats and closing are the same for all
+of them and live here, as does reading a checkpoint in diffusers' names or converting one in its
+original repository's (ConvertedCheckpoint).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from .safetensors_files import CheckpointError, SafetensorsSource, find_layouts,
 # Companions of weights in ComfyUI's scaled-fp8 files: consumed while reading, never loaded.
 SCALE_SUFFIXES = (".scale_weight", ".scale_input")
 SCALED_FP8_MARKER = "scaled_fp8"
+# The layout name of a checkpoint already in diffusers' tensor names (no conversion).
+DIFFUSERS_LAYOUT = "diffusers"
 
 FLOAT8_DTYPES = tuple(
     getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -188,3 +191,46 @@ class TransformerCheckpoint(ClosesSource):
     def read_part(self, name: str, rows: tuple[int, int], cols: tuple[int, int] | None = None) -> torch.Tensor:
         """Rows (and columns) of one source tensor in float form; only those bytes are read."""
         return to_float(self.source, self.prefix + name, self.source.get_part(self.prefix + name, rows, cols), part=True)
+
+
+class ConvertedCheckpoint(TransformerCheckpoint):
+    """A checkpoint in diffusers' names or in its original repository's, converted on read.
+
+    A subclass's ``_open`` sets ``layout``, ``prefix``, ``weight_keys`` and ``config`` and then calls
+    ``_validate``; the subclass names the model, converts the original layout and builds an empty
+    (meta) model of the config to check the converted keys and shapes against.
+    """
+
+    describes = "a transformer"  # "a PixArt transformer": the start of a refusal's "not ..." phrase
+    names_note = ""  # appended inside the parentheses of that phrase
+    quantized_use = "use a bf16, fp16 or fp8 file"
+    unexpected_note = ""
+
+    def convert_original(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Original-layout tensors -> (diffusers tensors, source keys left unused)."""
+        raise NotImplementedError
+
+    def meta_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def load_dtype(self, name: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype diffusers tensor ``name`` is loaded in (a family may keep some in float32)."""
+        return dtype
+
+    def _validate(self) -> None:
+        refuse_quantized(self.source, [self.prefix + k for k in self.weight_keys], use=self.quantized_use)
+        # The whole mapping on meta tensors: key names and shapes, without reading any weight.
+        self.refuse_unless_it_converts(self._to_diffusers, self.meta_model(),
+                                       f"{self.describes} ({self.layout} layout, prefix {self.prefix!r}{self.names_note})",
+                                       unexpected_note=self.unexpected_note)
+
+    def _to_diffusers(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        if self.layout == DIFFUSERS_LAYOUT:
+            return dict(state_dict), []
+        return self.convert_original(state_dict)
+
+    def state_dict(self, dtype=torch.bfloat16, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        dtype = as_load_dtype(dtype)
+        converted, _ = self._to_diffusers({key: self._read(key) for key in self.weight_keys})
+        # contiguous: the converters' chunks are views; each parameter gets its own storage.
+        return {k: v.to(device, self.load_dtype(k, dtype)).contiguous() for k, v in converted.items()}

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_files import TransformerCheckpoint, as_load_dtype, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch
+from .checkpoint_files import (
+    DIFFUSERS_LAYOUT, TransformerCheckpoint, as_load_dtype, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch,
+)
 from .diffusers_folders import folder_of_weights_file
 from .safetensors_files import CheckpointError, assign_weights, find_layouts
 
-DIFFUSERS_LAYOUT = "diffusers"
 DIT_SIGNATURES = {
     DIFFUSERS_LAYOUT: (
         "pos_embed.proj.weight",

@@ -31,11 +31,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from .checkpoint_files import TransformerCheckpoint, as_load_dtype, refuse_key_mismatch, refuse_quantized
+from .checkpoint_files import DIFFUSERS_LAYOUT, TransformerCheckpoint, as_load_dtype, refuse_key_mismatch, refuse_quantized
 from .safetensors_files import CheckpointError, SafetensorsSource, assign_weights, find_layouts
 
 BFL_LAYOUT = "bfl"
-DIFFUSERS_LAYOUT = "diffusers"
 
 # Keys whose presence (after the prefix) identifies each layout of a Flux.1 transformer. Other
 # DiTs share some names (SD3 and QwenImage have transformer_blocks and x_embedder/img_in; Chroma

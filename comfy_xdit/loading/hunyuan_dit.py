@@ -27,11 +27,10 @@ from typing import Iterable
 
 import torch
 
-from .checkpoint_files import TransformerCheckpoint, as_load_dtype, map_block_tensor, refuse_quantized
+from .checkpoint_files import DIFFUSERS_LAYOUT, ConvertedCheckpoint, map_block_tensor
 from .safetensors_files import CheckpointError, assign_weights, find_layouts
 
 ORIGINAL_LAYOUT = "original"
-DIFFUSERS_LAYOUT = "diffusers"
 HUNYUAN_DIT_HEADS = 16  # ComfyUI's fixed head count for HunyuanDiT
 
 HUNYUAN_DIT_SIGNATURES = {
@@ -215,8 +214,11 @@ def _meta_model(config: dict):
         return HunyuanDiT2DModel(**config)
 
 
-class HunyuanDiTCheckpoint(TransformerCheckpoint):
+class HunyuanDiTCheckpoint(ConvertedCheckpoint):
     """An opened HunyuanDiT checkpoint: layout, config and key mapping checked, no weight read yet."""
+
+    describes = "a HunyuanDiT transformer"
+    quantized_use = "use a bf16, fp16 or fp32 file"
 
     def _open(self, config_path: Path | None) -> None:
         self.layout, self.prefix = _detect_layout(self.source.keys())
@@ -228,21 +230,11 @@ class HunyuanDiTCheckpoint(TransformerCheckpoint):
         self.config = config
         self._validate()
 
-    def _validate(self) -> None:
-        refuse_quantized(self.source, [self.prefix + k for k in self.weight_keys], use="use a bf16, fp16 or fp32 file")
-        self.refuse_unless_it_converts(self._to_diffusers, _meta_model(self.config),
-                                       f"a HunyuanDiT transformer ({self.layout} layout, prefix {self.prefix!r})")
-
-    def _to_diffusers(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-        if self.layout == DIFFUSERS_LAYOUT:
-            return dict(state_dict), []
+    def convert_original(self, state_dict):
         return original_to_diffusers(state_dict)
 
-    def state_dict(self, dtype=torch.bfloat16, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        dtype = as_load_dtype(dtype)
-        converted, _ = self._to_diffusers({key: self._read(key).to(dtype) for key in self.weight_keys})
-        # contiguous: the split chunks are views; each parameter gets its own storage.
-        return {k: v.to(device).contiguous() for k, v in converted.items()}
+    def meta_model(self):
+        return _meta_model(self.config)
 
 
 def read_hunyuan_dit_config(path: str | Path) -> dict:

@@ -26,14 +26,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_files import (
-    TransformerCheckpoint, as_load_dtype, detect_layout, refuse_quantized,
-)
+from .checkpoint_files import DIFFUSERS_LAYOUT, ConvertedCheckpoint, detect_layout
 from .safetensors_files import CheckpointError, assign_weights
 from .sd3 import _count_blocks
 
 HUNYUAN_LAYOUT = "hunyuan"
-DIFFUSERS_LAYOUT = "diffusers"
 HEAD_DIM = 128
 ROPE_AXES = (16, 56, 56)
 LATENT_CHANNELS = 16
@@ -191,8 +188,11 @@ def _convert(state_dict: dict[str, torch.Tensor], width: int) -> dict[str, torch
     return convert_hunyuan_video_transformer_to_diffusers(_split_single_stream_linear1(state_dict, width))
 
 
-class HunyuanVideoCheckpoint(TransformerCheckpoint):
+class HunyuanVideoCheckpoint(ConvertedCheckpoint):
     """An opened HunyuanVideo checkpoint: layout, config and key mapping checked, no weight read yet."""
+
+    describes = "a HunyuanVideo text-to-video transformer"
+    names_note = "; diffusers names"
 
     def _open(self, config_path: Path | None) -> None:
         self.layout, self.prefix = _detect_layout(self.source.keys())
@@ -205,22 +205,11 @@ class HunyuanVideoCheckpoint(TransformerCheckpoint):
         self.config = config
         self._validate()
 
-    def _validate(self) -> None:
-        refuse_quantized(self.source, [self.prefix + k for k in self.weight_keys])
-        # The whole mapping on meta tensors: key names and shapes, without reading any weight.
-        self.refuse_unless_it_converts(lambda weights: (self._to_diffusers(weights), []), _meta_model(self.config),
-                                       f"a HunyuanVideo text-to-video transformer ({self.layout} layout, "
-                                       f"prefix {self.prefix!r}; diffusers names)")
+    def convert_original(self, state_dict):
+        return _convert(state_dict, self.width), []
 
-    def _to_diffusers(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.layout == DIFFUSERS_LAYOUT:
-            return dict(state_dict)
-        return _convert(state_dict, self.width)
-
-    def state_dict(self, dtype=torch.bfloat16, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        dtype = as_load_dtype(dtype)
-        converted = self._to_diffusers({k: self._read(k) for k in self.weight_keys})
-        return {k: v.to(device, dtype).contiguous() for k, v in converted.items()}
+    def meta_model(self):
+        return _meta_model(self.config)
 
 
 def read_hunyuan_video_config(path: str | Path) -> dict:

@@ -22,13 +22,12 @@ from pathlib import Path
 import torch
 
 from .checkpoint_files import (
-    TransformerCheckpoint, as_load_dtype, detect_layout, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch,
+    DIFFUSERS_LAYOUT, ConvertedCheckpoint, detect_layout, refuse_key_mismatch, refuse_quantized, refuse_shape_mismatch,
 )
 from .safetensors_files import CheckpointError, assign_weights
 from .sd3 import _count_blocks
 
 GENMO_LAYOUT = "genmo"
-DIFFUSERS_LAYOUT = "diffusers"
 RELEASE_BLOCKS = 48  # what diffusers' converter assumes
 LATENT_CHANNELS = 12
 
@@ -129,7 +128,7 @@ def _meta_model(config: dict):
         return MochiTransformer3DModel(**config)
 
 
-class MochiCheckpoint(TransformerCheckpoint):
+class MochiCheckpoint(ConvertedCheckpoint):
     """An opened Mochi checkpoint: layout, config and key mapping checked, no weight read yet."""
 
     def _open(self, config_path: Path | None) -> None:
@@ -139,7 +138,7 @@ class MochiCheckpoint(TransformerCheckpoint):
         self.blocks = _count_blocks(self.weight_keys, pattern)
         refuse_quantized(self.source, [self.prefix + k for k in self.weight_keys])
         # The whole mapping on meta tensors: key names and shapes, without reading any weight.
-        converted = self._to_diffusers({k: torch.empty(self.shape(k), device="meta") for k in self.weight_keys})
+        converted, _ = self._to_diffusers({k: torch.empty(self.shape(k), device="meta") for k in self.weight_keys})
         config = _infer_config(lambda name: tuple(converted[name].shape) if name in converted else self._missing(name))
         config["num_layers"] = self.blocks
         if config_path is not None:
@@ -154,15 +153,8 @@ class MochiCheckpoint(TransformerCheckpoint):
     def _missing(name: str):
         raise CheckpointError(f"missing tensor {name!r} (diffusers name)")
 
-    def _to_diffusers(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.layout == DIFFUSERS_LAYOUT:
-            return dict(state_dict)
-        return _convert_genmo(dict(state_dict), self.blocks)
-
-    def state_dict(self, dtype=torch.bfloat16, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        dtype = as_load_dtype(dtype)
-        converted = self._to_diffusers({k: self._read(k) for k in self.weight_keys})
-        return {k: v.to(device, dtype).contiguous() for k, v in converted.items()}
+    def convert_original(self, state_dict):
+        return _convert_genmo(dict(state_dict), self.blocks), []
 
 
 def read_mochi_config(path: str | Path) -> dict:

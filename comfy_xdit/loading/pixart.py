@@ -31,13 +31,10 @@ from typing import Iterable
 
 import torch
 
-from .checkpoint_files import (
-    TransformerCheckpoint, as_load_dtype, detect_layout, map_block_tensor, refuse_quantized,
-)
+from .checkpoint_files import DIFFUSERS_LAYOUT, ConvertedCheckpoint, detect_layout, map_block_tensor
 from .safetensors_files import CheckpointError, assign_weights
 
 ORIGINAL_LAYOUT = "original"
-DIFFUSERS_LAYOUT = "diffusers"
 PIXART_HEADS = 16  # ComfyUI's fixed head count for PixArt
 DEFAULT_SAMPLE_SIZE = 128  # the 1024px models; only diffusers' default positional grid
 
@@ -207,8 +204,12 @@ def _materialize_pos_embed(model, device) -> None:
     patch_embed.register_buffer("pos_embed", table.float().unsqueeze(0), persistent=False)
 
 
-class PixArtCheckpoint(TransformerCheckpoint):
+class PixArtCheckpoint(ConvertedCheckpoint):
     """An opened PixArt checkpoint: layout, config and key mapping checked, no weight read yet."""
+
+    describes = "a PixArt transformer"
+    quantized_use = "use a bf16, fp16 or fp32 file"
+    unexpected_note = "; KV-compressed or qk-norm PixArt variants are not supported"
 
     def _open(self, config_path: Path | None) -> None:
         self.layout, self.prefix = _detect_layout(self.source.keys())
@@ -220,22 +221,11 @@ class PixArtCheckpoint(TransformerCheckpoint):
         self.config = config
         self._validate()
 
-    def _validate(self) -> None:
-        refuse_quantized(self.source, [self.prefix + k for k in self.weight_keys], use="use a bf16, fp16 or fp32 file")
-        self.refuse_unless_it_converts(self._to_diffusers, _meta_model(self.config),
-                                       f"a PixArt transformer ({self.layout} layout, prefix {self.prefix!r})",
-                                       unexpected_note="; KV-compressed or qk-norm PixArt variants are not supported")
-
-    def _to_diffusers(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-        if self.layout == DIFFUSERS_LAYOUT:
-            return dict(state_dict), []
+    def convert_original(self, state_dict):
         return original_to_diffusers(state_dict)
 
-    def state_dict(self, dtype=torch.bfloat16, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        dtype = as_load_dtype(dtype)
-        converted, _ = self._to_diffusers({key: self._read(key).to(dtype) for key in self.weight_keys})
-        # contiguous: the split chunks are views; each parameter gets its own storage.
-        return {k: v.to(device).contiguous() for k, v in converted.items()}
+    def meta_model(self):
+        return _meta_model(self.config)
 
 
 def read_pixart_config(path: str | Path) -> dict:

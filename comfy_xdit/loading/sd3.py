@@ -27,11 +27,10 @@ from typing import Iterable
 
 import torch
 
-from .checkpoint_files import TransformerCheckpoint, as_load_dtype, refuse_quantized
+from .checkpoint_files import DIFFUSERS_LAYOUT, ConvertedCheckpoint, as_load_dtype
 from .safetensors_files import CheckpointError, assign_weights, find_layouts
 
 SAI_LAYOUT = "sai"
-DIFFUSERS_LAYOUT = "diffusers"
 SD3_HEAD_DIM = 64
 # Only sets diffusers' default positional grid, which the file's pos_embed replaces.
 SD3_SAMPLE_SIZE = 128
@@ -175,8 +174,10 @@ def _convert(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return converted, sorted(remaining)
 
 
-class SD3Checkpoint(TransformerCheckpoint):
+class SD3Checkpoint(ConvertedCheckpoint):
     """An opened SD3 checkpoint: layout, config and key mapping checked, no weight read yet."""
+
+    describes = "an SD3 transformer"
 
     def _open(self, config_path: Path | None) -> None:
         self.layout, self.prefix = _detect_layout(self.source.keys())
@@ -187,16 +188,11 @@ class SD3Checkpoint(TransformerCheckpoint):
         self.config = config
         self._validate()
 
-    def _validate(self) -> None:
-        refuse_quantized(self.source, [self.prefix + k for k in self.weight_keys])
-        # The whole mapping on meta tensors: key names and shapes, without reading any weight.
-        self.refuse_unless_it_converts(self._to_diffusers, _meta_model(self.config),
-                                       f"an SD3 transformer ({self.layout} layout, prefix {self.prefix!r})")
-
-    def _to_diffusers(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-        if self.layout == DIFFUSERS_LAYOUT:
-            return dict(state_dict), []
+    def convert_original(self, state_dict):
         return _convert(state_dict)
+
+    def meta_model(self):
+        return _meta_model(self.config)
 
     def _row_sources(self) -> dict[str, tuple[str, torch.Tensor]]:
         """diffusers tensor -> (source tensor, its source rows), found by converting row numbers, not weights.

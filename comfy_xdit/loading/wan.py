@@ -23,14 +23,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_files import (
-    TransformerCheckpoint, as_load_dtype, detect_layout, refuse_quantized,
-)
+from .checkpoint_files import DIFFUSERS_LAYOUT, ConvertedCheckpoint, detect_layout
 from .safetensors_files import CheckpointError, assign_weights
 from .sd3 import _count_blocks
 
 WAN_LAYOUT = "wan"
-DIFFUSERS_LAYOUT = "diffusers"
 WAN_HEAD_DIM = 128
 WAN_LATENT_CHANNELS = 16
 
@@ -160,8 +157,11 @@ def _keeps_float32(name: str) -> bool:
     return any(module in parts for module in WanTransformer3DModel._keep_in_fp32_modules)
 
 
-class WanCheckpoint(TransformerCheckpoint):
+class WanCheckpoint(ConvertedCheckpoint):
     """An opened Wan checkpoint: layout, config and key mapping checked, no weight read yet."""
+
+    describes = "a Wan text-to-video transformer"
+    names_note = "; diffusers names"
 
     def _open(self, config_path: Path | None) -> None:
         self.layout, self.prefix = _detect_layout(self.source.keys())
@@ -173,22 +173,14 @@ class WanCheckpoint(TransformerCheckpoint):
         self.config = config
         self._validate()
 
-    def _validate(self) -> None:
-        refuse_quantized(self.source, [self.prefix + k for k in self.weight_keys])
-        # The whole mapping on meta tensors: key names and shapes, without reading any weight.
-        self.refuse_unless_it_converts(lambda weights: (self._to_diffusers(weights), []), _meta_model(self.config),
-                                       f"a Wan text-to-video transformer ({self.layout} layout, prefix "
-                                       f"{self.prefix!r}; diffusers names)")
+    def convert_original(self, state_dict):
+        return _convert(state_dict), []
 
-    def _to_diffusers(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.layout == DIFFUSERS_LAYOUT:
-            return dict(state_dict)
-        return _convert(state_dict)
+    def meta_model(self):
+        return _meta_model(self.config)
 
-    def state_dict(self, dtype=torch.bfloat16, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        dtype = as_load_dtype(dtype)
-        converted = self._to_diffusers({k: self._read(k) for k in self.weight_keys})
-        return {k: v.to(device, torch.float32 if _keeps_float32(k) else dtype).contiguous() for k, v in converted.items()}
+    def load_dtype(self, name, dtype):
+        return torch.float32 if _keeps_float32(name) else dtype
 
 
 def read_wan_config(path: str | Path) -> dict:

@@ -9,11 +9,18 @@ One GPU (plain python):
     python bench/flux_loop.py --impl diffusers,ours
 Two GPUs (each --degrees entry is one row; one process per GPU):
     torchrun --nproc-per-node 2 bench/flux_loop.py --impl ours --degrees u2,r2
-    torchrun --nproc-per-node 2 bench/flux_loop.py --impl xdit --degrees u2
-CPU dry run (tiny config, gloo; xdit needs a GPU):
+    torchrun --nproc-per-node 2 bench/flux_loop.py --impl xdit --degrees u2 --compile --eager-baseline
+    torchrun --nproc-per-node 2 bench/flux_loop.py --impl diffusers-cp --degrees u2 --compile --eager-baseline
+CPU dry run (tiny config, gloo; xdit needs a GPU; diffusers-cp runs ulysses only on CPU):
     python bench/flux_loop.py --device cpu --tiny --impl diffusers,ours --steps 2 --runs 1
     torchrun --nproc-per-node 2 bench/flux_loop.py --device cpu --tiny --impl ours --degrees u2,r2 --steps 2 --runs 1
     torchrun --nproc-per-node 2 bench/flux_loop.py --device cpu --tiny --impl ours --degrees t2 --steps 2 --runs 1
+    torchrun --nproc-per-node 2 bench/flux_loop.py --device cpu --tiny --impl diffusers-cp --degrees u2 --steps 2 --runs 1
+
+diffusers-cp is diffusers' own context parallelism (ModelMixin.enable_parallelism with a
+ContextParallelConfig) on the plain FluxTransformer2DModel, driven by the same loop as the 1-GPU
+diffusers row; each of its rows also records vs_1gpu_rel, the final latents' relative difference
+from the same model's one-GPU loop run on each rank before parallelism was enabled.
 
 Each row: one warm-up loop, then --runs timed loops (device synchronised, ranks barriered);
 the reported time is the median over runs of the slowest rank. Rows are appended as JSON lines
@@ -166,6 +173,45 @@ def build_tensor_parallel(config: dict, device: torch.device, dtype: torch.dtype
     return model.eval().requires_grad_(False)
 
 
+# diffusers' attention backend for its context-parallel rows. Its ring attention merges partial
+# results by their log-sum-exp, which the native SDPA backend does not return; on GPUs the cuDNN
+# SDPA backend does (flash-attn is not installed), and it serves ulysses as well. The CPU dry run
+# can only use the native backend, so it runs ulysses only.
+DIFFUSERS_CP_BACKENDS = {"cuda": "_native_cudnn", "cpu": "native"}
+
+
+def enable_diffusers_context_parallel(model: torch.nn.Module, degrees: tuple[int, ...], device: torch.device) -> None:
+    """diffusers' own context parallelism on a plain FluxTransformer2DModel: the model's _cp_plan
+    splits the image and text tokens over the ranks and gathers proj_out's output, and the attention
+    backend runs Ulysses all-to-all or ring attention. Call once per model (diffusers refuses twice),
+    after the attention backend is set."""
+    from diffusers import ContextParallelConfig
+
+    u, r, p, t, d = degrees
+    if p > 1 or t > 1 or d > 1:
+        raise SystemExit("diffusers-cp rows are ulysses and/or ring degrees only (u<N>, r<M>, u<N>r<M>)")
+    if r > 1 and device.type != "cuda":
+        raise SystemExit("diffusers-cp: ring degrees need GPUs (diffusers' ring attention needs the log-sum-exp, which "
+                         "its native CPU backend does not return); on CPU use ulysses degrees (u2)")
+    config = ContextParallelConfig(ulysses_degree=u, ring_degree=r)
+    if device.type == "cuda":
+        model.enable_parallelism(config=config)
+        return
+    # diffusers 0.42.1 picks each rank's device as rank % torch.accelerator.device_count(), which is a
+    # division by zero on a machine without an accelerator: for the CPU dry run only, it counts one
+    # (the device it then records is "cpu", which is where everything is anyway).
+    from unittest import mock
+
+    with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+        model.enable_parallelism(config=config)
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| / max|b| in float32."""
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max() / b.abs().max())
+
+
 def make_inputs(args, config: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """Random text conditioning, the same on every rank (CPU generator, fixed seed)."""
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -265,6 +311,7 @@ class DiffusersLoop:
             else:
                 noise_pred = self.model(**kwargs)[0]
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        self.last = latents
         return latents
 
 
@@ -389,7 +436,7 @@ def setup_xdit(args, config, device, dtype, degrees):
         num_inference_steps=args.steps,
         max_sequence_length=args.text_len,
         warmup_steps=1,
-        use_torch_compile=False,
+        use_torch_compile=args.compile,
     )
     engine_config, _ = xargs.create_config()
     model = build_model(xFuserFlux1Transformer2DWrapper, config, device, dtype, args.seed)
@@ -406,6 +453,24 @@ def setup_xdit(args, config, device, dtype, degrees):
     )
     info = {"xfuser_attention_backend": getattr(state.attention_backend, "name", str(state.attention_backend))}
     return model, info
+
+
+# The torch.compile mode xfuser 0.7.0's Flux runner asks for on NVIDIA GPUs without a step cache
+# (xFuserFluxModel._get_compile_mode): inductor with CUDA graphs.
+XFUSER_FLUX_COMPILE_MODE = "reduce-overhead"
+
+
+def compile_like_xfuser(model: torch.nn.Module) -> torch.nn.Module:
+    """What xfuser 0.7.0's runner does for use_torch_compile on Flux without PipeFusion, FSDP or a step
+    cache (xFuserModel._compile_model in runner_models/base_model.py): turn on inductor's
+    compute/communication reordering with the three passes torch used by default before 2.10
+    (its _enable_compute_comm_overlap), then torch.compile the whole transformer in the Flux runner's
+    mode, with torch's default dynamic. The runner's 2-step compile warm-up is covered by the row's
+    warm-up loop."""
+    torch._inductor.config.reorder_for_compute_comm_overlap = True
+    torch._inductor.config.reorder_for_compute_comm_overlap_passes = [
+        "reorder_compute_for_overlap", "sink_waits", "raise_comms"]
+    return torch.compile(model, mode=XFUSER_FLUX_COMPILE_MODE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,7 +585,8 @@ def profile_loop(loop, args, device, label: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impl", default="diffusers,ours", help="comma list of diffusers, ours, xdit; or diffusers-tp alone "
-                   "(diffusers' own DTensor tensor parallel over all the launched GPUs, --degrees t<N>)")
+                   "(diffusers' own DTensor tensor parallel over all the launched GPUs, --degrees t<N>); or diffusers-cp "
+                   "alone (diffusers' own context parallelism, one --degrees row: u<N>, r<M> or u<N>r<M>)")
     p.add_argument("--degrees", default=None, help="comma list of u<N>r<M> rows for ours/xdit (default: the world size as ulysses)")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--runs", type=int, default=5)
@@ -532,9 +598,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bfloat16 (float32 with --device cpu)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="a tiny Flux (1 + 2 blocks, width 64) for dry runs")
-    p.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (diffusers, ours)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (diffusers, diffusers-cp, "
+                   "ours); xdit: torch.compile the whole transformer as xfuser's runner does (mode reduce-overhead)")
     p.add_argument("--cuda-graphs", action="store_true", help="ours: replay each forward as a captured CUDA graph")
-    p.add_argument("--eager-baseline", action="store_true", help="with --compile: time diffusers eager first, in the same process")
+    p.add_argument("--eager-baseline", action="store_true", help="with --compile: time diffusers (or diffusers-cp, "
+                   "or xdit) eager first, in the same process")
     p.add_argument("--cond", default="cpu", help="comma list of cpu, device: where ours gets the conditioning (the pool hands over CPU tensors); one ours row per entry")
     p.add_argument("--profile-steps", type=int, default=0, help="after timing, profile a loop of this many steps")
     p.add_argument("--profile-out", default=None, help="directory for per-rank profile summaries")
@@ -550,8 +618,10 @@ def main(argv=None) -> int:
 
     impls = [s.strip() for s in args.impl.split(",") if s.strip()]
     for impl in impls:
-        if impl not in ("diffusers", "ours", "xdit", "diffusers-tp"):
+        if impl not in ("diffusers", "ours", "xdit", "diffusers-tp", "diffusers-cp"):
             raise SystemExit(f"unknown --impl {impl!r}")
+    if "diffusers-cp" in impls and (len(impls) > 1 or world()[1] < 2):
+        raise SystemExit("diffusers-cp: run it alone, under torchrun with as many processes as its --degrees")
     if "diffusers-tp" in impls and (len(impls) > 1 or args.compile or args.device != "cuda"):
         raise SystemExit("diffusers-tp: run it alone, eager, on GPUs (diffusers' tensor parallel refuses CPU devices)")
     if "xdit" in impls and len(impls) > 1:
@@ -661,9 +731,48 @@ def main(argv=None) -> int:
             if len(degrees_list) > 1:
                 raise SystemExit("xdit: one --degrees row per process (its parallel state is global)")
             model, info = setup_xdit(args, config, device, dtype, degrees)
+            if args.compile and args.eager_baseline:
+                run_row(DiffusersLoop(model, args, inputs, device, dtype), "xdit", degrees, info)
             if args.compile:
-                raise SystemExit("--compile is not wired for xdit here")
+                model = compile_like_xfuser(model)
+                compiled_now = True
+                info = {**info, "xfuser_compile_mode": XFUSER_FLUX_COMPILE_MODE}
             run_row(DiffusersLoop(model, args, inputs, device, dtype), "xdit", degrees, info)
+    elif impls == ["diffusers-cp"]:
+        from diffusers import FluxTransformer2DModel
+
+        if len(degrees_list) > 1:
+            raise SystemExit("diffusers-cp: one --degrees row per launch (diffusers enables parallelism once per model)")
+        degrees = degrees_list[0]
+        backend = DIFFUSERS_CP_BACKENDS[device.type]
+        t0 = time.perf_counter()
+        model = build_model(FluxTransformer2DModel, config, device, dtype, args.seed)
+        model.set_attention_backend(backend)
+        sync(device)
+        log(f"# model built in {time.perf_counter() - t0:.1f} s; attention backend {backend}")
+        # The one-GPU result of this very model (same weights, inputs and backend), before parallelism:
+        # every CP row's final latents are compared with it (one eager loop per rank, all at once).
+        reference = DiffusersLoop(model, args, inputs, device, dtype)(args.steps).float()
+        enable_diffusers_context_parallel(model, degrees, device)
+        info = {"attention_backend": backend}
+
+        def against_one_gpu(loop):
+            def after():
+                rel = relative_difference(loop.last, reference)
+                log(f"   final latents against the same model on 1 GPU: relative difference {rel:.3e}")
+                return {"vs_1gpu_rel": rel}
+            return after
+
+        if args.compile and args.eager_baseline:
+            loop = DiffusersLoop(model, args, inputs, device, dtype)
+            run_row(loop, "diffusers-cp", degrees, info, against_one_gpu(loop))
+        if args.compile:
+            # Regional compilation as for the 1-GPU diffusers row; graph breaks allowed, as for ours
+            # on several GPUs (without any, fullgraph=False compiles the same graphs).
+            model.compile_repeated_blocks(fullgraph=False)
+            compiled_now = True
+        loop = DiffusersLoop(model, args, inputs, device, dtype)
+        run_row(loop, "diffusers-cp", degrees, info, against_one_gpu(loop))
     else:
         from diffusers import FluxTransformer2DModel
 

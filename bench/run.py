@@ -37,6 +37,13 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
   flux-text-split   ours at ulysses=2 and ring=2 with 512 text tokens (split across the ranks) and
                     with 511 (indivisible: every rank keeps the whole text, as before the split),
                     eager, and ulysses=2 compiled + CUDA graphs both ways; the 1-GPU baselines.
+  flux-2gpu-peers   issue 5's side by side on 2 GPUs, median of 3 per row: diffusers 1 GPU eager and
+                    compiled and ours 1 GPU compiled; diffusers' own context parallelism (cuDNN
+                    attention) at ulysses=2 eager and compiled, with its final latents against the same
+                    model on 1 GPU; xDiT at ulysses=2 eager and compiled (xfuser's own compile: the
+                    whole transformer, mode reduce-overhead); ours at ulysses=2 with CUDA graphs, eager
+                    and compiled. About 9 minutes on an H100 pair. CPU dry run (xDiT needs GPUs):
+                    --smoke --extra "--device cpu --tiny" --only 1gpu,diffusers-cp-u2,ours-u2-graphs.
   flux-fastattn     ours on 1 GPU with DiTFastAttn: the plan calibrated at the default threshold on
                     the warm-up loop, and two fixed plans (steps shared, window + residual, each on
                     every other step) beside ours without it; relative error against no cache.
@@ -91,7 +98,7 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 
 GROUPS = ("flux-usp", "flux-usp-compile", "flux-usp-ring", "flux-pipefusion", "flux-4gpu", "flux-graphs", "flux-cache",
           "sd3-medium", "flux-4gpu-target", "sd3-4gpu", "sd3-graphs", "flux-tp", "flux-distrifusion",
-          "flux-text-split", "flux-fastattn", "video-cogvideox", "video-cogvideox-4gpu")
+          "flux-text-split", "flux-fastattn", "video-cogvideox", "video-cogvideox-4gpu", "flux-2gpu-peers")
 
 
 def launches(group: str) -> list[tuple[str, int, list[str]]]:
@@ -205,6 +212,29 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
                      (f"ours-u2-compiled-graphs-text{text}", 2,
                       ["--impl", "ours", "--degrees", "u2", "--compile", "--cuda-graphs", "--text-len", text, "--runs", "3"])]
         return rows
+    if group == "flux-2gpu-peers":
+        # Issue 5: our 2-GPU rows beside what users would run instead, in the same run. Each launch
+        # builds Flux-dev with random weights (20-30 s) and pays its compile warm-up (25-60 s), so the
+        # eager and compiled rows of one implementation share a launch where the bench allows it
+        # (--compile --eager-baseline times eager first, then compiles the same model). Estimated wall
+        # time on an H100 pair, median of 3 (a loop takes about 5 s eager on 1 GPU, 2.5-4 s on 2),
+        # start-up, build, warm-ups and timed runs of each launch:
+        #   1gpu ~130 s (diffusers eager; compile; diffusers and ours compiled)
+        #   diffusers-cp-u2 ~105 s (one 1-GPU reference loop per rank, eager, compile, compiled)
+        #   xdit-u2 ~145 s (eager; xfuser compiles the whole transformer, not one block: 60-90 s)
+        #   ours-u2-compiled-graphs ~90 s, ours-u2-graphs ~55 s (each with one more loop per mode
+        #   for the CUDA graphs against eager check)
+        # about 525 s, 8.8 minutes, in all. The rows that are ours alone would share a launch only if
+        # --eager-baseline covered ours, which it does not (it would change older groups' rows).
+        return [
+            ("1gpu", 1, ["--impl", "diffusers,ours", "--compile", "--eager-baseline", "--runs", "3"]),
+            ("diffusers-cp-u2", 2, ["--impl", "diffusers-cp", "--degrees", "u2", "--compile", "--eager-baseline",
+                                    "--runs", "3"]),
+            ("xdit-u2", 2, ["--impl", "xdit", "--degrees", "u2", "--compile", "--eager-baseline", "--runs", "3"]),
+            ("ours-u2-compiled-graphs", 2, ["--impl", "ours", "--degrees", "u2", "--compile", "--cuda-graphs",
+                                            "--runs", "3"]),
+            ("ours-u2-graphs", 2, ["--impl", "ours", "--degrees", "u2", "--cuda-graphs", "--runs", "3"]),
+        ]
     if group == "flux-fastattn":
         return [("fastattn-1gpu", 1, ["--impl", "ours", "--cache", "none,ditfastattn,ditfastattn-share,ditfastattn-window",
                                       "--runs", "3"])]
@@ -247,7 +277,8 @@ def command(nproc: int, loop_args: list[str], loop: Path = LOOP) -> list[str]:
 
 def row_name(row: dict) -> str:
     who = {"diffusers": "plain diffusers", "ours": "ours (RankEngine)", "xdit": "xDiT (xfuser)",
-           "diffusers-tp": "diffusers' tensor parallel (DTensor)"}[row["impl"]]
+           "diffusers-tp": "diffusers' tensor parallel (DTensor)",
+           "diffusers-cp": "diffusers context parallel"}[row["impl"]]
     if row["gpus"] == 1:
         how = "1 GPU"
     else:
@@ -264,6 +295,10 @@ def row_name(row: dict) -> str:
     note = ", conditioning already on the GPU" if row.get("cond") == "device" else ""
     if row.get("attention_backend", "auto") != "auto":
         note += f", attention {row['attention_backend']}"
+    if row.get("xfuser_compile_mode"):
+        note += f" (xfuser's compile: whole transformer, mode {row['xfuser_compile_mode']})"
+    if row.get("vs_1gpu_rel") is not None:
+        note += f", latents vs 1 GPU rel. diff. {row['vs_1gpu_rel']:.1e}"
     if row.get("text_len", 512) != 512:
         note += f", {row['text_len']} text tokens"
     model = {"sd3-medium": "SD3-medium: ", "cogvideox-5b": "CogVideoX-5B: ",
@@ -275,20 +310,21 @@ def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["impl"] == "diffusers" and not r.get("compiled")), None)
     if len({r.get("model") for r in rows}) > 1:
         raise SystemExit("one table per model: run the sd3-medium group on its own")
-    xdit = {(r["ulysses"], r["ring"]): r for r in rows if r["impl"] == "xdit" and not r.get("compiled")}
-    order = {"diffusers": 0, "ours": 1, "xdit": 2, "diffusers-tp": 3}
+    # xDiT at the same degrees and the same mode (eager or compiled) is each multi-GPU row's peer.
+    xdit = {(r["ulysses"], r["ring"], bool(r.get("compiled"))): r for r in rows if r["impl"] == "xdit"}
+    order = {"diffusers": 0, "ours": 1, "xdit": 2, "diffusers-tp": 3, "diffusers-cp": 4}
     rows = sorted(rows, key=lambda r: (r.get("compiled", False), r["gpus"], r["ring"], order[r["impl"]] if r["gpus"] == 1 else -order[r["impl"]]))
     # Video rows time single steps: the columns say so.
     time_column, times_column = ("s per step (median)", "timed steps (s)") if all(r.get("per_step") for r in rows) else ("s (median)", "runs")
     lines = [
-        f"| run | {time_column} | {times_column} | speedup vs diffusers 1 GPU eager | time / xDiT same degree | TFLOP/s per GPU | peak mem per GPU (GiB) |",
+        f"| run | {time_column} | {times_column} | speedup vs diffusers 1 GPU eager | time / xDiT same degree and mode | TFLOP/s per GPU | peak mem per GPU (GiB) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         speed = f"{base['median_s'] / r['median_s']:.2f}x" if base else "-"
-        peer = (xdit.get((r["ulysses"], r["ring"]))
+        peer = (xdit.get((r["ulysses"], r["ring"], bool(r.get("compiled"))))
                 if r.get("pipefusion", 1) == 1 and r.get("tensor", 1) == 1 and r.get("distrifusion", 1) == 1 else None)
-        ratio = f"{r['median_s'] / peer['median_s']:.3f}" if peer and r["impl"] != "xdit" and r["gpus"] > 1 and not r.get("compiled") else "-"
+        ratio = f"{r['median_s'] / peer['median_s']:.3f}" if peer and r["impl"] != "xdit" and r["gpus"] > 1 else "-"
         runs = " / ".join(f"{t:.2f}" for t in r["times"])
         mem = max(r["peak_gib_per_rank"])
         lines.append(

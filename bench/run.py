@@ -150,7 +150,7 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
         ]
     if group == "flux-4gpu":
         # Issue 11's run on one 4-GPU machine: median of 3 per row to fit the group in 9 minutes.
-        # xDiT rows are eager only (its compile is not wired here) and USP only (xfuser's Flux
+        # xDiT rows are eager only (as in issue 11's run; flux-2gpu-peers has xDiT compiled) and USP only (xfuser's Flux
         # pipeline runs PipeFusion synchronously only); our PipeFusion refuses compile.
         return [
             ("1gpu", 1, ["--impl", "diffusers", "--compile", "--eager-baseline", "--runs", "3"]),

@@ -467,10 +467,15 @@ def compile_like_xfuser(model: torch.nn.Module) -> torch.nn.Module:
     (its _enable_compute_comm_overlap), then torch.compile the whole transformer in the Flux runner's
     mode, with torch's default dynamic. The runner's 2-step compile warm-up is covered by the row's
     warm-up loop."""
+    enable_comm_overlap_reordering()
+    return torch.compile(model, mode=XFUSER_FLUX_COMPILE_MODE)
+
+
+def enable_comm_overlap_reordering() -> None:
+    """Inductor's compute/communication reordering with the passes xfuser 0.7.0 turns on."""
     torch._inductor.config.reorder_for_compute_comm_overlap = True
     torch._inductor.config.reorder_for_compute_comm_overlap_passes = [
         "reorder_compute_for_overlap", "sink_waits", "raise_comms"]
-    return torch.compile(model, mode=XFUSER_FLUX_COMPILE_MODE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -600,6 +605,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="a tiny Flux (1 + 2 blocks, width 64) for dry runs")
     p.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (diffusers, diffusers-cp, "
                    "ours); xdit: torch.compile the whole transformer as xfuser's runner does (mode reduce-overhead)")
+    p.add_argument("--comm-overlap", action="store_true",
+                   help="with --compile (diffusers, ours): inductor's compute/communication reordering, as xfuser's compile sets it")
     p.add_argument("--cuda-graphs", action="store_true", help="ours: replay each forward as a captured CUDA graph")
     p.add_argument("--eager-baseline", action="store_true", help="with --compile: time diffusers (or diffusers-cp, "
                    "or xdit) eager first, in the same process")
@@ -683,6 +690,9 @@ def main(argv=None) -> int:
         u, r, p, t, d = (*degrees, 1, 1)[:5]
         graphs = impl == "ours" and args.cuda_graphs
         label = f"{impl} u{u}r{r}{f'p{p}' if p > 1 else ''}{f't{t}' if t > 1 else ''}{f'd{d}' if d > 1 else ''}{' compiled' if compiled_now else ''}{' cuda-graphs' if graphs else ''}"
+        if compiled_now and args.comm_overlap and impl != "xdit":
+            label += " comm-overlap"
+            extra = {**(extra or {}), "comm_overlap": True}
         if extra and extra.get("cond") == "device":
             label += " cond-on-device"
         if extra and extra.get("cache"):
@@ -804,6 +814,8 @@ def main(argv=None) -> int:
         if args.compile and args.eager_baseline and "diffusers" in impls:
             run_row(DiffusersLoop(model, args, inputs, device, dtype), "diffusers", (1, 1, 1))
         if args.compile:
+            if args.comm_overlap:
+                enable_comm_overlap_reordering()
             # Regional compilation, as diffusers recommends; ours with sequence parallelism has
             # collectives inside the attention processor, so graph breaks are allowed there.
             model.compile_repeated_blocks(fullgraph=world_size == 1)

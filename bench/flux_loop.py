@@ -358,10 +358,20 @@ class OursLoop:
 
 def graphs_against_eager(loop, steps: int) -> float | None:
     """With CUDA graphs: relative difference max|graphs - eager| / max|eager| of one loop of an
-    ours loop (anything with .engine and a __call__(steps) returning the latents)."""
+    ours loop (anything with .engine and a __call__(steps) returning the latents). The USP path
+    wraps the denoiser's forward in a CudaGraphForward; PipeFusion graphs each stage pass behind
+    its denoiser's use_cuda_graphs switch."""
     from comfy_xdit.cuda_graphs import CudaGraphForward
 
     denoiser = loop.engine._denoiser
+    if getattr(denoiser, "use_cuda_graphs", False):
+        with_graphs = loop(steps)
+        denoiser.use_cuda_graphs = False
+        try:
+            eager = loop(steps)
+        finally:
+            denoiser.use_cuda_graphs = True
+        return float((with_graphs - eager).abs().max() / eager.abs().max())
     graphed = getattr(denoiser, "forward", None)
     if not isinstance(graphed, CudaGraphForward):
         return None

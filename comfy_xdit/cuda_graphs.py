@@ -48,10 +48,12 @@ def _signature(inputs: dict) -> tuple | None:
 class CudaGraphForward:
     """Calls ``forward(**tensors)`` by replaying a CUDA graph captured for those input shapes."""
 
-    def __init__(self, forward: Callable[..., torch.Tensor]):
+    def __init__(self, forward: Callable[..., torch.Tensor], pool=None):
         self.forward = forward
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
-        self._pool = torch.cuda.graph_pool_handle()  # one memory pool shared by all graphs
+        # One memory pool shared by all graphs (``pool``: also by other wrappers' graphs; graphs
+        # that share a pool must never replay concurrently, which one stream guarantees).
+        self._pool = torch.cuda.graph_pool_handle() if pool is None else pool
         self.capture_count = 0
 
     def __call__(self, **inputs) -> torch.Tensor:

@@ -99,11 +99,13 @@ class RankEngine:
             from .pipefusion.runner import PipeFusionFluxDenoiser
             from .pipefusion.stage import cut_to_stage
 
-            if spec.compile or spec.cuda_graphs:
-                raise ConfigError("compile and cuda_graphs with pipefusion_parallel_degree > 1 are not supported yet; "
-                                  "turn them off")
+            if spec.compile:
+                raise ConfigError("compile with pipefusion_parallel_degree > 1 is not supported yet; turn the loader's "
+                                  "compile off (cuda_graphs works with PipeFusion)")
             model = cut_to_stage(model, self._stage_plan(dict(config)))  # a whole model keeps only its stage
             self._denoiser = PipeFusionFluxDenoiser(model, self.mesh, dtype, has_guidance=bool(config.guidance_embeds))
+            # Each stage pass (one patch, or the whole image) replays as a graph; the sends between stages stay eager.
+            self._denoiser.use_cuda_graphs = spec.cuda_graphs and self.device.type == "cuda"
         elif self.mesh.size("distrifusion") > 1:
             from .distrifusion.runner import DistriFusionDenoiser
 

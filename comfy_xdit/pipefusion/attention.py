@@ -6,6 +6,11 @@ cache holding the whole image's keys/values: written by the previous evaluation 
 step stale) and overwritten, patch by patch, as the current evaluation reaches them. Text
 tokens ride along with every patch, so text keys/values are always fresh and never cached.
 
+The caches of all of a stage's layers live in one KVCacheStore, one tensor per conditioning
+branch slot (0: the first branch a job evaluates, 1: the second). They are kept from job to job
+while their shape holds, so a CUDA graph captured against them (runner.py) stays valid; the
+store also owns those graphs and drops a slot's graphs when it reallocates the slot's cache.
+
 A synchronous (warmup) pass is the same code with one patch covering the whole image: every
 cached entry is overwritten before it is read, so the pass is exact and fills the cache.
 
@@ -38,7 +43,7 @@ class PatchWindow:
     start: int  # first image token of the patch, in whole-image order
     tokens: int  # real (unpadded) tokens of the patch
     total: int  # image tokens of the whole image
-    branch: int  # which cache to use: one per conditioning branch (positive, negative)
+    branch: int  # which cache slot to use: one per conditioning branch (positive, negative)
     attend_stale: bool = True  # False: attend only to the patch's own tokens (diagnostic switch)
 
     @property
@@ -53,26 +58,74 @@ class PatchWindowState:
         self.window: PatchWindow | None = None
 
 
+class KVCacheStore:
+    """The image keys/values of every attention layer of a stage, one tensor per branch slot, and
+    the captured passes (CUDA graphs) that read and write them.
+
+    A cache is allocated (by ``ensure``) before any pass of its slot runs, outside any graph, and
+    kept while the shape holds. Reallocating a slot first drops the slot's graphs: a graph bakes
+    in the addresses of the cache it was captured against, and must never replay against a freed
+    one. Whether a cache holds values of the current job is the runner's business (its first pass
+    of each branch in a job is a whole-image pass, which overwrites every entry before reading).
+    """
+
+    def __init__(self, layers: int):
+        self.layers = layers
+        self.caches: dict[int, torch.Tensor] = {}  # slot -> [layers, 2 (keys, values), B, image tokens, heads, head dim]
+        self.graphs: dict[tuple, object] = {}  # (slot, ...) -> a captured pass against that slot's cache
+
+    def ensure(self, slot: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+        """Have slot's cache of ``shape`` (B, image tokens, heads, head dim); True if it was (re)allocated."""
+        full = (self.layers, 2, *shape)
+        cache = self.caches.get(slot)
+        if cache is not None and tuple(cache.shape) == full and cache.dtype == dtype and cache.device == torch.device(device):
+            return False
+        dropped = [key for key in self.graphs if key[0] == slot]
+        if dropped and cache is not None and cache.is_cuda:
+            torch.cuda.synchronize(cache.device)  # no replay of a dropped graph may still be running
+        for key in dropped:
+            del self.graphs[key]
+        self.caches.pop(slot, None)  # free the old cache before taking memory for the new one
+        self.caches[slot] = torch.empty(full, dtype=dtype, device=device)
+        return True
+
+    def graph_for(self, key: tuple, make):
+        """The captured pass of ``key`` (its first item the slot), made by ``make()`` on first use."""
+        if key[0] not in self.caches:
+            raise RuntimeError("internal: a PipeFusion pass was captured before its K/V cache was allocated")
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = make()
+        return graph
+
+    def layer(self, slot: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.caches.get(slot)
+        if cache is None:
+            raise RuntimeError("internal: a PipeFusion pass ran before its K/V cache was allocated")
+        return cache[index, 0], cache[index, 1]
+
+    def clear(self) -> None:
+        self.graphs.clear()
+        self.caches.clear()
+
+
 class StaleKVAttention(SequenceParallelAttention):
     """One attention layer's PipeFusion attention (Ulysses and Ring inside the stage)."""
 
-    def __init__(self, state: PatchWindowState, ulysses_group, ring_group=None, lse_kernel: Kernel | None = None):
+    def __init__(self, state: PatchWindowState, store: KVCacheStore, index: int, ulysses_group, ring_group=None,
+                 lse_kernel: Kernel | None = None):
         super().__init__(ulysses_group, ring_group, lse_kernel)
         self.state = state
-        self.caches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # branch -> (keys, values)
-
-    def clear(self) -> None:
-        self.caches.clear()
+        self.store = store
+        self.index = index  # this layer's place in the store
 
     def _cache(self, window: PatchWindow, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (like.shape[0], window.total, *like.shape[2:])
-        cached = self.caches.get(window.branch)
-        if cached is None or cached[0].shape != shape or cached[0].dtype != like.dtype:
-            if not window.is_whole_image:
-                raise RuntimeError("internal: a PipeFusion patch pass ran before a whole-image pass filled the K/V cache")
-            cached = (like.new_empty(shape), like.new_empty(shape))
-            self.caches[window.branch] = cached
-        return cached
+        cache_k, cache_v = self.store.layer(window.branch, self.index)
+        expected = (like.shape[0], window.total, *like.shape[2:])
+        if tuple(cache_k.shape) != expected or cache_k.dtype != like.dtype:
+            raise RuntimeError(f"internal: the PipeFusion K/V cache is {tuple(cache_k.shape)} {cache_k.dtype}, "
+                               f"the layer's keys need {expected} {like.dtype}")
+        return cache_k, cache_v
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
         window = self.state.window

@@ -21,8 +21,10 @@ from comfy_xdit.requests import FluxConditioning, ModelSpec, SampleRequest
 from distributed import relative_error, run_on_ranks
 from test_pipefusion import pipefusion_flux
 
-# warmup 1 of 3 steps, 2 patches: two of every job's three steps read stale K/V from the cache.
-CONFIG = dict(pipefusion_parallel_degree=2, num_pipeline_patches=2, warmup_steps=1)
+# No warmup step, 2 patches: only the rule "each branch's first evaluation in a job is a
+# whole-image pass" stands between a job and the previous job's cached K/V, and every later
+# evaluation reads stale K/V from the cache.
+CONFIG = dict(pipefusion_parallel_degree=2, num_pipeline_patches=2, warmup_steps=0)
 
 # (latent height, width, noise seed, prompt seed, prompt tokens, cfg) of each job, in order.
 JOBS = [
@@ -120,3 +122,19 @@ def test_cache_store_keeps_a_slot_while_its_shape_holds_and_drops_its_graphs_whe
     assert list(store.graphs) == [(1, 0, 21, 42, True)] and store.graphs[(1, 0, 21, 42, True)] is other_slot
     assert store.ensure(1, (1, 42, 2, 8), torch.float64, torch.device("cpu"))
     assert store.graphs == {}
+
+
+def test_bench_has_a_pipefusion_graphs_group_with_its_baselines():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+    spec = importlib.util.spec_from_file_location("bench_run", path)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    launches = {name: (nproc, args) for name, nproc, args in run.launches("flux-pipefusion-graphs")}
+    assert launches["1gpu"] == (1, ["--impl", "diffusers,ours", "--runs", "3"])
+    assert launches["ours-p2"] == (2, ["--impl", "ours", "--degrees", "p2", "--runs", "3"])
+    assert launches["ours-p2-graphs"] == (2, ["--impl", "ours", "--degrees", "p2", "--cuda-graphs", "--runs", "3"])
+    assert "--pipeline-patches" in launches["ours-p2-graphs-4patches"][1]
+    assert launches["ours-1gpu-graphs"][0] == 1 and "--cuda-graphs" in launches["ours-1gpu-graphs"][1]

@@ -315,7 +315,8 @@ def row_name(row: dict) -> str:
         parts = ["cfg parallel"] if row.get("cfg_parallel") else []
         parts += [f"ulysses={row['ulysses']}"] if row["ulysses"] > 1 else []
         parts += [f"ring={row['ring']}"] if row["ring"] > 1 else []
-        parts += [f"pipefusion={row['pipefusion']} (warmup {row.get('pipefusion_warmup', 1)})"] if row.get("pipefusion", 1) > 1 else []
+        parts += [f"pipefusion={row['pipefusion']} (warmup {row.get('pipefusion_warmup', 1)}, "
+                  f"{row.get('pipeline_patches', row['pipefusion'])} patches)"] if row.get("pipefusion", 1) > 1 else []
         parts += [f"tensor parallel={row['tensor']}"] if row.get("tensor", 1) > 1 else []
         parts += [f"distrifusion={row['distrifusion']} (warmup {row.get('distrifusion_warmup', 1)})"] if row.get("distrifusion", 1) > 1 else []
         how = f"{row['gpus']} GPUs, {' x '.join(parts)}"

@@ -844,18 +844,19 @@ def main(argv=None) -> int:
                         raise SystemExit(f"--cond takes cpu and/or device, got {cond!r}")
                     run_row(OursLoop(model, args, inputs, device, dtype, degrees, cond), "ours", degrees, {"cond": cond})
 
-    finish(device, args.cuda_graphs)
+    finish(device)
     return 0
 
 
-def finish(device: torch.device, cuda_graphs: bool) -> None:
+def finish(device: torch.device) -> None:
     """End a launch once every rank has written its rows. After CUDA graphs were captured on an
-    NCCL group, tearing the group down has hung (runs F and H in docs/performance.md), which cost
-    the launch's whole timeout; the rows are on disk by then, so such a launch exits at once."""
+    NCCL group (ours with --cuda-graphs, xfuser's compile in mode reduce-overhead), tearing the
+    group down has hung (runs F, H and O in docs/performance.md), which cost the launch's whole
+    timeout; the rows are on disk by then, so a launch on GPUs exits at once."""
     if not dist.is_initialized():
         return
     barrier(device)
-    if cuda_graphs and device.type == "cuda":
+    if device.type == "cuda":
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -109,6 +109,24 @@ GROUPS = ("flux-usp", "flux-usp-compile", "flux-usp-ring", "flux-pipefusion", "f
           "flux-comm-overlap", "flux-pipefusion-graphs")
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launch and every process under it. Killing the launch's process group is not
+    enough: torchrun starts its workers in sessions of their own, and in run O two workers outlived
+    their killed torchrun for ten minutes, holding the launch's stdout open."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for process in tree:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def launches(group: str) -> list[tuple[str, int, list[str]]]:
     """(name, processes, flux_loop arguments) for each launch of a group."""
     if group == "flux-usp":
@@ -443,9 +461,9 @@ def main(argv=None) -> int:
             log.flush()
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-            # A watchdog, not wait(timeout): a launch that hangs with its stdout open (seen once at
-            # NCCL teardown after CUDA graphs) would otherwise keep the read loop below forever.
-            watchdog = threading.Timer(args.timeout, os.killpg, (proc.pid, signal.SIGKILL))
+            # A watchdog, not wait(timeout): a launch that hangs with its stdout open (seen at NCCL
+            # teardown after CUDA graphs) would otherwise keep the read loop below forever.
+            watchdog = threading.Timer(args.timeout, kill_tree, (proc.pid,))
             watchdog.start()
             for line in proc.stdout:
                 log.write(line)

@@ -348,7 +348,7 @@ def main(argv=None) -> int:
             # Sequence-parallel rows install their attention processors and hooks on the model, so they come last.
             for degrees in sorted(degrees_list, key=lambda d: d[0] * d[1]):
                 run_row(OursLoop(model, args, inputs, device, dtype, degrees, folder), "ours", degrees)
-    common.finish(device, cuda_graphs=False)
+    common.finish(device)
     return 0
 
 

@@ -55,7 +55,7 @@ class ParallelLoader(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from .comfy_xdit.config import ATTENTION_BACKENDS
+        from .comfy_xdit.config import ATTENTION_BACKENDS, PIPEFUSION_SPLITS
 
         return io.Schema(
             node_id="ParallelLoader",
@@ -93,6 +93,12 @@ class ParallelLoader(io.ComfyNode):
                                      "attending to the other patches' one-step-stale K/V (exchanged asynchronously); exact "
                                      "during warmup_steps, approximate after. Combines with use_cfg_parallel and "
                                      "data_parallel_degree, not with ulysses/ring/pipefusion/tensor"),
+                io.Combo.Input("pipefusion_split", options=list(PIPEFUSION_SPLITS), default="parameters", optional=True,
+                               tooltip="PipeFusion: how the layers are split over the stages. parameters: every GPU holds "
+                                       "about the same weight memory (fits the largest model), but the stages after Flux's "
+                                       "double blocks do most of the work (N=2: the last ~70%), so the pipeline waits on "
+                                       "them. compute: equal block counts, so about equal time per stage, but the stage "
+                                       "with the double blocks holds more weights (Flux N=2: about 2/3)"),
             ],
             outputs=[XditModelType.Output()],
         )
@@ -101,7 +107,7 @@ class ParallelLoader(io.ComfyNode):
     def execute(cls, model_name, weight_dtype, ulysses_degree, ring_degree, use_cfg_parallel, data_parallel_degree,
                 pipefusion_parallel_degree, devices, attention_backend, compile=False, num_pipeline_patches=0,
                 warmup_steps=1, cuda_graphs=False, backend="local", address="auto", tensor_parallel_degree=1,
-                distrifusion_degree=1) -> io.NodeOutput:
+                distrifusion_degree=1, pipefusion_split="parameters") -> io.NodeOutput:
         from .comfy_xdit.requests import ModelSpec
 
         bridge = _bridge()
@@ -112,6 +118,7 @@ class ParallelLoader(io.ComfyNode):
             attention_backend=attention_backend, devices=devices, backend=pool_backend,
             num_pipeline_patches=num_pipeline_patches or None, warmup_steps=warmup_steps,
             tensor_parallel_degree=tensor_parallel_degree, distrifusion_degree=distrifusion_degree,
+            pipefusion_split=pipefusion_split,
         )
         if weight_dtype == "default":
             weight_dtype = "float32" if config.device_type == "cpu" else "bfloat16"

@@ -191,7 +191,8 @@ def ray_devices(devices: str, count: int | None, backend: Backend) -> str:
 def make_config(*, ulysses_degree: int, ring_degree: int, use_cfg_parallel: bool, data_parallel_degree: int,
                 pipefusion_parallel_degree: int, attention_backend: str, devices: str,
                 num_pipeline_patches: int | None = None, warmup_steps: int = 1,
-                backend: Backend = LOCAL, tensor_parallel_degree: int = 1, distrifusion_degree: int = 1) -> ParallelConfig:
+                backend: Backend = LOCAL, tensor_parallel_degree: int = 1, distrifusion_degree: int = 1,
+                pipefusion_split: str = "parameters") -> ParallelConfig:
     others = ring_degree * data_parallel_degree * pipefusion_parallel_degree * (2 if use_cfg_parallel else 1)
     others *= tensor_parallel_degree * distrifusion_degree
     if backend.kind == "ray":  # Ray places the workers: the devices only say how many and of which kind
@@ -212,7 +213,7 @@ def make_config(*, ulysses_degree: int, ring_degree: int, use_cfg_parallel: bool
         degrees = dict(ulysses_degree=1, ring_degree=1, use_cfg_parallel=False, data_parallel_degree=1,
                        pipefusion_parallel_degree=1, tensor_parallel_degree=1, distrifusion_degree=1)
     return ParallelConfig(attention_backend=attention_backend, devices=resolved, num_pipeline_patches=num_pipeline_patches,
-                          warmup_steps=warmup_steps, **degrees)
+                          warmup_steps=warmup_steps, pipefusion_split=pipefusion_split, **degrees)
 
 
 def pool_for(config: ParallelConfig, backend: Backend = LOCAL) -> WorkerPool:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import ConfigError, ParallelConfig, default_devices
+from .config import PIPEFUSION_SPLITS, ConfigError, ParallelConfig, default_devices
 
 
 def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +23,9 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
                        help="PipeFusion patches (bands of token rows); default: the pipefusion degree")
     group.add_argument("--warmup-steps", type=int, default=1,
                        help="PipeFusion and DistriFusion: steps run exactly before stale K/V is reused")
+    group.add_argument("--pipefusion-split", choices=list(PIPEFUSION_SPLITS), default="parameters",
+                       help="PipeFusion: split the layers for even weight memory per GPU (parameters) or even time per "
+                            "stage (compute: equal block counts; the stage with Flux's double blocks holds more weights)")
     group.add_argument("--use-cfg-parallel", action="store_true", help="conditional and unconditional branch on two groups")
     group.add_argument("--data-parallel-degree", type=int, default=1, help="split the batch over this many groups")
     group.add_argument("--tensor-parallel-degree", "--tp", dest="tensor_parallel_degree", type=int, default=1,
@@ -89,6 +92,7 @@ def config_from_flags(args: argparse.Namespace) -> ParallelConfig:
         distrifusion_degree=getattr(args, "distrifusion_degree", 1),
         num_pipeline_patches=args.num_pipeline_patches,
         warmup_steps=args.warmup_steps,
+        pipefusion_split=getattr(args, "pipefusion_split", "parameters"),
         attention_backend=args.attention_backend,
         devices=devices,
     )

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "flash_attn", "cpu_flash")
+# How PipeFusion splits the blocks over its stages (pipefusion/partition.py says what each costs).
+PIPEFUSION_SPLITS = ("parameters", "compute")
 
 
 class ConfigError(ValueError):
@@ -25,6 +27,9 @@ class ParallelConfig:
 
     ``warmup_steps``: the synchronous (exact) sampler steps before PipeFusion and DistriFusion
     switch to one-step-stale keys/values of the other patches.
+
+    ``pipefusion_split``: how PipeFusion splits the transformer blocks over its stages: "parameters"
+    (even weight memory per GPU) or "compute" (even block count, so even time per stage).
     """
 
     ulysses_degree: int = 1
@@ -39,6 +44,7 @@ class ParallelConfig:
     devices: tuple[str, ...] = field(default=("cpu",))
     # DistriFusion: every worker of a group holds the whole model and denoises its patch of the image
     distrifusion_degree: int = 1
+    pipefusion_split: str = "parameters"
 
     def __post_init__(self) -> None:
         # Accept lists from JSON or the command line but keep the config hashable.
@@ -52,6 +58,9 @@ class ParallelConfig:
             raise ConfigError(f"warmup_steps must be a whole number of at least 0, got {self.warmup_steps!r}")
         if self.num_pipeline_patches is not None and self.num_pipeline_patches < 1:
             raise ConfigError(f"num_pipeline_patches must be at least 1, got {self.num_pipeline_patches!r}")
+        if self.pipefusion_split not in PIPEFUSION_SPLITS:
+            raise ConfigError(f"pipefusion_split {self.pipefusion_split!r} is unknown; choose one of "
+                              f"{', '.join(PIPEFUSION_SPLITS)}")
         if self.tensor_parallel_degree > 1:
             others = [f"{name}={value}" for name, value in (
                 ("ulysses_degree", self.ulysses_degree), ("ring_degree", self.ring_degree),

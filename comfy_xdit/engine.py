@@ -157,7 +157,8 @@ class RankEngine:
     def _stage_plan(self, model_config: dict):
         from .pipefusion.partition import plan_stages
 
-        return plan_stages(model_config, self.mesh.size("pipefusion"))[self.mesh.local_rank("pipefusion")]
+        plans = plan_stages(model_config, self.mesh.size("pipefusion"), self.mesh.config.pipefusion_split)
+        return plans[self.mesh.local_rank("pipefusion")]
 
     def set_loras(self, loras) -> bool:
         """Have exactly these LoRAs applied (in place, restorable bit for bit); True if weights changed."""

@@ -14,6 +14,8 @@ stale-K/V error is measured against a meaningful scale:
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -177,6 +179,37 @@ def test_pipefusion_in_the_mesh_equals_one_worker_in_warmup_and_pipefusion_alone
         assert after < TOLERANCE, f"{name}: rank {rank} after warmup differs from PipeFusion alone by {after:.2e}"
 
 
+def stage_plan_and_results(config_kwargs: dict, steps: int, cfg: float, batch: int):
+    """This rank's stage plan (as a tuple: results come back as tensors and plain data), then
+    generate_in_warmup_then_after's two results."""
+    engine = engine_for(dict(config_kwargs, warmup_steps=steps))
+    exact = engine.sample(make_request(steps, cfg, batch))
+    engine._denoiser.warmup_steps = 1
+    return dataclasses.astuple(engine.model.pipefusion_stage), exact, engine.sample(make_request(steps, cfg, batch))
+
+
+def test_compute_split_equals_one_worker_in_warmup_and_the_parameter_split_after(reference, pipefusion_alone):
+    # The tiny model's two splits differ (parameters: 1 double | 1 double + 2 single; compute:
+    # 2 double | 2 single), so this runs another partition than every test above. Which stage
+    # holds a block changes no arithmetic: each block attends to the same fresh or stale K/V
+    # wherever it runs, so the result is PipeFusion alone's (parameter split) after warmup too.
+    config = pipefusion_flux().config
+    assert plan_stages(config, 2, "compute") != plan_stages(config, 2, "parameters")
+    results = run_on_ranks(2, stage_plan_and_results, dict(pipefusion_parallel_degree=2, pipefusion_split="compute"),
+                           MESH_STEPS, MESH_CFG, MESH_BATCH)
+    assert [plan for plan, _, _ in results] == [dataclasses.astuple(p) for p in plan_stages(config, 2, "compute")]
+    expected = reference(MESH_STEPS, MESH_CFG, MESH_BATCH)
+    for rank, (_, exact, stale) in enumerate(results):
+        assert exact.shape == stale.shape == expected.shape
+        assert torch.isfinite(stale).all()
+        in_warmup = relative_error(exact, expected)
+        after = max(relative_error(stale[row], pipefusion_alone[row]) for row in range(MESH_BATCH))
+        print(f"compute split, rank {rank}: in warmup {in_warmup:.2e} from one worker, after warmup {after:.2e} "
+              "from the parameter split")
+        assert in_warmup < TOLERANCE, f"compute split: rank {rank} in warmup differs from one worker by {in_warmup:.2e}"
+        assert after < TOLERANCE, f"compute split: rank {rank} after warmup differs from the parameter split by {after:.2e}"
+
+
 # --- stage partition and memory ----------------------------------------------------------------
 
 FLUX_DEV = dict(num_layers=19, num_single_layers=38, num_attention_heads=24, attention_head_dim=128)
@@ -196,6 +229,35 @@ def test_flux_dev_stages_hold_an_even_share_of_the_block_parameters(stages):
     for before, after in zip(plans, plans[1:]):  # contiguous, in execution order
         assert (after.double_start, after.single_start) == (before.double_stop, before.single_stop)
     assert max(held) <= total / stages + double / 2  # within half a block of an even share
+
+
+def check_contiguous(plans, config: dict) -> None:
+    assert plans[0].double_start == 0 and plans[-1].single_stop == config["num_single_layers"]
+    for before, after in zip(plans, plans[1:]):  # contiguous, in execution order
+        assert (after.double_start, after.single_start) == (before.double_stop, before.single_stop)
+
+
+@pytest.mark.parametrize("layers,stages", [((19, 38), 2), ((19, 38), 3), ((19, 38), 4), ((2, 2), 2), ((2, 2), 3),
+                                           ((3, 5), 2), ((3, 5), 3), ((1, 1), 2), ((4, 0), 3)])
+def test_compute_split_gives_every_stage_the_same_block_count_within_one(layers, stages):
+    config = dict(FLUX_DEV, num_layers=layers[0], num_single_layers=layers[1])
+    plans = plan_stages(config, stages, "compute")
+    counts = [(p.double_stop - p.double_start) + (p.single_stop - p.single_start) for p in plans]
+    assert sum(counts) == sum(layers) and min(counts) >= 1
+    assert max(counts) - min(counts) <= 1, counts
+    check_contiguous(plans, config)
+
+
+def test_compute_split_of_flux_dev_puts_the_double_blocks_and_about_two_thirds_of_the_parameters_on_stage_0():
+    from comfy_xdit.pipefusion.partition import block_parameter_counts
+
+    double, single = block_parameter_counts(FLUX_DEV)
+    first, second = plan_stages(FLUX_DEV, 2, "compute")
+    assert (first.double_stop, first.single_stop, second.single_start) == (19, 9, 9)  # 28 | 29 blocks
+    share = (19 * double + 9 * single) / (19 * double + 38 * single)
+    assert 0.6 < share < 0.7  # README: what the compute split costs in memory
+    with pytest.raises(ValueError, match="pipefusion_split 'time' is unknown; choose one of parameters, compute"):
+        plan_stages(FLUX_DEV, 2, "time")
 
 
 def count(module: torch.nn.Module, prefix: str = "") -> int:
@@ -251,6 +313,9 @@ def test_invalid_pipefusion_settings_are_refused_with_what_to_change():
     assert ParallelConfig(**hybrid, devices=("cpu",) * 32).mesh_shape == (2, 2, 2, 2, 2, 1, 1)
     with pytest.raises(ConfigError, match="multiply to 32 workers .*data=2 x cfg=2 x pipefusion=2 x ring=2 x ulysses=2.* 16 device"):
         ParallelConfig(**hybrid, devices=("cpu",) * 16)
+    with pytest.raises(ConfigError, match="pipefusion_split 'layers' is unknown; choose one of parameters, compute"):
+        ParallelConfig(pipefusion_parallel_degree=2, pipefusion_split="layers", devices=("cpu",) * 2)
+    assert ParallelConfig(devices=("cpu",)).pipefusion_split == "parameters"
     with pytest.raises(ConfigError, match="num_pipeline_patches must be at least 1"):
         ParallelConfig(pipefusion_parallel_degree=2, num_pipeline_patches=0, devices=("cpu",) * 2)
     config = ParallelConfig(pipefusion_parallel_degree=4, devices=("cpu",) * 4)
@@ -263,11 +328,31 @@ def test_invalid_pipefusion_settings_are_refused_with_what_to_change():
     assert token_row_bands(7, 3) == [(0, 3), (3, 2), (5, 2)]
 
 
+def test_command_line_and_loader_select_the_pipefusion_split():
+    import argparse
+
+    from comfy_xdit.bridge import make_config
+    from comfy_xdit.cli import add_parallel_flags, config_from_flags
+
+    parser = argparse.ArgumentParser()
+    add_parallel_flags(parser)
+    args = parser.parse_args(["--pipefusion-parallel-degree", "2", "--pipefusion-split", "compute", "--devices", "cpu,cpu"])
+    assert config_from_flags(args).pipefusion_split == "compute"
+    args = parser.parse_args(["--pipefusion-parallel-degree", "2", "--devices", "cpu,cpu"])
+    assert config_from_flags(args).pipefusion_split == "parameters"
+    with pytest.raises(SystemExit):  # argparse names the choices
+        parser.parse_args(["--pipefusion-split", "layers"])
+    config = make_config(ulysses_degree=0, ring_degree=1, use_cfg_parallel=False, data_parallel_degree=1,
+                         pipefusion_parallel_degree=2, attention_backend="auto", devices="cpu,cpu", pipefusion_split="compute")
+    assert (config.pipefusion_parallel_degree, config.pipefusion_split) == (2, "compute")
+
+
 # --- through the worker pool -------------------------------------------------------------------
 
 
 @pytest.mark.timeout(180)
-def test_pool_with_pipefusion_loads_stages_from_the_file_and_equals_one_worker(tmp_path):
+@pytest.mark.parametrize("split", ["parameters", "compute"])
+def test_pool_with_pipefusion_loads_stages_from_the_file_and_equals_one_worker(split, tmp_path):
     from comfy_xdit.pool import WorkerPool
 
     spec = ModelSpec(str(write_diffusers_folder(pipefusion_flux(), tmp_path / "flux")), dtype="float32")
@@ -275,7 +360,8 @@ def test_pool_with_pipefusion_loads_stages_from_the_file_and_equals_one_worker(t
     one.load(spec)
     request = make_request(steps=3, cfg=2.0)
     expected = one.sample(request)
-    config = ParallelConfig(pipefusion_parallel_degree=2, warmup_steps=3, devices=("cpu", "cpu"))
+    # The config travels to the workers, whose stages read only their blocks of the file as the split says.
+    config = ParallelConfig(pipefusion_parallel_degree=2, warmup_steps=3, pipefusion_split=split, devices=("cpu", "cpu"))
     with WorkerPool(config, job_timeout_s=60, start_timeout_s=120) as pool:
         pool.load(spec)
         result = pool.sample(request)

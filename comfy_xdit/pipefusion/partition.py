@@ -1,10 +1,19 @@
-"""Which transformer blocks each PipeFusion stage holds: contiguous runs balanced by parameter count.
+"""Which transformer blocks each PipeFusion stage holds: contiguous runs balanced by a per-block weight.
 
-A Flux transformer is a list of N double-stream blocks followed by M single-stream blocks; a
-double block has about 2.4x the parameters of a single one (36 d^2 against 15 d^2), so splitting
-by block count would leave the first stage much heavier. The split points are chosen where the
-running parameter count comes closest to k/N of the total, which keeps every stage within one
-block of an even share.
+A Flux transformer is a list of N double-stream blocks followed by M single-stream blocks. The
+split points are chosen where the running weight comes closest to k/N of the total, which keeps
+every stage within one block of an even share. Two weights (``SPLITS``, the config's
+``pipefusion_split``):
+
+- "parameters": each block weighs its parameter count. A double block has about 2.4x the
+  parameters of a single one (36 d^2 against 15 d^2), so every GPU holds about the same weight
+  memory -- PipeFusion's main point, fitting a model no single GPU holds. The stages' compute is
+  uneven then: per token a double block costs the same as a single block (a token passes about
+  12 d^2 of weights in both: a double block runs image tokens through the image stream's weights
+  and text tokens through the text stream's), so the stages past the double blocks do most of
+  the work (Flux-dev, N=2: stage 1 does about 70% of it).
+- "compute": every block weighs 1, so the stages get equal block counts and about equal time per
+  step; the stage holding the double blocks then holds more parameters (Flux-dev, N=2: about 2/3).
 
 Stage 0 also holds the input embedders (x_embedder, context_embedder), the last stage the output
 layers (norm_out, proj_out). Every stage holds the small timestep/guidance/pooled-text embedder
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import PIPEFUSION_SPLITS as SPLITS
 DOUBLE = "transformer_blocks"
 SINGLE = "single_transformer_blocks"
 INPUT_LAYERS = ("x_embedder", "context_embedder")
@@ -93,13 +103,23 @@ def split_points(weights: list[int], stages: int) -> list[int]:
     return points
 
 
-def plan_stages(config: dict, stages: int) -> list[StagePlan]:
-    """The stage plans of a Flux config for ``stages`` pipeline stages."""
+def block_weights(config: dict, split: str) -> list[int]:
+    """The weight of every block (double blocks first) that ``split`` balances over the stages."""
+    if split not in SPLITS:
+        raise ValueError(f"pipefusion_split {split!r} is unknown; choose one of {', '.join(SPLITS)}")
+    doubles, singles = config["num_layers"], config["num_single_layers"]
+    if split == "compute":
+        return [1] * (doubles + singles)
+    double_params, single_params = block_parameter_counts(config)
+    return [double_params] * doubles + [single_params] * singles
+
+
+def plan_stages(config: dict, stages: int, split: str = "parameters") -> list[StagePlan]:
+    """The stage plans of a Flux config for ``stages`` pipeline stages, balanced as ``split`` says."""
     doubles, singles = config["num_layers"], config["num_single_layers"]
     if doubles + singles < stages:
         raise ValueError(f"{stages} pipeline stages need at least {stages} transformer blocks; this model has {doubles + singles}")
-    double_params, single_params = block_parameter_counts(config)
-    points = [0, *split_points([double_params] * doubles + [single_params] * singles, stages), doubles + singles]
+    points = [0, *split_points(block_weights(config, split), stages), doubles + singles]
     plans = []
     for i in range(stages):
         start, stop = points[i], points[i + 1]

@@ -141,16 +141,18 @@ def build_model(cls, config: dict, device: torch.device, dtype: torch.dtype, see
     return model.eval().requires_grad_(False)
 
 
-def build_stage(config: dict, degrees: tuple[int, ...], device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
-    """This rank's PipeFusion stage of the transformer, with random weights (ranks are pipefusion-major
-    inside a data=cfg=1 mesh: rank // (ulysses * ring) is the stage)."""
+def build_stage(config: dict, degrees: tuple[int, ...], device: torch.device, dtype: torch.dtype, seed: int,
+                split: str = "parameters") -> torch.nn.Module:
+    """This rank's PipeFusion stage of the transformer, split as ``split`` says (the engine's
+    pipefusion_split), with random weights (ranks are pipefusion-major inside a data=cfg=1 mesh:
+    rank // (ulysses * ring) is the stage)."""
     from diffusers import FluxTransformer2DModel
 
     from comfy_xdit.pipefusion.partition import plan_stages
     from comfy_xdit.pipefusion.stage import cut_to_stage
 
     u, r, p, *_ = degrees
-    plan = plan_stages(config, p)[(dist.get_rank() if dist.is_initialized() else 0) // (u * r)]
+    plan = plan_stages(config, p, split)[(dist.get_rank() if dist.is_initialized() else 0) // (u * r)]
     with torch.device("meta"):
         model = cut_to_stage(FluxTransformer2DModel(**config), plan)
     model = model.to(dtype=dtype).to_empty(device=device)
@@ -333,7 +335,8 @@ class OursLoop:
             devices = ("cpu",) * n
         config = ParallelConfig(ulysses_degree=u, ring_degree=r, pipefusion_parallel_degree=p, tensor_parallel_degree=t,
                                 distrifusion_degree=d, devices=devices, num_pipeline_patches=args.pipeline_patches,
-                                warmup_steps=args.pipefusion_warmup, attention_backend=args.attention_backend)
+                                warmup_steps=args.pipefusion_warmup, attention_backend=args.attention_backend,
+                                pipefusion_split=args.pipefusion_split)
         self.mesh = ParallelMesh.build(config, device)
         self.engine = RankEngine(self.mesh)
         dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
@@ -629,6 +632,8 @@ def main(argv=None) -> int:
     p.add_argument("--pipeline-patches", type=int, default=None, help="PipeFusion rows: patches M (default: the degree)")
     p.add_argument("--pipefusion-warmup", type=int, default=1,
                    help="PipeFusion and DistriFusion (d<N>) rows: synchronous warmup steps")
+    p.add_argument("--pipefusion-split", choices=["parameters", "compute"], default="parameters",
+                   help="PipeFusion rows: stages of even parameter memory (default) or of even block count (even compute)")
     p.add_argument("--cache", default=None, help="ours rows with step caches, comma list of " + ", ".join(CACHE_ROWS) +
                    " (give none first: the others' latents are compared with it)")
     args = p.parse_args(argv)
@@ -707,6 +712,8 @@ def main(argv=None) -> int:
             label += " cond-on-device"
         if extra and extra.get("cache"):
             label += f" cache={extra['cache']}"
+        if p > 1 and args.pipefusion_split != "parameters":
+            label += f" {args.pipefusion_split}-split"
         log(f"-- {label}: warm-up + {args.runs} runs")
         row = time_loop(loop, args, device, label)
         if graphs:
@@ -722,7 +729,8 @@ def main(argv=None) -> int:
         if impl == "ours":
             row.update(attention_backend=args.attention_backend)
         if p > 1:
-            row.update(pipefusion_warmup=args.pipefusion_warmup, pipeline_patches=args.pipeline_patches or p)
+            row.update(pipefusion_warmup=args.pipefusion_warmup, pipeline_patches=args.pipeline_patches or p,
+                       pipefusion_split=args.pipefusion_split)
         if d > 1:
             row.update(distrifusion_warmup=args.pipefusion_warmup)
         if after is not None:
@@ -815,7 +823,7 @@ def main(argv=None) -> int:
             # A PipeFusion rank builds only its stage (about 1/N of the weights), as the loader does.
             if len(degrees_list) > 1 or impls != ["ours"]:
                 raise SystemExit("PipeFusion rows: one --degrees row per launch, --impl ours only")
-            model = build_stage(config, degrees_list[0], device, dtype, args.seed)
+            model = build_stage(config, degrees_list[0], device, dtype, args.seed, args.pipefusion_split)
         else:
             model = build_model(FluxTransformer2DModel, config, device, dtype, args.seed)
         sync(device)

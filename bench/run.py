@@ -26,7 +26,8 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
   flux-pipefusion   ours at pipefusion=2 (layers split over 2 GPUs, 2 patches, 1 warmup step)
                     beside ours at ulysses=2 and the 1-GPU baselines; eager.
   flux-pipefusion-graphs  ours at pipefusion=2 with each stage pass (one patch) replayed as a CUDA
-                    graph, 2 and 4 patches, beside pipefusion=2 eager, ours 1 GPU with CUDA graphs and
+                    graph, 2 and 4 patches, and 2 with the compute split (even block count per
+                    stage), beside pipefusion=2 eager, ours 1 GPU with CUDA graphs and
                     the 1-GPU eager baselines; median of 3. CPU dry run (graphs are a no-op there):
                     --smoke --extra "--device cpu --tiny".
   flux-distrifusion ours at distrifusion=2 (whole model on each GPU, half the image each, the other
@@ -166,6 +167,9 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
             ("ours-p2-graphs", 2, ["--impl", "ours", "--degrees", "p2", "--cuda-graphs", "--runs", "3"]),
             ("ours-p2-graphs-4patches", 2, ["--impl", "ours", "--degrees", "p2", "--cuda-graphs", "--pipeline-patches", "4",
                                             "--runs", "3"]),
+            # Stages of even block count: the parameter split leaves stage 1 about 70% of the compute.
+            ("ours-p2-graphs-compute-split", 2, ["--impl", "ours", "--degrees", "p2", "--cuda-graphs", "--pipefusion-split",
+                                                 "compute", "--runs", "3"]),
         ]
     if group == "flux-distrifusion":
         # DistriFusion beside the other ways to use 2 GPUs for one Flux-dev 1024px image (issue 10).
@@ -333,8 +337,10 @@ def row_name(row: dict) -> str:
         parts = ["cfg parallel"] if row.get("cfg_parallel") else []
         parts += [f"ulysses={row['ulysses']}"] if row["ulysses"] > 1 else []
         parts += [f"ring={row['ring']}"] if row["ring"] > 1 else []
+        split = row.get("pipefusion_split", "parameters")
         parts += [f"pipefusion={row['pipefusion']} (warmup {row.get('pipefusion_warmup', 1)}, "
-                  f"{row.get('pipeline_patches', row['pipefusion'])} patches)"] if row.get("pipefusion", 1) > 1 else []
+                  f"{row.get('pipeline_patches', row['pipefusion'])} patches"
+                  f"{'' if split == 'parameters' else f', {split} split'})"] if row.get("pipefusion", 1) > 1 else []
         parts += [f"tensor parallel={row['tensor']}"] if row.get("tensor", 1) > 1 else []
         parts += [f"distrifusion={row['distrifusion']} (warmup {row.get('distrifusion_warmup', 1)})"] if row.get("distrifusion", 1) > 1 else []
         how = f"{row['gpus']} GPUs, {' x '.join(parts)}"

@@ -138,3 +138,10 @@ def test_bench_has_a_pipefusion_graphs_group_with_its_baselines():
     assert launches["ours-p2-graphs"] == (2, ["--impl", "ours", "--degrees", "p2", "--cuda-graphs", "--runs", "3"])
     assert "--pipeline-patches" in launches["ours-p2-graphs-4patches"][1]
     assert launches["ours-1gpu-graphs"][0] == 1 and "--cuda-graphs" in launches["ours-1gpu-graphs"][1]
+    assert launches["ours-p2-graphs-compute-split"] == (2, ["--impl", "ours", "--degrees", "p2", "--cuda-graphs",
+                                                            "--pipefusion-split", "compute", "--runs", "3"])
+    # The table says the split only where it is not the default.
+    row = dict(impl="ours", gpus=2, ulysses=1, ring=1, pipefusion=2, pipefusion_warmup=1, pipeline_patches=2, cuda_graphs=True)
+    assert "pipefusion=2 (warmup 1, 2 patches)" in run.row_name(row)
+    assert "pipefusion=2 (warmup 1, 2 patches, compute split)" in run.row_name(dict(row, pipefusion_split="compute"))
+    assert run.row_name(dict(row, pipefusion_split="parameters")) == run.row_name(row)

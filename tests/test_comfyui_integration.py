@@ -222,6 +222,19 @@ def test_two_workers_give_the_latents_of_one(server):
     assert float((a - b).abs().max() / b.abs().max()) < 1e-4
 
 
+def test_the_loader_takes_the_pipefusion_split_and_a_workflow_without_it_still_runs(server):
+    split = server.get("/object_info/ParallelLoader")["ParallelLoader"]["input"]["optional"]["pipefusion_split"]
+    assert "parameters" in str(split) and "compute" in str(split) and split[1]["default"] == "parameters"
+    without = save_latent_graph("cpu", 7)
+    assert "pipefusion_split" not in node_of(without, "ParallelLoader")["inputs"]  # as saved before the input existed
+    # Warmup on every step: PipeFusion is exact, so the compute split must give one worker's latents.
+    with_split = save_latent_graph("cpu,cpu", 7, pipefusion_parallel_degree=2, warmup_steps=3, pipefusion_split="compute")
+    two, one = server.run(with_split), server.run(without)
+    assert status_str(two) == status_str(one) == "success", error_message(two) + error_message(one)
+    a, b = saved_latent(server, two), saved_latent(server, one)
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+
+
 def test_sampler_cache_skips_steps_and_two_workers_give_the_latents_of_one(server):
     # A threshold this tiny random model crosses rarely, so the cache skips steps (the latents
     # differ from the uncached ones) and the 2-worker pool must skip the same ones as 1 worker.

@@ -28,13 +28,15 @@ The pipeline drains at the end of every evaluation (the sampler needs the whole 
 the next step), so each evaluation has a bubble of N-1 patch times; pipelining across steps as
 xDiT's async pipeline does would remove it but needs the sampler on the last stage only.
 
-Cost: a stage launches all of its layers' kernels once per patch, M times per evaluation, so
-eager it is host-bound on fast GPUs (2 x H100, Flux-dev 1024px, M=2: 0.92-0.94x one GPU). With
-cuda_graphs each stage pass (one patch, or the whole image) replays as a CUDA graph; the sends
-between stages stay eager, outside the graphs. Even then a stage does more than half of one
-GPU's work: the 512 text tokens ride along with every patch, so it processes M x (patch + text)
-tokens (M=2: about 11% more linear work than half the model on the whole image), plus a bubble
-of one patch time per evaluation at N=2: about 0.83 of one GPU's step time, some 1.2x, expected.
+Cost: a stage launches all of its layers' kernels once per patch, M times per evaluation; with
+cuda_graphs each stage pass (one patch, or the whole image) replays as one CUDA graph, the sends
+between stages staying eager, outside the graphs. The pipeline runs at the pace of its slowest
+stage (partition.py's pipefusion_split: by parameters, Flux-dev's last stage does 70% of the
+compute; docs/performance.md run O measured 0.99x one GPU with graphs). Even with even stages a
+stage does more than 1/N of one GPU's work: the 512 text tokens ride along with every patch, so
+it processes M x (patch + text) tokens (M=2: about 11% more linear work than its share of the
+whole image), plus a bubble of one patch time per evaluation at N=2: about 0.83 of one GPU's
+step time, some 1.2x, expected for the compute split at N=2, M=2.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ subclasses ``ParallelExactness`` with it; the class runs ulysses=2, ring=2, cfg 
 data=2 on two gloo ranks in one process start, an ancestral sampler on the ring, swapped shards
 (which must be caught) and ulysses x ring on four ranks, each against one worker. The module
 keeps the checks that are its family's own (diffusers' forward, latent format, refusals).
+
+The families loaded from diffusers folders (CogVideoX, CogVideoX 1.5, ConsisID, Latte) keep their
+own cases (folders with other schedulers, extra faults) and share the pieces below the suite:
+``cpu_engine``, ``swap_shards`` and ``assert_every_rank_equals``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,30 @@ WRONG_ORDER = "ulysses=2, shards swapped"
 ANCESTRAL = "ring=2, euler_ancestral"
 
 
+def cpu_engine(config_kwargs: dict | None = None) -> RankEngine:
+    """An engine on this process's rank of the running gloo group (or alone), CPU devices."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    config = ParallelConfig(devices=("cpu",) * world, **(config_kwargs or {}))
+    return RankEngine(ParallelMesh.build(config, torch.device("cpu")))
+
+
+def swap_shards(engine: RankEngine) -> RankEngine:
+    """Deliberately hand each rank another rank's shard: a comparison with one worker must catch it."""
+    forward = engine._denoiser.forward
+    forward.shard_index = forward.degree - 1 - forward.shard_index
+    return engine
+
+
+def assert_every_rank_equals(name: str, by_rank: list[dict], expected: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Case ``name`` of every rank's results has ``shape`` and equals one worker's ``expected``."""
+    assert expected.abs().max() > 0.1  # a zero or tiny result would make any comparison pass
+    for rank, results in enumerate(by_rank):
+        result = results[name]
+        assert result.shape == expected.shape == shape
+        error = relative_error(result, expected)
+        assert error < TOLERANCE, f"{name}: rank {rank} differs from one worker by {error:.2e}"
+
+
 @dataclass(frozen=True)
 class FamilySuite:
     family: str
@@ -42,9 +70,7 @@ class FamilySuite:
     latent: tuple[int, ...]  # one row's latent shape
 
     def engine_for(self, config_kwargs: dict) -> RankEngine:
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        config = ParallelConfig(devices=("cpu",) * world, **config_kwargs)
-        engine = RankEngine(ParallelMesh.build(config, torch.device("cpu")))
+        engine = cpu_engine(config_kwargs)
         engine.set_model(self.make_model(), ModelSpec("tiny", family=self.family, dtype="float32"))
         return engine
 
@@ -52,9 +78,7 @@ class FamilySuite:
                  sampler: str = "euler") -> torch.Tensor:
         engine = self.engine_for(config_kwargs)
         if wrong_shard_order:
-            # Deliberately hand each rank another rank's shard: the comparison must catch it.
-            forward = engine._denoiser.forward
-            forward.shard_index = forward.degree - 1 - forward.shard_index
+            swap_shards(engine)
         return engine.sample(self.make_request(batch, sampler=sampler))
 
     def generate_all_cases(self) -> dict:
@@ -89,12 +113,7 @@ class ParallelExactness:
     @pytest.mark.parametrize("name", list(CASES))
     def test_parallel_equals_one_worker(self, name, two_workers, reference):
         batch = CASES[name][1]
-        expected = reference(batch)
-        for rank, results in enumerate(two_workers):
-            result = results[name]
-            assert result.shape == expected.shape == (batch, *self.suite.latent)
-            error = relative_error(result, expected)
-            assert error < TOLERANCE, f"{name}: rank {rank} differs from one worker by {error:.2e}"
+        assert_every_rank_equals(name, two_workers, reference(batch), (batch, *self.suite.latent))
 
     def test_ancestral_sampler_on_ring_equals_one_worker(self, two_workers, reference):
         for rank, results in enumerate(two_workers):

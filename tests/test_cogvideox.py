@@ -12,17 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_xdit.config import ParallelConfig
 from comfy_xdit.engine import RankEngine
 from comfy_xdit.loading.safetensors_files import CheckpointError
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.models import families
 from comfy_xdit.requests import CogVideoXConditioning, ModelSpec, SampleRequest
 from cogvideox_files import cogvideox_pipeline_latents, make_cogvideox_model, write_cogvideox_folder
 from distributed import relative_error, run_on_ranks
+from family_parallel import TOLERANCE, assert_every_rank_equals, cpu_engine, swap_shards
 
 PIPELINE_TOLERANCE = 1e-5
-TOLERANCE = 1e-4
 LATENT = (3, 10, 10)  # frames, height, width
 SCALE_5B = 0.7
 
@@ -38,8 +36,7 @@ def request(batch: int = 1, cfg: float = 6.0) -> SampleRequest:
 
 
 def engine_for(path, config_kwargs: dict | None = None) -> RankEngine:
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **(config_kwargs or {})), torch.device("cpu")))
+    engine = cpu_engine(config_kwargs)
     engine.load(ModelSpec(str(path), family="cogvideox", dtype="float32"))
     return engine
 
@@ -81,9 +78,7 @@ WRONG_ORDER = "ulysses=2, shards swapped"
 def generate_all_cases(folders: dict) -> dict:
     results = {name: engine_for(folders[folder], kwargs).sample(request(batch)) for name, (folder, kwargs, batch) in CASES.items()}
     engine = engine_for(folders["5b-dpm"], dict(ulysses_degree=2))
-    forward = engine._denoiser.forward
-    forward.shard_index = forward.degree - 1 - forward.shard_index  # the comparison must catch this
-    results[WRONG_ORDER] = engine.sample(request())
+    results[WRONG_ORDER] = swap_shards(engine).sample(request())
     return results
 
 
@@ -96,11 +91,7 @@ def two_workers(folders):
 def test_parallel_equals_one_worker(name, folders, two_workers):
     folder, _, batch = CASES[name]
     expected = engine_for(folders[folder]).sample(request(batch))
-    assert expected.abs().max() > 0.1
-    for rank, results in enumerate(two_workers):
-        assert results[name].shape == expected.shape == (batch, 16, *LATENT)
-        error = relative_error(results[name], expected)
-        assert error < TOLERANCE, f"{name}: rank {rank} differs from one worker by {error:.2e}"
+    assert_every_rank_equals(name, two_workers, expected, (batch, 16, *LATENT))
 
 
 def test_wrong_shard_order_is_caught(folders, two_workers):

@@ -13,18 +13,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_xdit.config import ParallelConfig
 from comfy_xdit.engine import RankEngine
 from comfy_xdit.loading.safetensors_files import CheckpointError
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.models import families
 from comfy_xdit.models.cogvideox import frame_padding
 from comfy_xdit.requests import CogVideoXConditioning, ModelSpec, SampleRequest
 from cogvideox_files import cogvideox_pipeline_latents, make_cogvideox15_model, write_cogvideox_folder
 from distributed import relative_error, run_on_ranks
+from family_parallel import TOLERANCE, assert_every_rank_equals, cpu_engine, swap_shards
 
 PIPELINE_TOLERANCE = 1e-5
-TOLERANCE = 1e-4
 LATENT = (5, 10, 10)  # frames (odd: the pipeline pads one), height, width
 SCALE = 0.7  # CogVideoX1.5-5B's VAE scaling_factor (the 5b one)
 
@@ -40,8 +38,7 @@ def request(batch: int = 1, cfg: float = 6.0, latent: tuple = LATENT) -> SampleR
 
 
 def engine_for(path, config_kwargs: dict | None = None) -> RankEngine:
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **(config_kwargs or {})), torch.device("cpu")))
+    engine = cpu_engine(config_kwargs)
     engine.load(ModelSpec(str(path), family="cogvideox", dtype="float32"))
     return engine
 
@@ -87,9 +84,7 @@ UNSPLIT_ROTARY = "ulysses=2, whole rotary table's first rows on both ranks"
 def generate_all_cases(folders: dict) -> dict:
     results = {name: engine_for(folders[folder], kwargs).sample(request(batch)) for name, (folder, kwargs, batch) in CASES.items()}
     engine = engine_for(folders["dpm"], dict(ulysses_degree=2))
-    forward = engine._denoiser.forward
-    forward.shard_index = forward.degree - 1 - forward.shard_index  # the comparison must catch this
-    results[WRONG_ORDER] = engine.sample(request())
+    results[WRONG_ORDER] = swap_shards(engine).sample(request())
     # rotary rows not split with their tokens (rank 0's rows on every rank): the comparison must catch this too
     engine = engine_for(folders["dpm"], dict(ulysses_degree=2))
     denoiser = engine._denoiser
@@ -118,11 +113,7 @@ def two_workers(folders):
 def test_parallel_equals_one_worker(name, folders, two_workers):
     folder, _, batch = CASES[name]
     expected = engine_for(folders[folder]).sample(request(batch))
-    assert expected.abs().max() > 0.1
-    for rank, results in enumerate(two_workers):
-        assert results[name].shape == expected.shape == (batch, 16, *LATENT)
-        error = relative_error(results[name], expected)
-        assert error < TOLERANCE, f"{name}: rank {rank} differs from one worker by {error:.2e}"
+    assert_every_rank_equals(name, two_workers, expected, (batch, 16, *LATENT))
 
 
 @pytest.mark.parametrize("wrong", [WRONG_ORDER, UNSPLIT_ROTARY])

@@ -15,20 +15,18 @@ import dataclasses
 import pytest
 import torch
 
-from comfy_xdit.config import ParallelConfig
 from comfy_xdit.consisid_identity import face_latent_distribution, read_identity_file, save_identity_file
 from comfy_xdit.engine import RankEngine
 from comfy_xdit.loading.safetensors_files import CheckpointError
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.models import families
 from comfy_xdit.requests import ConsisIDConditioning, ModelSpec, SampleRequest
 from cogvideox_files import make_cogvideox_vae
 from consisid_files import (as_pil, consisid_pipeline_latents, face_image, identity, make_consisid_model,
                             write_consisid_folder)
 from distributed import relative_error, run_on_ranks
+from family_parallel import TOLERANCE, assert_every_rank_equals, cpu_engine, swap_shards
 
 PIPELINE_TOLERANCE = 1e-5
-TOLERANCE = 1e-4
 LATENT = (3, 10, 10)  # frames, height, width
 SCALE = 0.7  # the CogVideoX-5b VAE's (and the tiny VAE's) scaling factor
 FACE = face_image(96, 72)
@@ -55,8 +53,7 @@ def request(batch: int = 1, cfg: float = 6.0, identity_seed: int = 3) -> SampleR
 
 
 def engine_for(path, config_kwargs: dict | None = None) -> RankEngine:
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **(config_kwargs or {})), torch.device("cpu")))
+    engine = cpu_engine(config_kwargs)
     engine.load(ModelSpec(str(path), family="consisid", dtype="float32"))
     return engine
 
@@ -104,9 +101,7 @@ WRONG_ORDER = "ulysses=2, shards swapped"
 def generate_all_cases(path: str) -> dict:
     results = {name: engine_for(path, kwargs).sample(request(batch)) for name, (kwargs, batch) in CASES.items()}
     engine = engine_for(path, dict(ulysses_degree=2))
-    forward = engine._denoiser.forward
-    forward.shard_index = forward.degree - 1 - forward.shard_index  # the comparison must catch this
-    results[WRONG_ORDER] = engine.sample(request())
+    results[WRONG_ORDER] = swap_shards(engine).sample(request())
     return results
 
 
@@ -124,13 +119,7 @@ def one_worker(folder):
 @pytest.mark.parametrize("name", list(CASES))
 def test_parallel_equals_one_worker(name, one_worker, two_workers):
     _, batch = CASES[name]
-    expected = one_worker[batch]
-    assert expected.abs().max() > 0.1
-    for rank, results in enumerate(two_workers):
-        assert results[name].shape == expected.shape == (batch, 16, *LATENT)
-        error = relative_error(results[name], expected)
-        print(f"consisid {name} rank {rank}: {error:.2e}")
-        assert error < TOLERANCE, f"{name}: rank {rank} differs from one worker by {error:.2e}"
+    assert_every_rank_equals(name, two_workers, one_worker[batch], (batch, 16, *LATENT))
 
 
 def test_wrong_shard_order_is_caught(one_worker, two_workers):

@@ -12,17 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_xdit.config import ParallelConfig
 from comfy_xdit.engine import RankEngine
 from comfy_xdit.loading.safetensors_files import CheckpointError
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.models import families
 from comfy_xdit.requests import LatteConditioning, ModelSpec, SampleRequest
 from distributed import relative_error, run_on_ranks
+from family_parallel import TOLERANCE, assert_every_rank_equals, cpu_engine, swap_shards
 from latte_files import FRAMES, TEXT_WIDTH, latte_pipeline_latents, make_latte_model, write_latte_folder
 
 PIPELINE_TOLERANCE = 1e-5
-TOLERANCE = 1e-4
 LATENT = (FRAMES, 10, 10)  # frames, height, width
 SCALE = 0.18215
 
@@ -39,8 +37,7 @@ def request(batch: int = 1, cfg: float = 7.5) -> SampleRequest:
 
 
 def engine_for(path, config_kwargs: dict | None = None) -> RankEngine:
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **(config_kwargs or {})), torch.device("cpu")))
+    engine = cpu_engine(config_kwargs)
     engine.load(ModelSpec(str(path), family="latte", dtype="float32"))
     return engine
 
@@ -76,9 +73,7 @@ WRONG_ORDER = "ulysses=2, shards swapped"
 def generate_all_cases(folders: dict) -> dict:
     results = {name: engine_for(folders[folder], kwargs).sample(request(batch)) for name, (folder, kwargs, batch) in CASES.items()}
     engine = engine_for(folders["ddim"], dict(ulysses_degree=2))
-    forward = engine._denoiser.forward
-    forward.shard_index = forward.degree - 1 - forward.shard_index  # the comparison must catch this
-    results[WRONG_ORDER] = engine.sample(request())
+    results[WRONG_ORDER] = swap_shards(engine).sample(request())
     return results
 
 
@@ -102,12 +97,7 @@ def two_workers(folders):
 @pytest.mark.parametrize("name", list(CASES))
 def test_parallel_equals_one_worker(name, two_workers, reference):
     folder, _, batch = CASES[name]
-    expected = reference(folder, batch)
-    assert expected.abs().max() > 0.1
-    for rank, results in enumerate(two_workers):
-        assert results[name].shape == expected.shape == (batch, 4, *LATENT)
-        error = relative_error(results[name], expected)
-        assert error < TOLERANCE, f"{name}: rank {rank} differs from one worker by {error:.2e}"
+    assert_every_rank_equals(name, two_workers, reference(folder, batch), (batch, 4, *LATENT))
 
 
 def test_wrong_shard_order_is_caught(two_workers, reference):

@@ -30,6 +30,9 @@ class ParallelConfig:
 
     ``pipefusion_split``: how PipeFusion splits the transformer blocks over its stages: "parameters"
     (even weight memory per GPU) or "compute" (even block count, so even time per stage).
+
+    ``ulysses_head_chunks``: experimental (Flux, ring_degree 1): split each Ulysses rank's heads into
+    this many chunks and pipeline the all-to-alls with attention (attention/ulysses_chunks.py).
     """
 
     ulysses_degree: int = 1
@@ -45,12 +48,13 @@ class ParallelConfig:
     # DistriFusion: every worker of a group holds the whole model and denoises its patch of the image
     distrifusion_degree: int = 1
     pipefusion_split: str = "parameters"
+    ulysses_head_chunks: int = 1
 
     def __post_init__(self) -> None:
         # Accept lists from JSON or the command line but keep the config hashable.
         object.__setattr__(self, "devices", tuple(str(d) for d in self.devices))
         for name in ("ulysses_degree", "ring_degree", "pipefusion_parallel_degree", "data_parallel_degree",
-                     "tensor_parallel_degree", "distrifusion_degree"):
+                     "tensor_parallel_degree", "distrifusion_degree", "ulysses_head_chunks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
@@ -61,6 +65,12 @@ class ParallelConfig:
         if self.pipefusion_split not in PIPEFUSION_SPLITS:
             raise ConfigError(f"pipefusion_split {self.pipefusion_split!r} is unknown; choose one of "
                               f"{', '.join(PIPEFUSION_SPLITS)}")
+        if self.ulysses_head_chunks > 1 and (self.ulysses_degree == 1 or self.ring_degree > 1):
+            raise ConfigError(
+                f"ulysses_head_chunks={self.ulysses_head_chunks} pipelines the Ulysses all-to-all: it needs "
+                f"ulysses_degree > 1 and ring_degree=1 (got {self.ulysses_degree} and {self.ring_degree}); "
+                "set ulysses_head_chunks to 1"
+            )
         if self.tensor_parallel_degree > 1:
             others = [f"{name}={value}" for name, value in (
                 ("ulysses_degree", self.ulysses_degree), ("ring_degree", self.ring_degree),
@@ -166,6 +176,16 @@ class ParallelConfig:
                 f"ulysses_degree={self.ulysses_degree} does not divide the {num_heads} attention heads of this "
                 f"{family} model; use one of {divisors} (or move the rest of the degree to ring_degree)"
             )
+        if self.ulysses_head_chunks > 1:
+            if not family.startswith("Flux"):
+                raise ConfigError(f"ulysses_head_chunks is implemented for Flux only, not {family}; set it to 1")
+            per_rank = num_heads // self.ulysses_degree
+            if per_rank % self.ulysses_head_chunks:
+                divisors = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+                raise ConfigError(
+                    f"ulysses_head_chunks={self.ulysses_head_chunks} does not divide the {per_rank} heads each of the "
+                    f"{self.ulysses_degree} Ulysses ranks holds in this {family} model; use one of {divisors}"
+                )
         if num_heads % self.tensor_parallel_degree:
             divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
             raise ConfigError(

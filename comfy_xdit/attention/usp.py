@@ -18,6 +18,9 @@ the shards' interleaving [text 0, image 0, text 1, image 1, ...] leaves the resu
 
 The collectives come from yunchang (all-to-all, ring send/recv, the lse merge); its global
 process-group singleton is never used: groups are passed in explicitly.
+
+Without a ring, ``head_chunks`` > 1 splits each rank's heads into chunks and pipelines the Ulysses
+all-to-alls with attention (ulysses_chunks.py): experimental, exact, not yet measured on GPUs.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.distributed as dist
 from yunchang.comm.all_to_all import all_to_all_4D
 from yunchang.ring.utils import RingComm, update_out_and_lse
 
+from . import ulysses_chunks
 from .kernels import Kernel, plain_attention
 
 
@@ -49,6 +53,7 @@ class SequenceParallelAttention:
         ulysses_group: dist.ProcessGroup | None,
         ring_group: dist.ProcessGroup | None,
         lse_kernel: Kernel | None,
+        head_chunks: int = 1,
     ):
         self.ulysses_group = ulysses_group
         self.ring_group = ring_group
@@ -59,6 +64,12 @@ class SequenceParallelAttention:
         if self.ring_degree > 1 and lse_kernel is None:
             raise ValueError("ring attention needs a kernel that returns a log-sum-exp")
         self.lse_kernel = lse_kernel
+        if not isinstance(head_chunks, int) or head_chunks < 1:
+            raise ValueError(f"head_chunks must be a whole number of at least 1, got {head_chunks!r}")
+        if head_chunks > 1 and (self.ulysses_degree == 1 or self.ring_degree > 1):
+            raise ValueError(f"head_chunks={head_chunks} pipelines the Ulysses all-to-all: it needs ulysses_degree > 1 "
+                             f"and ring_degree 1, got {self.ulysses_degree} and {self.ring_degree}")
+        self.head_chunks = head_chunks
         from . import compile_boundary
 
         # Registered now, not while dynamo traces: dynamo defers a traced function's side effects
@@ -79,6 +90,11 @@ class SequenceParallelAttention:
         return self.attend(q, k, v, layout)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
+        if self.head_chunks > 1:
+            self._check_head_chunks(q.shape[2])
+            if layout.text_sharded:
+                return self._attend_sharded_text_chunked(q, k, v, layout)
+            return self._attend_chunked(q, k, v, layout)
         if layout.text_sharded:
             return self._attend_sharded_text(q, k, v, layout)
         t = layout.text_tokens
@@ -123,6 +139,58 @@ class SequenceParallelAttention:
                     kv = next_kv
             out = out.to(q.dtype)
         return self._ulysses_gather_sequence(out)
+
+    # --- Ulysses in head chunks, pipelined with attention (ulysses_chunks.py; ring_degree 1) ------
+
+    def _check_head_chunks(self, heads: int) -> None:
+        # A silent fallback to one chunk would leave a benchmark row labelled with chunks it did not use.
+        if heads % (self.ulysses_degree * self.head_chunks):
+            raise ValueError(f"head_chunks={self.head_chunks} does not divide the {heads // self.ulysses_degree} heads "
+                             f"each of the {self.ulysses_degree} Ulysses ranks holds; use a divisor of that count")
+
+    def _attention(self, q, k, v) -> torch.Tensor:
+        return plain_attention(q, k, v) if self.lse_kernel is None else self.lse_kernel.fn(q, k, v)[0]
+
+    def _scatter_chunks(self, q, k, v) -> list[torch.Tensor]:
+        """Every chunk's q/k/v all-to-all, issued up front (in flight until first used)."""
+        return [ulysses_chunks.scatter_head_chunk((q, k, v), c, self.head_chunks, self.ulysses_group, self.ulysses_degree)
+                for c in range(self.head_chunks)]
+
+    def _gather_chunk(self, out: torch.Tensor) -> torch.Tensor:
+        return ulysses_chunks.gather_sequence_chunk(out, self.ulysses_group, self.ulysses_degree)
+
+    def _join_head_chunks(self, gathered: list[torch.Tensor]) -> torch.Tensor:
+        return ulysses_chunks.join_head_chunks(gathered)
+
+    def _attend_sharded_text_chunked(self, q, k, v, layout: SequenceLayout) -> torch.Tensor:
+        """_attend_sharded_text without a ring, one head chunk at a time: chunk c's attention runs while
+        the inputs of the chunks after it and the output of the chunk before it are in flight."""
+        inputs = self._scatter_chunks(q, k, v)
+        gathered = []
+        for received in inputs:
+            cq, ck, cv = ulysses_chunks.unpack_scattered(received)
+            out = self._attention(cq, self._real_keys(ck, layout, 0), self._real_keys(cv, layout, 0))
+            gathered.append(self._gather_chunk(out))
+        return self._join_head_chunks(gathered)
+
+    def _attend_chunked(self, q, k, v, layout: SequenceLayout) -> torch.Tensor:
+        """attend without a ring (text whole, local heads for text), one head chunk at a time."""
+        t = layout.text_tokens
+        inputs = self._scatter_chunks(q[:, t:], k[:, t:], v[:, t:])
+        text_q, text_k, text_v = (self._local_heads(x) for x in (q[:, :t], k[:, :t], v[:, :t]))
+        per_chunk = text_q.shape[2] // self.head_chunks
+        text_outs, gathered = [], []
+        for c, received in enumerate(inputs):
+            image_q, image_k, image_v = ulysses_chunks.unpack_scattered(received)
+            heads = slice(c * per_chunk, (c + 1) * per_chunk)  # this chunk's share of the local heads
+            valid = self._valid_image_tokens(layout, 0, image_q.shape[1])
+            out = self._attention(torch.cat([text_q[:, :, heads], image_q], dim=1),
+                                  torch.cat([text_k[:, :, heads], image_k[:, :valid]], dim=1),
+                                  torch.cat([text_v[:, :, heads], image_v[:, :valid]], dim=1))
+            text_outs.append(out[:, :t])
+            gathered.append(self._gather_chunk(out[:, t:]))
+        text_out = self._gather_heads(torch.cat(text_outs, dim=2))
+        return torch.cat([text_out, self._join_head_chunks(gathered)], dim=1)
 
     def _real_keys(self, x: torch.Tensor, layout: SequenceLayout, ring_rank: int) -> torch.Tensor:
         """The keys (or values) of ring rank ``ring_rank``'s gathered shards without image padding.

@@ -105,7 +105,8 @@ class ParallelFluxAttnProcessor:
 def sequence_parallel_attention(mesh, lse_kernel) -> SequenceParallelAttention | None:
     """The USP attention of this mesh, or None without sequence parallelism."""
     if mesh.size("ulysses") * mesh.size("ring") > 1:
-        return SequenceParallelAttention(mesh.group("ulysses"), mesh.group("ring"), lse_kernel)
+        return SequenceParallelAttention(mesh.group("ulysses"), mesh.group("ring"), lse_kernel,
+                                         head_chunks=mesh.config.ulysses_head_chunks)
     return None
 
 

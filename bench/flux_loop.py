@@ -336,7 +336,8 @@ class OursLoop:
         config = ParallelConfig(ulysses_degree=u, ring_degree=r, pipefusion_parallel_degree=p, tensor_parallel_degree=t,
                                 distrifusion_degree=d, devices=devices, num_pipeline_patches=args.pipeline_patches,
                                 warmup_steps=args.pipefusion_warmup, attention_backend=args.attention_backend,
-                                pipefusion_split=args.pipefusion_split)
+                                pipefusion_split=args.pipefusion_split,
+                                ulysses_head_chunks=args.ulysses_head_chunks)
         self.mesh = ParallelMesh.build(config, device)
         self.engine = RankEngine(self.mesh)
         dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
@@ -636,6 +637,8 @@ def main(argv=None) -> int:
                    help="PipeFusion rows: stages of even parameter memory (default) or of even block count (even compute)")
     p.add_argument("--cache", default=None, help="ours rows with step caches, comma list of " + ", ".join(CACHE_ROWS) +
                    " (give none first: the others' latents are compared with it)")
+    p.add_argument("--ulysses-head-chunks", type=int, default=1,
+                   help="ours: ParallelConfig.ulysses_head_chunks (Ulysses all-to-alls in head chunks, pipelined with attention)")
     args = p.parse_args(argv)
 
     impls = [s.strip() for s in args.impl.split(",") if s.strip()]
@@ -708,6 +711,9 @@ def main(argv=None) -> int:
         if compiled_now and args.comm_overlap and impl != "xdit":
             label += " comm-overlap"
             extra = {**(extra or {}), "comm_overlap": True}
+        if impl == "ours" and args.ulysses_head_chunks > 1:
+            label += f" head-chunks={args.ulysses_head_chunks}"
+            extra = {**(extra or {}), "ulysses_head_chunks": args.ulysses_head_chunks}
         if extra and extra.get("cond") == "device":
             label += " cond-on-device"
         if extra and extra.get("cache"):

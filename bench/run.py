@@ -51,7 +51,9 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
                     --smoke --extra "--device cpu --tiny" --only 1gpu,diffusers-cp-u2,ours-u2-graphs.
   flux-comm-overlap ours at ulysses=2 compiled + CUDA graphs without and with inductor's
                     compute/communication reordering (--comm-overlap: the passes xfuser's compile
-                    turns on); about 3 minutes on 2 GPUs.
+                    turns on), and with the Ulysses all-to-alls in 2 head chunks pipelined with
+                    attention (--ulysses-head-chunks 2), compiled + graphs and eager + graphs
+                    (with its eager + graphs baseline in the same run); about 8 minutes on 2 GPUs.
   flux-fastattn     ours on 1 GPU with DiTFastAttn: the plan calibrated at the default threshold on
                     the warm-up loop, and two fixed plans (steps shared, window + residual, each on
                     every other step) beside ours without it; relative error against no cache.
@@ -286,6 +288,13 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
                                             "--runs", "3"]),
             ("ours-u2-compiled-graphs-overlap", 2, ["--impl", "ours", "--degrees", "u2", "--compile", "--comm-overlap",
                                                     "--cuda-graphs", "--runs", "3"]),
+            # The heads in 2 chunks: each chunk's all-to-alls run beside the other chunk's attention
+            # (attention/ulysses_chunks.py), compiled and eager, both with CUDA graphs.
+            ("ours-u2-compiled-graphs-chunks2", 2, ["--impl", "ours", "--degrees", "u2", "--compile", "--cuda-graphs",
+                                                    "--ulysses-head-chunks", "2", "--runs", "3"]),
+            ("ours-u2-graphs", 2, ["--impl", "ours", "--degrees", "u2", "--cuda-graphs", "--runs", "3"]),
+            ("ours-u2-graphs-chunks2", 2, ["--impl", "ours", "--degrees", "u2", "--cuda-graphs",
+                                           "--ulysses-head-chunks", "2", "--runs", "3"]),
         ]
     if group == "flux-fastattn":
         return [("fastattn-1gpu", 1, ["--impl", "ours", "--cache", "none,ditfastattn,ditfastattn-share,ditfastattn-window",

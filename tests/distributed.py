@@ -1,4 +1,5 @@
-"""Run a function on N CPU processes joined by gloo, and collect each rank's return value."""
+"""Run a function on N CPU processes joined by gloo, and collect each rank's return value; build an
+engine on the calling rank of that group."""
 
 from __future__ import annotations
 
@@ -36,6 +37,17 @@ def run_on_ranks(world_size: int, fn, *args) -> list:
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size, join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world_size)]
+
+
+def cpu_engine(config_kwargs: dict | None = None):
+    """An engine on this process's rank of the running gloo group (or alone), CPU devices."""
+    from comfy_xdit.config import ParallelConfig
+    from comfy_xdit.engine import RankEngine
+    from comfy_xdit.mesh import ParallelMesh
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    config = ParallelConfig(devices=("cpu",) * world, **(config_kwargs or {}))
+    return RankEngine(ParallelMesh.build(config, torch.device("cpu")))
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

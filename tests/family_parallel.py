@@ -8,7 +8,7 @@ keeps the checks that are its family's own (diffusers' forward, latent format, r
 
 The families loaded from diffusers folders (CogVideoX, CogVideoX 1.5, ConsisID, Latte) keep their
 own cases (folders with other schedulers, extra faults) and share the pieces below the suite:
-``cpu_engine``, ``swap_shards`` and ``assert_every_rank_equals``.
+``swap_shards`` and ``assert_every_rank_equals`` (and ``cpu_engine`` from distributed.py).
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from comfy_xdit.config import ParallelConfig
 from comfy_xdit.engine import RankEngine
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.requests import ModelSpec, SampleRequest
-from distributed import relative_error, run_on_ranks
+from distributed import cpu_engine, relative_error, run_on_ranks
 
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
 
@@ -35,13 +33,6 @@ CASES = {
 }
 WRONG_ORDER = "ulysses=2, shards swapped"
 ANCESTRAL = "ring=2, euler_ancestral"
-
-
-def cpu_engine(config_kwargs: dict | None = None) -> RankEngine:
-    """An engine on this process's rank of the running gloo group (or alone), CPU devices."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    config = ParallelConfig(devices=("cpu",) * world, **(config_kwargs or {}))
-    return RankEngine(ParallelMesh.build(config, torch.device("cpu")))
 
 
 def swap_shards(engine: RankEngine) -> RankEngine:

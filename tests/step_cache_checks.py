@@ -18,6 +18,22 @@ from comfy_xdit.caching.settings import CacheSettings
 from distributed import relative_error
 
 
+@contextlib.contextmanager
+def cfg_as_two_calls(module, function: str):
+    """Run ``module.function`` (the sampler loop) with ``batch_cfg=False`` inside the block.
+
+    Without a cache the loops batch the CFG branches into one call where their conditionings have
+    the same shapes (as ComfyUI and diffusers do), which differs from two calls in the last bits
+    (README: < 1e-5). A step cache always makes two calls; so does a reference run in this block,
+    so the two compare bit for bit."""
+    batched = getattr(module, function)
+    setattr(module, function, lambda *args, **kwargs: batched(*args, **{**kwargs, "batch_cfg": False}))
+    try:
+        yield
+    finally:
+        setattr(module, function, batched)
+
+
 def skipped(decisions) -> int:
     return sum(1 for d in decisions if not d[2])
 

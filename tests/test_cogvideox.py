@@ -17,8 +17,8 @@ from comfy_xdit.loading.safetensors_files import CheckpointError
 from comfy_xdit.models import families
 from comfy_xdit.requests import CogVideoXConditioning, ModelSpec, SampleRequest
 from cogvideox_files import cogvideox_pipeline_latents, make_cogvideox_model, write_cogvideox_folder
-from distributed import relative_error, run_on_ranks
-from family_parallel import TOLERANCE, assert_every_rank_equals, cpu_engine, swap_shards
+from distributed import cpu_engine, relative_error, run_on_ranks
+from family_parallel import TOLERANCE, assert_every_rank_equals, swap_shards
 
 PIPELINE_TOLERANCE = 1e-5
 LATENT = (3, 10, 10)  # frames, height, width

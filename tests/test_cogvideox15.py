@@ -19,8 +19,8 @@ from comfy_xdit.models import families
 from comfy_xdit.models.cogvideox import frame_padding
 from comfy_xdit.requests import CogVideoXConditioning, ModelSpec, SampleRequest
 from cogvideox_files import cogvideox_pipeline_latents, make_cogvideox15_model, write_cogvideox_folder
-from distributed import relative_error, run_on_ranks
-from family_parallel import TOLERANCE, assert_every_rank_equals, cpu_engine, swap_shards
+from distributed import cpu_engine, relative_error, run_on_ranks
+from family_parallel import TOLERANCE, assert_every_rank_equals, swap_shards
 
 PIPELINE_TOLERANCE = 1e-5
 LATENT = (5, 10, 10)  # frames (odd: the pipeline pads one), height, width

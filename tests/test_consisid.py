@@ -23,8 +23,8 @@ from comfy_xdit.requests import ConsisIDConditioning, ModelSpec, SampleRequest
 from cogvideox_files import make_cogvideox_vae
 from consisid_files import (as_pil, consisid_pipeline_latents, face_image, identity, make_consisid_model,
                             write_consisid_folder)
-from distributed import relative_error, run_on_ranks
-from family_parallel import TOLERANCE, assert_every_rank_equals, cpu_engine, swap_shards
+from distributed import cpu_engine, relative_error, run_on_ranks
+from family_parallel import TOLERANCE, assert_every_rank_equals, swap_shards
 
 PIPELINE_TOLERANCE = 1e-5
 LATENT = (3, 10, 10)  # frames, height, width

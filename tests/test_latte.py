@@ -16,8 +16,8 @@ from comfy_xdit.engine import RankEngine
 from comfy_xdit.loading.safetensors_files import CheckpointError
 from comfy_xdit.models import families
 from comfy_xdit.requests import LatteConditioning, ModelSpec, SampleRequest
-from distributed import relative_error, run_on_ranks
-from family_parallel import TOLERANCE, assert_every_rank_equals, cpu_engine, swap_shards
+from distributed import cpu_engine, relative_error, run_on_ranks
+from family_parallel import TOLERANCE, assert_every_rank_equals, swap_shards
 from latte_files import FRAMES, TEXT_WIDTH, latte_pipeline_latents, make_latte_model, write_latte_folder
 
 PIPELINE_TOLERANCE = 1e-5

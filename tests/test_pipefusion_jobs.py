@@ -13,12 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_xdit.config import ConfigError, ParallelConfig
+from comfy_xdit.config import ConfigError
 from comfy_xdit.engine import RankEngine
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.pipefusion.attention import KVCacheStore
 from comfy_xdit.requests import FluxConditioning, ModelSpec, SampleRequest
-from distributed import relative_error, run_on_ranks
+from distributed import cpu_engine, relative_error, run_on_ranks
 from test_pipefusion import pipefusion_flux
 
 # No warmup step, 2 patches: only the rule "each branch's first evaluation in a job is a
@@ -44,8 +43,7 @@ def job_request(height: int, width: int, seed: int, prompt_seed: int, tokens: in
 
 
 def pipefusion_engine(**spec) -> RankEngine:
-    world = torch.distributed.get_world_size()
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **CONFIG), torch.device("cpu")))
+    engine = cpu_engine(CONFIG)
     engine.set_model(pipefusion_flux(), ModelSpec("tiny", dtype="float32", **spec))
     return engine
 

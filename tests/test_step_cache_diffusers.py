@@ -13,23 +13,22 @@ First-Block-Cache. Random weights check the mechanics, not quality.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from cogvideox_files import make_cogvideox15_model, make_cogvideox_model, write_cogvideox_folder
 from comfy_xdit.caching.settings import CacheSettings
-from comfy_xdit.config import ConfigError, ParallelConfig
+import comfy_xdit.sampling.diffusers_schedulers as diffusers_loop
+from comfy_xdit.config import ConfigError
 from comfy_xdit.engine import RankEngine
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.requests import CogVideoXConditioning, DiTConditioning, ModelSpec, SampleRequest
 from dit_files import DDIM_CONFIG, make_dit_model, write_dit_folder
-from distributed import run_on_ranks
+from distributed import cpu_engine, run_on_ranks
 from step_cache_checks import (
     assert_same_skips_and_latents,
     assert_skips_a_quarter,
     assert_threshold_zero_equals_no_cache,
+    cfg_as_two_calls,
     memoized_one_worker,
     sample_thresholds,
 )
@@ -69,29 +68,15 @@ def folders(tmp_path_factory):
 
 
 def engine_for(folders: dict, name: str, config_kwargs: dict) -> RankEngine:
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **config_kwargs), torch.device("cpu")))
+    engine = cpu_engine(config_kwargs)
     engine.load(ModelSpec(folders[name], family=name.split("-")[0], dtype="float32"))
     return engine
 
 
-@contextlib.contextmanager
-def cfg_as_two_calls():
-    """Without a cache the loop batches [conditional, unconditional] as the pipeline does, which
-    differs from two calls in the last bits; a step cache always makes two calls, so does this reference."""
-    import comfy_xdit.sampling.diffusers_schedulers as loop
-
-    batched = loop.run_diffusers_sampler
-    loop.run_diffusers_sampler = lambda *args, **kwargs: batched(*args, **{**kwargs, "batch_cfg": False})
-    try:
-        yield
-    finally:
-        loop.run_diffusers_sampler = batched
-
-
 def sample_with_caches(folders: dict, family: str, kind: str, config_kwargs: dict, batch: int, thresholds: list) -> dict:
     return sample_thresholds(engine_for(folders, family, config_kwargs), lambda batch, cache: request(family, batch, cache),
-                             kind, batch, thresholds, uncached=cfg_as_two_calls)
+                             kind, batch, thresholds,
+                             uncached=lambda: cfg_as_two_calls(diffusers_loop, "run_diffusers_sampler"))
 
 
 # (family, cache) -> a threshold at which a quarter or more of the calls skip, without every call skipping.
@@ -166,7 +151,7 @@ def test_teacache_is_refused_where_no_polynomial_is_published(folders, family, k
 def test_caches_are_refused_by_name_where_blocks_cannot_be_skipped_cleanly(family, why):
     from comfy_xdit.caching.job import diffusers_cache_job_for
 
-    one = ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu"))
+    one = cpu_engine().mesh
     cached = request("dit", 1, CacheSettings("fbcache"))
     with pytest.raises(ConfigError, match=rf"fbcache step cache is not available for {family} models \(.*{why}.*\) "
                                           r"\(available: none yet\); set the sampler's cache to none"):

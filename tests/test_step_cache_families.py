@@ -19,11 +19,8 @@ import torch
 
 from checkpoints import make_qwen_image_diffusers_model, make_wan_diffusers_model
 from comfy_xdit.caching.settings import CacheSettings
-from comfy_xdit.config import ParallelConfig
-from comfy_xdit.engine import RankEngine
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.requests import ModelSpec, PixArtConditioning, QwenImageConditioning, SampleRequest, WanConditioning
-from distributed import run_on_ranks
+from distributed import cpu_engine, run_on_ranks
 from pixart_files import make_pixart_diffusers_model
 from step_cache_checks import (
     assert_same_skips_and_latents,
@@ -90,9 +87,7 @@ def request(family: str, batch: int, cache: CacheSettings | None) -> SampleReque
 
 def sample_with_caches(family: str, kind: str, config_kwargs: dict, batch: int, thresholds: list) -> dict:
     """On every rank: {threshold or None: (latents, decisions as tuples)}, plus this rank's cfg index."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    mesh = ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **config_kwargs), torch.device("cpu"))
-    engine = RankEngine(mesh)
+    engine = cpu_engine(config_kwargs)
     engine.set_model(FAMILIES[family].make_model(), ModelSpec("tiny", family=family, dtype="float32"))
     return sample_thresholds(engine, lambda batch, cache: request(family, batch, cache), kind, batch, thresholds)
 
@@ -159,7 +154,7 @@ def test_teacache_is_refused_where_no_polynomial_is_published(family, name):
     from comfy_xdit.caching.job import cache_job_for
     from comfy_xdit.config import ConfigError
 
-    one = ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu"))
+    one = cpu_engine().mesh
     with pytest.raises(ConfigError, match=rf"teacache step cache is not available for {family} models \(TeaCache has no "
                                           rf"published rescale coefficients for {name}\) \(available: fbcache\); set the "
                                           r"sampler's cache to fbcache or none"):

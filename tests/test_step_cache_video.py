@@ -13,7 +13,6 @@ are chosen on these tiny models.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import pytest
@@ -21,17 +20,16 @@ import torch
 
 from checkpoints import make_hunyuan_video_diffusers_model, make_mochi_diffusers_model
 from comfy_xdit.caching.settings import CacheSettings
-from comfy_xdit.config import ParallelConfig
-from comfy_xdit.engine import RankEngine
-from comfy_xdit.mesh import ParallelMesh
+import comfy_xdit.engine as engine_module
 from comfy_xdit.requests import HunyuanDiTConditioning, HunyuanVideoConditioning, MochiConditioning, ModelSpec, SampleRequest
-from distributed import run_on_ranks
+from distributed import cpu_engine, run_on_ranks
 from hunyuan_dit_files import make_hunyuan_dit_diffusers_model
 from step_cache_checks import (
     assert_same_skips_and_latents,
     assert_shards_differ_but_decide_alike,
     assert_skips_a_quarter,
     assert_threshold_zero_equals_no_cache,
+    cfg_as_two_calls,
     memoized_one_worker,
     sample_thresholds,
 )
@@ -105,29 +103,12 @@ def request(family: str, batch: int, cache: CacheSettings | None) -> SampleReque
                          scheduler=spec.scheduler, cache=cache)
 
 
-@contextlib.contextmanager
-def cfg_as_two_calls():
-    """Without a cache the engine batches the CFG branches into one call where their conditionings
-    have the same shapes (HunyuanDiT's always do), which differs from two calls in the last bits
-    (README: < 1e-5). A step cache always makes two calls; so does this reference, to compare bits."""
-    import comfy_xdit.engine as engine_module
-
-    batched = engine_module.run_ksampler
-    engine_module.run_ksampler = lambda *args, **kwargs: batched(*args, **{**kwargs, "batch_cfg": False})
-    try:
-        yield
-    finally:
-        engine_module.run_ksampler = batched
-
-
 def sample_with_caches(family: str, kind: str, config_kwargs: dict, batch: int, thresholds: list) -> dict:
     """On every rank: {threshold or None: (latents, decisions as tuples)}, plus this rank's cfg index."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    mesh = ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **config_kwargs), torch.device("cpu"))
-    engine = RankEngine(mesh)
+    engine = cpu_engine(config_kwargs)
     engine.set_model(FAMILIES[family].make_model(), ModelSpec("tiny", family=family, dtype="float32"))
     return sample_thresholds(engine, lambda batch, cache: request(family, batch, cache), kind, batch, thresholds,
-                             uncached=cfg_as_two_calls)
+                             uncached=lambda: cfg_as_two_calls(engine_module, "run_ksampler"))  # HunyuanDiT batches
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +173,7 @@ def test_teacache_is_refused_for_hunyuan_dit():
     from comfy_xdit.caching.job import cache_job_for
     from comfy_xdit.config import ConfigError
 
-    one = ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu"))
+    one = cpu_engine().mesh
     with pytest.raises(ConfigError, match=r"teacache step cache is not available for hunyuan_dit models \(TeaCache has no "
                                           r"published rescale coefficients for HunyuanDiT\) \(available: fbcache\); set the "
                                           r"sampler's cache to fbcache or none"):

@@ -15,12 +15,10 @@ from torch._dynamo.utils import counters
 
 from comfy_xdit.attention.usp import SequenceParallelAttention
 from comfy_xdit.config import ConfigError, ParallelConfig
-from comfy_xdit.engine import RankEngine
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.models.flux import ParallelFluxAttnProcessor
 from comfy_xdit.requests import ModelSpec
 from checkpoints import make_flux_diffusers_model
-from distributed import relative_error, run_on_ranks
+from distributed import cpu_engine, relative_error, run_on_ranks
 from test_parallel_flux import request, text_split_request
 
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
@@ -40,9 +38,7 @@ def flux(heads: int):
 def generate(heads: int, text_split: bool, config_kwargs: dict, compile: bool = False,
              swap_chunks: bool = False, cfg_one: bool = False) -> tuple[torch.Tensor, set[int], int]:
     """Latents, the head_chunks every attention of the model ran with, and dynamo's graph breaks."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    mesh = ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **config_kwargs), torch.device("cpu"))
-    engine = RankEngine(mesh)
+    engine = cpu_engine(config_kwargs)
     model = flux(heads)
     engine.set_model(model, ModelSpec("tiny", dtype="float32", compile=compile))
     processors = model.attn_processors.values()
@@ -50,7 +46,7 @@ def generate(heads: int, text_split: bool, config_kwargs: dict, compile: bool = 
         attention = next(iter(processors)).attention
         model.set_attn_processor(ParallelFluxAttnProcessor(
             SwappedChunks(attention.ulysses_group, attention.ring_group, attention.lse_kernel, attention.head_chunks)))
-    chunks = {p.attention.head_chunks for p in model.attn_processors.values()} if world > 1 else set()
+    chunks = {p.attention.head_chunks for p in model.attn_processors.values()} if len(engine.mesh.config.devices) > 1 else set()
     counters.clear()
     sample = text_split_request((8, 12)) if text_split else request(cfg=2.0)
     latent = engine.sample(dataclasses.replace(sample, steps=2, cfg=1.0 if cfg_one else sample.cfg))

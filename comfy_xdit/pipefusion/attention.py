@@ -104,10 +104,6 @@ class KVCacheStore:
             raise RuntimeError("internal: a PipeFusion pass ran before its K/V cache was allocated")
         return cache[index, 0], cache[index, 1]
 
-    def clear(self) -> None:
-        self.graphs.clear()
-        self.caches.clear()
-
 
 class StaleKVAttention(SequenceParallelAttention):
     """One attention layer's PipeFusion attention (Ulysses and Ring inside the stage)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import PIPEFUSION_SPLITS as SPLITS
+
 DOUBLE = "transformer_blocks"
 SINGLE = "single_transformer_blocks"
 INPUT_LAYERS = ("x_embedder", "context_embedder")

@@ -123,13 +123,11 @@ class PipeFusionFluxDenoiser:
         self.window_state = PatchWindowState()
         names = list(stage.attn_processors)
         self.kv_store = KVCacheStore(len(names))
-        processors = {}
-        self.attentions: list[StaleKVAttention] = []
-        for index, name in enumerate(names):
-            attention = StaleKVAttention(self.window_state, self.kv_store, index, self.ulysses_group, self.ring_group, lse_kernel)
-            self.attentions.append(attention)
-            processors[name] = ParallelFluxAttnProcessor(attention)
-        stage.set_attn_processor(processors)
+        stage.set_attn_processor({
+            name: ParallelFluxAttnProcessor(
+                StaleKVAttention(self.window_state, self.kv_store, index, self.ulysses_group, self.ring_group, lse_kernel))
+            for index, name in enumerate(names)
+        })
         self.start_job()
 
     # --- job bookkeeping ---------------------------------------------------------------------

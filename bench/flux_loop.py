@@ -317,27 +317,32 @@ class DiffusersLoop:
         return latents
 
 
+def ours_parallel_config(args, degrees, device):
+    """The ParallelConfig of an ours row: its degrees and the launch's options."""
+    from comfy_xdit.config import ParallelConfig
+
+    u, r, p, t, d = degrees
+    n = u * r * p * t * d
+    devices = tuple(f"cuda:{i}" for i in range(n)) if device.type == "cuda" else ("cpu",) * n
+    return ParallelConfig(ulysses_degree=u, ring_degree=r, pipefusion_parallel_degree=p, tensor_parallel_degree=t,
+                          distrifusion_degree=d, devices=devices, num_pipeline_patches=args.pipeline_patches,
+                          warmup_steps=args.pipefusion_warmup, attention_backend=args.attention_backend,
+                          pipefusion_split=args.pipefusion_split,
+                          # Ulysses rows only, so one --extra can serve a group's 1-GPU launch too
+                          ulysses_head_chunks=args.ulysses_head_chunks if u > 1 else 1,
+                          ulysses_overlap_mlp=args.ulysses_overlap_mlp and u > 1)
+
+
 class OursLoop:
     """RankEngine.sample with a KSampler request (euler, simple, cfg 1: one forward per step).
     The conditioning stays on the CPU, as the worker pool hands it over."""
 
     def __init__(self, model, args, inputs, device, dtype, degrees, cond="cpu", cache=None):
-        from comfy_xdit.config import ParallelConfig
         from comfy_xdit.engine import RankEngine
         from comfy_xdit.mesh import ParallelMesh
         from comfy_xdit.requests import FluxConditioning, ModelSpec
 
-        u, r, p, t, d = degrees
-        n = u * r * p * t * d
-        if device.type == "cuda":
-            devices = tuple(f"cuda:{i}" for i in range(n))
-        else:
-            devices = ("cpu",) * n
-        config = ParallelConfig(ulysses_degree=u, ring_degree=r, pipefusion_parallel_degree=p, tensor_parallel_degree=t,
-                                distrifusion_degree=d, devices=devices, num_pipeline_patches=args.pipeline_patches,
-                                warmup_steps=args.pipefusion_warmup, attention_backend=args.attention_backend,
-                                pipefusion_split=args.pipefusion_split,
-                                ulysses_head_chunks=args.ulysses_head_chunks)
+        config = ours_parallel_config(args, degrees, device)
         self.mesh = ParallelMesh.build(config, device)
         self.engine = RankEngine(self.mesh)
         dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
@@ -639,6 +644,8 @@ def main(argv=None) -> int:
                    " (give none first: the others' latents are compared with it)")
     p.add_argument("--ulysses-head-chunks", type=int, default=1,
                    help="ours: ParallelConfig.ulysses_head_chunks (Ulysses all-to-alls in head chunks, pipelined with attention)")
+    p.add_argument("--ulysses-overlap-mlp", action="store_true",
+                   help="ours: ParallelConfig.ulysses_overlap_mlp (each single block's all-to-all beside its MLP)")
     args = p.parse_args(argv)
 
     impls = [s.strip() for s in args.impl.split(",") if s.strip()]
@@ -711,9 +718,12 @@ def main(argv=None) -> int:
         if compiled_now and args.comm_overlap and impl != "xdit":
             label += " comm-overlap"
             extra = {**(extra or {}), "comm_overlap": True}
-        if impl == "ours" and args.ulysses_head_chunks > 1:
+        if impl == "ours" and args.ulysses_head_chunks > 1 and u > 1:
             label += f" head-chunks={args.ulysses_head_chunks}"
             extra = {**(extra or {}), "ulysses_head_chunks": args.ulysses_head_chunks}
+        if impl == "ours" and args.ulysses_overlap_mlp and u > 1:
+            label += " overlap-mlp"
+            extra = {**(extra or {}), "ulysses_overlap_mlp": True}
         if extra and extra.get("cond") == "device":
             label += " cond-on-device"
         if extra and extra.get("cache"):
@@ -841,8 +851,15 @@ def main(argv=None) -> int:
             if args.comm_overlap:
                 enable_comm_overlap_reordering()
             # Regional compilation, as diffusers recommends; ours with sequence parallelism has
-            # collectives inside the attention processor, so graph breaks are allowed there.
-            model.compile_repeated_blocks(fullgraph=world_size == 1)
+            # collectives inside the attention processor, so graph breaks are allowed there. Ours
+            # rows get the engine's compile options (compile_options: waits sunk for the overlaps).
+            options = {}
+            if "ours" in impls:
+                from comfy_xdit.engine import compile_options
+
+                for degrees in degrees_list:
+                    options.update(compile_options(ours_parallel_config(args, degrees, device)))
+            model.compile_repeated_blocks(fullgraph=world_size == 1, **options)
             compiled_now = True
         if "diffusers" in impls:
             run_row(DiffusersLoop(model, args, inputs, device, dtype), "diffusers", (1, 1, 1))

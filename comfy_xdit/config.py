@@ -33,6 +33,9 @@ class ParallelConfig:
 
     ``ulysses_head_chunks``: experimental (Flux, ring_degree 1): split each Ulysses rank's heads into
     this many chunks and pipeline the all-to-alls with attention (attention/ulysses_chunks.py).
+
+    ``ulysses_overlap_mlp``: experimental (Flux, ring_degree 1): run each single block's Ulysses
+    all-to-all beside its MLP projection instead of after it (models/flux_overlap.py); exact.
     """
 
     ulysses_degree: int = 1
@@ -49,6 +52,7 @@ class ParallelConfig:
     distrifusion_degree: int = 1
     pipefusion_split: str = "parameters"
     ulysses_head_chunks: int = 1
+    ulysses_overlap_mlp: bool = False
 
     def __post_init__(self) -> None:
         # Accept lists from JSON or the command line but keep the config hashable.
@@ -71,6 +75,20 @@ class ParallelConfig:
                 f"ulysses_degree > 1 and ring_degree=1 (got {self.ulysses_degree} and {self.ring_degree}); "
                 "set ulysses_head_chunks to 1"
             )
+        if not isinstance(self.ulysses_overlap_mlp, bool):
+            raise ConfigError(f"ulysses_overlap_mlp must be true or false, got {self.ulysses_overlap_mlp!r}")
+        if self.ulysses_overlap_mlp:
+            others = [f"{name}={value}" for name, value in (
+                ("pipefusion_parallel_degree", self.pipefusion_parallel_degree),
+                ("distrifusion_degree", self.distrifusion_degree)) if value > 1]
+            if self.ulysses_degree == 1 or self.ring_degree > 1 or others:
+                # Those paths run the blocks with their own attention; a silently ignored switch would
+                # leave a benchmark row labelled with an overlap it did not have.
+                raise ConfigError(
+                    "ulysses_overlap_mlp overlaps the Ulysses all-to-all with the MLP: it needs ulysses_degree > 1 "
+                    f"and ring_degree=1 (got {self.ulysses_degree} and {self.ring_degree})"
+                    + (f" and no {', '.join(others)}" if others else "") + "; turn ulysses_overlap_mlp off"
+                )
         if self.tensor_parallel_degree > 1:
             others = [f"{name}={value}" for name, value in (
                 ("ulysses_degree", self.ulysses_degree), ("ring_degree", self.ring_degree),
@@ -176,6 +194,8 @@ class ParallelConfig:
                 f"ulysses_degree={self.ulysses_degree} does not divide the {num_heads} attention heads of this "
                 f"{family} model; use one of {divisors} (or move the rest of the degree to ring_degree)"
             )
+        if self.ulysses_overlap_mlp and not family.startswith("Flux"):
+            raise ConfigError(f"ulysses_overlap_mlp is implemented for Flux only, not {family}; turn it off")
         if self.ulysses_head_chunks > 1:
             if not family.startswith("Flux"):
                 raise ConfigError(f"ulysses_head_chunks is implemented for Flux only, not {family}; set it to 1")

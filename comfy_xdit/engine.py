@@ -12,7 +12,7 @@ import torch
 
 from .attention.kernels import choose_lse_kernel
 from .caching.job import cache_job_for
-from .config import ConfigError
+from .config import ConfigError, ParallelConfig
 from .lora import LoraState, apply_loras
 from .mesh import ParallelMesh
 from .models import families, flux
@@ -35,7 +35,17 @@ def compile_repeated_blocks(model: torch.nn.Module, mesh: ParallelMesh) -> None:
     of the same shape reuses the graphs.
     """
     single_worker = mesh.size("ulysses") * mesh.size("ring") * mesh.size("tensor") == 1
-    model.compile_repeated_blocks(fullgraph=single_worker, dynamic=False)
+    model.compile_repeated_blocks(fullgraph=single_worker, dynamic=False, **compile_options(mesh.config))
+
+
+def compile_options(config: ParallelConfig) -> dict:
+    """Extra torch.compile arguments the config's parallel paths need (the bench compiles with them too)."""
+    if config.ulysses_overlap_mlp or config.ulysses_head_chunks > 1:
+        from .models.flux_overlap import SINK_WAITS
+
+        # Else inductor waits right after each all-to-all and the work meant to overlap it waits too.
+        return {"options": SINK_WAITS}
+    return {}
 
 
 class RankEngine:

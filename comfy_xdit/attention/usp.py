@@ -19,8 +19,11 @@ the shards' interleaving [text 0, image 0, text 1, image 1, ...] leaves the resu
 The collectives come from yunchang (all-to-all, ring send/recv, the lse merge); its global
 process-group singleton is never used: groups are passed in explicitly.
 
-Without a ring, ``head_chunks`` > 1 splits each rank's heads into chunks and pipelines the Ulysses
-all-to-alls with attention (ulysses_chunks.py): experimental, exact, not yet measured on GPUs.
+Without a ring, the Ulysses all-to-alls can run beside other work (ulysses_chunks.py, functional
+collectives): ``start`` issues the q/k/v all-to-all and returns at once, ``finish`` attends, so a
+caller's independent work queued between the two (Flux's single-block MLP) overlaps it; and
+``head_chunks`` > 1 splits each rank's heads into chunks whose all-to-alls pipeline with the other
+chunks' attention. Both are experimental and exact.
 """
 
 from __future__ import annotations
@@ -45,6 +48,15 @@ class SequenceLayout:
     padded_image_tokens: int  # divisible by the sequence-parallel degree
     # text_tokens is this rank's shard of the text, not all of it (see the module docstring)
     text_sharded: bool = False
+
+
+@dataclass
+class InFlightAttention:
+    """The Ulysses all-to-alls ``SequenceParallelAttention.start`` issued; ``finish`` waits on them."""
+
+    scattered: list[torch.Tensor]  # each head chunk's q/k/v, in flight (ulysses_chunks.scatter_head_chunk)
+    # Text kept whole (not sharded): this rank's heads of the text q, k, v, attended locally.
+    text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
 class SequenceParallelAttention:
@@ -91,10 +103,7 @@ class SequenceParallelAttention:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
         if self.head_chunks > 1:
-            self._check_head_chunks(q.shape[2])
-            if layout.text_sharded:
-                return self._attend_sharded_text_chunked(q, k, v, layout)
-            return self._attend_chunked(q, k, v, layout)
+            return self.finish(self.start(q, k, v, layout), layout)
         if layout.text_sharded:
             return self._attend_sharded_text(q, k, v, layout)
         t = layout.text_tokens
@@ -140,7 +149,36 @@ class SequenceParallelAttention:
             out = out.to(q.dtype)
         return self._ulysses_gather_sequence(out)
 
-    # --- Ulysses in head chunks, pipelined with attention (ulysses_chunks.py; ring_degree 1) ------
+    # --- Ulysses beside other work: start/finish, in head chunks (ulysses_chunks.py; ring_degree 1) --
+
+    @property
+    def can_overlap(self) -> bool:
+        """Whether start/finish apply: Ulysses without a ring."""
+        return self.ulysses_degree > 1 and self.ring_degree == 1
+
+    def start(self, q, k, v, layout: SequenceLayout) -> InFlightAttention:
+        """Issue the q/k/v all-to-alls (every head chunk's) and return without waiting on them.
+
+        q, k, v as for ``__call__``. Work the caller queues before ``finish`` runs beside the
+        all-to-alls, as long as it does not touch the result.
+        """
+        if not self.can_overlap:
+            raise ValueError(f"start/finish overlap the Ulysses all-to-all: they need ulysses_degree > 1 and "
+                             f"ring_degree 1, got {self.ulysses_degree} and {self.ring_degree}")
+        self._check_head_chunks(q.shape[2])
+        if layout.text_sharded:  # text and image shards travel together
+            return InFlightAttention(self._scatter_chunks(q, k, v), text=None)
+        t = layout.text_tokens
+        text = tuple(self._local_heads(x) for x in (q[:, :t], k[:, :t], v[:, :t]))
+        return InFlightAttention(self._scatter_chunks(q[:, t:], k[:, t:], v[:, t:]), text=text)
+
+    def finish(self, in_flight: InFlightAttention, layout: SequenceLayout) -> torch.Tensor:
+        """The attention output ([B, text + local image shard, H, D]) of what ``start`` issued. With
+        several head chunks, chunk c's attention runs while the chunks after it are still arriving
+        and the output of the chunk before it is on its way back."""
+        if in_flight.text is None:
+            return self._finish_sharded_text(in_flight.scattered, layout)
+        return self._finish_whole_text(in_flight.scattered, in_flight.text, layout)
 
     def _check_head_chunks(self, heads: int) -> None:
         # A silent fallback to one chunk would leave a benchmark row labelled with chunks it did not use.
@@ -162,25 +200,23 @@ class SequenceParallelAttention:
     def _join_head_chunks(self, gathered: list[torch.Tensor]) -> torch.Tensor:
         return ulysses_chunks.join_head_chunks(gathered)
 
-    def _attend_sharded_text_chunked(self, q, k, v, layout: SequenceLayout) -> torch.Tensor:
-        """_attend_sharded_text without a ring, one head chunk at a time: chunk c's attention runs while
-        the inputs of the chunks after it and the output of the chunk before it are in flight."""
-        inputs = self._scatter_chunks(q, k, v)
+    def _finish_sharded_text(self, scattered: list[torch.Tensor], layout: SequenceLayout) -> torch.Tensor:
+        """_attend_sharded_text without a ring, one head chunk at a time."""
         gathered = []
-        for received in inputs:
+        for received in scattered:
             cq, ck, cv = ulysses_chunks.unpack_scattered(received)
             out = self._attention(cq, self._real_keys(ck, layout, 0), self._real_keys(cv, layout, 0))
             gathered.append(self._gather_chunk(out))
         return self._join_head_chunks(gathered)
 
-    def _attend_chunked(self, q, k, v, layout: SequenceLayout) -> torch.Tensor:
+    def _finish_whole_text(self, scattered: list[torch.Tensor], text: tuple[torch.Tensor, ...],
+                           layout: SequenceLayout) -> torch.Tensor:
         """attend without a ring (text whole, local heads for text), one head chunk at a time."""
         t = layout.text_tokens
-        inputs = self._scatter_chunks(q[:, t:], k[:, t:], v[:, t:])
-        text_q, text_k, text_v = (self._local_heads(x) for x in (q[:, :t], k[:, :t], v[:, :t]))
+        text_q, text_k, text_v = text
         per_chunk = text_q.shape[2] // self.head_chunks
         text_outs, gathered = [], []
-        for c, received in enumerate(inputs):
+        for c, received in enumerate(scattered):
             image_q, image_k, image_v = ulysses_chunks.unpack_scattered(received)
             heads = slice(c * per_chunk, (c + 1) * per_chunk)  # this chunk's share of the local heads
             valid = self._valid_image_tokens(layout, 0, image_q.shape[1])

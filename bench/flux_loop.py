@@ -329,8 +329,21 @@ def ours_parallel_config(args, degrees, device):
                           warmup_steps=args.pipefusion_warmup, attention_backend=args.attention_backend,
                           pipefusion_split=args.pipefusion_split,
                           # Ulysses rows only, so one --extra can serve a group's 1-GPU launch too
-                          ulysses_head_chunks=args.ulysses_head_chunks if u > 1 else 1,
-                          ulysses_overlap_mlp=args.ulysses_overlap_mlp and u > 1)
+                          ulysses_head_chunks=args.ulysses_head_chunks if u > 1 else None,
+                          ulysses_overlap_mlp=args.ulysses_overlap_mlp if u > 1 else None)
+
+
+def ulysses_overlap_label(config, heads: int) -> str:
+    """The Ulysses overlaps an ours row runs with, resolved as the engine resolves them (Flux)."""
+    from comfy_xdit.attention.usp import auto_head_chunks
+
+    if config.ulysses_degree == 1:
+        return ""
+    chunks = config.ulysses_head_chunks
+    if chunks is None:
+        chunks = auto_head_chunks(heads // config.ulysses_degree, config.ulysses_degree, config.ring_degree)
+    mlp = config.overlaps_mlp and config.ring_degree == 1
+    return (f" head-chunks={chunks}" if chunks > 1 else "") + (" overlap-mlp" if mlp else "")
 
 
 class OursLoop:
@@ -642,10 +655,12 @@ def main(argv=None) -> int:
                    help="PipeFusion rows: stages of even parameter memory (default) or of even block count (even compute)")
     p.add_argument("--cache", default=None, help="ours rows with step caches, comma list of " + ", ".join(CACHE_ROWS) +
                    " (give none first: the others' latents are compared with it)")
-    p.add_argument("--ulysses-head-chunks", type=int, default=1,
-                   help="ours: ParallelConfig.ulysses_head_chunks (Ulysses all-to-alls in head chunks, pipelined with attention)")
-    p.add_argument("--ulysses-overlap-mlp", action="store_true",
-                   help="ours: ParallelConfig.ulysses_overlap_mlp (each single block's all-to-all beside its MLP)")
+    p.add_argument("--ulysses-head-chunks", type=int, default=None,
+                   help="ours: ParallelConfig.ulysses_head_chunks (Ulysses all-to-alls in head chunks, pipelined with "
+                        "attention; default: the engine's choice, 1 turns it off)")
+    p.add_argument("--ulysses-overlap-mlp", action=argparse.BooleanOptionalAction, default=None,
+                   help="ours: ParallelConfig.ulysses_overlap_mlp (each single block's all-to-all beside its MLP; "
+                        "default: the engine's choice)")
     args = p.parse_args(argv)
 
     impls = [s.strip() for s in args.impl.split(",") if s.strip()]
@@ -718,12 +733,12 @@ def main(argv=None) -> int:
         if compiled_now and args.comm_overlap and impl != "xdit":
             label += " comm-overlap"
             extra = {**(extra or {}), "comm_overlap": True}
-        if impl == "ours" and args.ulysses_head_chunks > 1 and u > 1:
-            label += f" head-chunks={args.ulysses_head_chunks}"
-            extra = {**(extra or {}), "ulysses_head_chunks": args.ulysses_head_chunks}
-        if impl == "ours" and args.ulysses_overlap_mlp and u > 1:
-            label += " overlap-mlp"
-            extra = {**(extra or {}), "ulysses_overlap_mlp": True}
+        if impl == "ours" and p == 1 and d == 1:
+            overlaps = ulysses_overlap_label(ours_parallel_config(args, (u, r, p, t, d), device),
+                                             config["num_attention_heads"])
+            if overlaps:
+                label += overlaps
+                extra = {**(extra or {}), "ulysses_overlaps": overlaps.strip()}
         if extra and extra.get("cond") == "device":
             label += " cond-on-device"
         if extra and extra.get("cache"):
@@ -858,7 +873,7 @@ def main(argv=None) -> int:
                 from comfy_xdit.engine import compile_options
 
                 for degrees in degrees_list:
-                    options.update(compile_options(ours_parallel_config(args, degrees, device)))
+                    options.update(compile_options(ours_parallel_config(args, degrees, device), "flux"))
             model.compile_repeated_blocks(fullgraph=world_size == 1, **options)
             compiled_now = True
         if "diffusers" in impls:

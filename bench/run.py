@@ -49,11 +49,12 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
                     whole transformer, mode reduce-overhead); ours at ulysses=2 with CUDA graphs, eager
                     and compiled. About 9 minutes on an H100 pair. CPU dry run (xDiT needs GPUs):
                     --smoke --extra "--device cpu --tiny" --only 1gpu,diffusers-cp-u2,ours-u2-graphs.
-  flux-comm-overlap ours at ulysses=2 with CUDA graphs, compiled and eager, without and with the
-                    Ulysses all-to-alls beside other work: each single block's all-to-all beside its
-                    MLP (--ulysses-overlap-mlp), the heads in 2 chunks pipelined with attention
-                    (--ulysses-head-chunks 2), and both; beside diffusers compiled and ours
-                    compiled + graphs on 1 GPU; about 12 minutes on 2 GPUs.
+  flux-comm-overlap ours at ulysses=2 with CUDA graphs, compiled and eager, plain (both overlaps
+                    off) and with the Ulysses all-to-alls beside other work: each single block's
+                    all-to-all beside its MLP (--ulysses-overlap-mlp), the heads in 2 chunks
+                    pipelined with attention (--ulysses-head-chunks 2), and both (ours' default);
+                    beside diffusers compiled and ours compiled + graphs on 1 GPU; about 6 minutes
+                    on 2 H200s (7 launches took 334 s in run P).
   flux-fastattn     ours on 1 GPU with DiTFastAttn: the plan calibrated at the default threshold on
                     the warm-up loop, and two fixed plans (steps shared, window + residual, each on
                     every other step) beside ours without it; relative error against no cache.
@@ -283,18 +284,21 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
         # The Ulysses all-to-alls run beside other work, each way against the plain row of the same
         # mode: each single block's all-to-all beside its MLP projection (--ulysses-overlap-mlp,
         # models/flux_overlap.py), the heads in 2 chunks whose all-to-alls run beside the other
-        # chunk's attention (--ulysses-head-chunks 2, attention/ulysses_chunks.py), and both.
+        # chunk's attention (--ulysses-head-chunks 2, attention/ulysses_chunks.py), and both (the
+        # engine's default, so the plain rows turn both off explicitly).
         u2 = ["--impl", "ours", "--degrees", "u2", "--cuda-graphs", "--runs", "3"]
-        mlp, chunks = ["--ulysses-overlap-mlp"], ["--ulysses-head-chunks", "2"]
+        mlp, no_mlp = ["--ulysses-overlap-mlp"], ["--no-ulysses-overlap-mlp"]
+        chunks, no_chunks = ["--ulysses-head-chunks", "2"], ["--ulysses-head-chunks", "1"]
         return [
             # the baseline, and the 1-GPU target: ours compiled + graphs against diffusers compiled
             ("1gpu-compiled", 1, ["--impl", "diffusers,ours", "--compile", "--cuda-graphs", "--runs", "3"]),
-            ("ours-u2-compiled-graphs", 2, [*u2, "--compile"]),
-            ("ours-u2-compiled-graphs-mlp", 2, [*u2, "--compile", *mlp]),
+            ("ours-u2-compiled-graphs", 2, [*u2, "--compile", *no_mlp, *no_chunks]),
+            ("ours-u2-compiled-graphs-mlp", 2, [*u2, "--compile", *mlp, *no_chunks]),
             ("ours-u2-compiled-graphs-mlp-chunks2", 2, [*u2, "--compile", *mlp, *chunks]),
-            ("ours-u2-compiled-graphs-chunks2", 2, [*u2, "--compile", *chunks]),
-            ("ours-u2-graphs", 2, u2),
-            ("ours-u2-graphs-mlp", 2, [*u2, *mlp]),
+            ("ours-u2-compiled-graphs-chunks2", 2, [*u2, "--compile", *no_mlp, *chunks]),
+            ("ours-u2-graphs", 2, [*u2, *no_mlp, *no_chunks]),
+            ("ours-u2-graphs-mlp", 2, [*u2, *mlp, *no_chunks]),
+            ("ours-u2-graphs-mlp-chunks2", 2, [*u2, *mlp, *chunks]),
         ]
     if group == "flux-fastattn":
         return [("fastattn-1gpu", 1, ["--impl", "ours", "--cache", "none,ditfastattn,ditfastattn-share,ditfastattn-window",

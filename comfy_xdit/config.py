@@ -31,11 +31,13 @@ class ParallelConfig:
     ``pipefusion_split``: how PipeFusion splits the transformer blocks over its stages: "parameters"
     (even weight memory per GPU) or "compute" (even block count, so even time per stage).
 
-    ``ulysses_head_chunks``: experimental (Flux, ring_degree 1): split each Ulysses rank's heads into
-    this many chunks and pipeline the all-to-alls with attention (attention/ulysses_chunks.py).
+    ``ulysses_head_chunks`` (Flux, ring_degree 1): split each Ulysses rank's heads into this many
+    chunks and pipeline the all-to-alls with attention (attention/ulysses_chunks.py); None (default)
+    picks 2 for Flux where Ulysses runs without Ring and 2 divides a rank's heads, else 1.
 
-    ``ulysses_overlap_mlp``: experimental (Flux, ring_degree 1): run each single block's Ulysses
-    all-to-all beside its MLP projection instead of after it (models/flux_overlap.py); exact.
+    ``ulysses_overlap_mlp`` (Flux, ring_degree 1): run each single block's Ulysses all-to-all
+    beside its MLP projection instead of after it (models/flux_overlap.py); None (default) turns it
+    on for Flux wherever it can run. Both are exact; False / 1 turn them off.
     """
 
     ulysses_degree: int = 1
@@ -51,8 +53,17 @@ class ParallelConfig:
     # DistriFusion: every worker of a group holds the whole model and denoises its patch of the image
     distrifusion_degree: int = 1
     pipefusion_split: str = "parameters"
-    ulysses_head_chunks: int = 1
-    ulysses_overlap_mlp: bool = False
+    ulysses_head_chunks: int | None = None
+    ulysses_overlap_mlp: bool | None = None
+
+    @property
+    def overlaps_mlp(self) -> bool:
+        """ulysses_overlap_mlp resolved (Flux): None is on wherever Ulysses runs without Ring,
+        PipeFusion or DistriFusion (those paths run the blocks with their own attention)."""
+        if self.ulysses_overlap_mlp is not None:
+            return self.ulysses_overlap_mlp
+        return (self.ulysses_degree > 1 and self.ring_degree == 1 and self.pipefusion_parallel_degree == 1
+                and self.distrifusion_degree == 1)
 
     def __post_init__(self) -> None:
         # Accept lists from JSON or the command line but keep the config hashable.
@@ -60,6 +71,8 @@ class ParallelConfig:
         for name in ("ulysses_degree", "ring_degree", "pipefusion_parallel_degree", "data_parallel_degree",
                      "tensor_parallel_degree", "distrifusion_degree", "ulysses_head_chunks"):
             value = getattr(self, name)
+            if name == "ulysses_head_chunks" and value is None:
+                continue  # chosen once the model is known
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -69,14 +82,14 @@ class ParallelConfig:
         if self.pipefusion_split not in PIPEFUSION_SPLITS:
             raise ConfigError(f"pipefusion_split {self.pipefusion_split!r} is unknown; choose one of "
                               f"{', '.join(PIPEFUSION_SPLITS)}")
-        if self.ulysses_head_chunks > 1 and (self.ulysses_degree == 1 or self.ring_degree > 1):
+        if (self.ulysses_head_chunks or 1) > 1 and (self.ulysses_degree == 1 or self.ring_degree > 1):
             raise ConfigError(
                 f"ulysses_head_chunks={self.ulysses_head_chunks} pipelines the Ulysses all-to-all: it needs "
                 f"ulysses_degree > 1 and ring_degree=1 (got {self.ulysses_degree} and {self.ring_degree}); "
                 "set ulysses_head_chunks to 1"
             )
-        if not isinstance(self.ulysses_overlap_mlp, bool):
-            raise ConfigError(f"ulysses_overlap_mlp must be true or false, got {self.ulysses_overlap_mlp!r}")
+        if self.ulysses_overlap_mlp is not None and not isinstance(self.ulysses_overlap_mlp, bool):
+            raise ConfigError(f"ulysses_overlap_mlp must be true, false or null (auto), got {self.ulysses_overlap_mlp!r}")
         if self.ulysses_overlap_mlp:
             others = [f"{name}={value}" for name, value in (
                 ("pipefusion_parallel_degree", self.pipefusion_parallel_degree),
@@ -196,7 +209,7 @@ class ParallelConfig:
             )
         if self.ulysses_overlap_mlp and not family.startswith("Flux"):
             raise ConfigError(f"ulysses_overlap_mlp is implemented for Flux only, not {family}; turn it off")
-        if self.ulysses_head_chunks > 1:
+        if (self.ulysses_head_chunks or 1) > 1:
             if not family.startswith("Flux"):
                 raise ConfigError(f"ulysses_head_chunks is implemented for Flux only, not {family}; set it to 1")
             per_rank = num_heads // self.ulysses_degree

@@ -25,7 +25,7 @@ from .sampling.ksampler import flow_sampling_for, rows_for_rank, run_ksampler
 SUPPORTED_FAMILIES = tuple(families.FAMILIES)
 
 
-def compile_repeated_blocks(model: torch.nn.Module, mesh: ParallelMesh) -> None:
+def compile_repeated_blocks(model: torch.nn.Module, mesh: ParallelMesh, family: str) -> None:
     """torch.compile each transformer block class once (diffusers' regional compile).
 
     Regional rather than whole-model: the blocks are identical, so one compiled graph serves all
@@ -35,16 +35,18 @@ def compile_repeated_blocks(model: torch.nn.Module, mesh: ParallelMesh) -> None:
     of the same shape reuses the graphs.
     """
     single_worker = mesh.size("ulysses") * mesh.size("ring") * mesh.size("tensor") == 1
-    model.compile_repeated_blocks(fullgraph=single_worker, dynamic=False, **compile_options(mesh.config))
+    model.compile_repeated_blocks(fullgraph=single_worker, dynamic=False, **compile_options(mesh.config, family))
 
 
-def compile_options(config: ParallelConfig) -> dict:
-    """Extra torch.compile arguments the config's parallel paths need (the bench compiles with them too)."""
-    if config.ulysses_overlap_mlp or config.ulysses_head_chunks > 1:
-        from .models.flux_overlap import SINK_WAITS
+def compile_options(config: ParallelConfig, family: str) -> dict:
+    """Extra torch.compile arguments a family's parallel paths need under ``config`` (the bench
+    compiles with them too)."""
+    if family == "flux":
+        from .models.flux_overlap import SINK_WAITS, overlaps_collectives
 
-        # Else inductor waits right after each all-to-all and the work meant to overlap it waits too.
-        return {"options": SINK_WAITS}
+        if overlaps_collectives(config):
+            # Else inductor waits right after each all-to-all and the work meant to overlap it waits too.
+            return {"options": SINK_WAITS}
     return {}
 
 
@@ -139,7 +141,7 @@ class RankEngine:
             self._lse_kernel = kernel
             self._denoiser = family.build_denoiser(model, self.mesh, kernel, dtype)
             if spec.compile:
-                compile_repeated_blocks(model, self.mesh)
+                compile_repeated_blocks(model, self.mesh, family.name)
             if spec.cuda_graphs and self.device.type == "cuda":
                 from .cuda_graphs import CudaGraphForward
 

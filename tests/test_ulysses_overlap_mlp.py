@@ -1,5 +1,5 @@
 """Flux's single blocks with the Ulysses all-to-all beside their MLP (ulysses_overlap_mlp) give the
-same latents as without it, bit for bit, and as one worker.
+same latents as without it, bit for bit, and as one worker; by default it is on, with 2 head chunks.
 
 Tiny Flux, float32, gloo processes on the CPU, both Ulysses text paths (text split with the image,
 text whole), alone and with head chunks, eager and compiled. Each run also reports how many
@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch._dynamo.utils import counters
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 
-from comfy_xdit.attention.usp import SequenceLayout, SequenceParallelAttention
+from comfy_xdit.attention.usp import SequenceLayout, SequenceParallelAttention, auto_head_chunks
 from comfy_xdit.config import ConfigError, ParallelConfig
 from comfy_xdit.models import flux_overlap
 from comfy_xdit.requests import ModelSpec
@@ -28,6 +28,7 @@ from test_parallel_flux import request, text_split_request
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
 SINGLE_BLOCKS = 2
 STEPS = 2
+PLAIN_ULYSSES = dict(ulysses_degree=2, ulysses_overlap_mlp=False, ulysses_head_chunks=1)
 
 
 def generate(config_kwargs: dict, text_split: bool, compile: bool = False) -> tuple[torch.Tensor, int, int]:
@@ -52,12 +53,12 @@ def generate(config_kwargs: dict, text_split: bool, compile: bool = False) -> tu
 
 @pytest.fixture(scope="module")
 def plain_ulysses():
-    """Latents of ulysses=2 without the overlap, per (text_split, compiled)."""
+    """Latents of ulysses=2 without either overlap, per (text_split, compiled)."""
     cache = {}
 
     def get(text_split: bool, compile: bool = False) -> torch.Tensor:
         if (text_split, compile) not in cache:
-            cache[(text_split, compile)] = run_on_ranks(2, generate, dict(ulysses_degree=2), text_split, compile)[0][0]
+            cache[(text_split, compile)] = run_on_ranks(2, generate, PLAIN_ULYSSES, text_split, compile)[0][0]
         return cache[(text_split, compile)]
 
     return get
@@ -82,8 +83,27 @@ def test_overlap_equals_plain_ulysses_and_one_worker(text_split, chunks, plain_u
         assert error < TOLERANCE, f"rank {rank} differs from one worker by {error:.2e}"
 
 
+def test_overlaps_are_the_default(plain_ulysses):
+    # ulysses=2 and nothing else set: the MLP overlap and 2 head chunks (4 heads, 2 a rank)
+    assert auto_head_chunks(2, 2, 1) == 2
+    for rank, (latent, started, _) in enumerate(run_on_ranks(2, generate, dict(ulysses_degree=2), True)):
+        assert started >= SINGLE_BLOCKS * model_calls(True), f"rank {rank}: the overlapping forward is not the default"
+        error = relative_error(latent, plain_ulysses(True))
+        assert error < TOLERANCE, f"rank {rank} differs from plain Ulysses by {error:.2e}"
+
+
+def test_automatic_head_chunks():
+    assert [auto_head_chunks(heads, 2, 1) for heads in (1, 2, 3, 12)] == [1, 2, 1, 2]
+    assert auto_head_chunks(12, 2, 2) == 1  # with a ring: no pipelining
+    assert auto_head_chunks(12, 1, 1) == 1  # no Ulysses
+    config = ParallelConfig(ulysses_degree=2, devices=("cpu",) * 2)
+    assert config.ulysses_head_chunks is None and config.overlaps_mlp
+    assert not ParallelConfig(ulysses_degree=2, ring_degree=2, devices=("cpu",) * 4).overlaps_mlp
+    assert not ParallelConfig(ulysses_degree=2, pipefusion_parallel_degree=2, devices=("cpu",) * 4).overlaps_mlp
+
+
 def test_compiled_overlap_equals_plain_ulysses(plain_ulysses):
-    config = dict(ulysses_degree=2, ulysses_overlap_mlp=True)
+    config = dict(ulysses_degree=2, ulysses_overlap_mlp=True, ulysses_head_chunks=1)
     expected = plain_ulysses(True, compile=True)
     for rank, (latent, started, breaks) in enumerate(run_on_ranks(2, generate, config, True, True)):
         assert started >= SINGLE_BLOCKS, f"rank {rank}: the compiled blocks did not trace the overlapping forward"
@@ -111,7 +131,7 @@ def _compiled_block_code() -> str:
     """Inductor's code for one overlapping single block (ulysses=2, this rank)."""
     from torch._inductor.utils import run_and_get_code
 
-    engine = cpu_engine(dict(ulysses_degree=2, ulysses_overlap_mlp=True))
+    engine = cpu_engine(dict(ulysses_degree=2, ulysses_overlap_mlp=True, ulysses_head_chunks=1))
     model = make_flux_diffusers_model(num_layers=1, num_single_layers=1, heads=4, head_dim=8, seed=0)
     engine.set_model(model, ModelSpec("tiny", dtype="float32", compile=True))
     sample = text_split_request((8, 12))
@@ -142,7 +162,7 @@ def test_compiled_single_block_waits_after_the_mlp():
         (dict(ulysses_overlap_mlp=True), "needs ulysses_degree > 1 and ring_degree=1"),
         (dict(ulysses_degree=2, ring_degree=2, ulysses_overlap_mlp=True), "needs ulysses_degree > 1 and ring_degree=1"),
         (dict(ulysses_degree=2, pipefusion_parallel_degree=2, ulysses_overlap_mlp=True), "no pipefusion_parallel_degree=2"),
-        (dict(ulysses_degree=2, ulysses_overlap_mlp=1), "must be true or false"),
+        (dict(ulysses_degree=2, ulysses_overlap_mlp=1), "must be true, false or null"),
     ],
 )
 def test_bad_overlap_settings_are_refused(kwargs, message):

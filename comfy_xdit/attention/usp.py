@@ -23,7 +23,7 @@ Without a ring, the Ulysses all-to-alls can run beside other work (ulysses_chunk
 collectives): ``start`` issues the q/k/v all-to-all and returns at once, ``finish`` attends, so a
 caller's independent work queued between the two (Flux's single-block MLP) overlaps it; and
 ``head_chunks`` > 1 splits each rank's heads into chunks whose all-to-alls pipeline with the other
-chunks' attention. Both are experimental and exact.
+chunks' attention; ``head_chunks=None`` chooses (``auto_head_chunks``). Both are exact.
 """
 
 from __future__ import annotations
@@ -37,6 +37,18 @@ from yunchang.ring.utils import RingComm, update_out_and_lse
 
 from . import ulysses_chunks
 from .kernels import Kernel, plain_attention
+
+# What head_chunks=None picks where it can: 2 chunks took Flux-dev at ulysses=2 from 2.431 to
+# 2.315 s (compiled + CUDA graphs, 2 x H200, docs/performance.md run R). More are not measured.
+AUTO_HEAD_CHUNKS = 2
+
+
+def auto_head_chunks(heads_per_rank: int, ulysses_degree: int, ring_degree: int) -> int:
+    """head_chunks=None's choice: AUTO_HEAD_CHUNKS where Ulysses runs without a ring and the chunks
+    divide a rank's heads, else 1 (no pipelining)."""
+    if ulysses_degree > 1 and ring_degree == 1 and heads_per_rank % AUTO_HEAD_CHUNKS == 0:
+        return AUTO_HEAD_CHUNKS
+    return 1
 
 
 @dataclass
@@ -65,7 +77,7 @@ class SequenceParallelAttention:
         ulysses_group: dist.ProcessGroup | None,
         ring_group: dist.ProcessGroup | None,
         lse_kernel: Kernel | None,
-        head_chunks: int = 1,
+        head_chunks: int | None = 1,
     ):
         self.ulysses_group = ulysses_group
         self.ring_group = ring_group
@@ -76,12 +88,12 @@ class SequenceParallelAttention:
         if self.ring_degree > 1 and lse_kernel is None:
             raise ValueError("ring attention needs a kernel that returns a log-sum-exp")
         self.lse_kernel = lse_kernel
-        if not isinstance(head_chunks, int) or head_chunks < 1:
-            raise ValueError(f"head_chunks must be a whole number of at least 1, got {head_chunks!r}")
-        if head_chunks > 1 and (self.ulysses_degree == 1 or self.ring_degree > 1):
+        if head_chunks is not None and (not isinstance(head_chunks, int) or head_chunks < 1):
+            raise ValueError(f"head_chunks must be a whole number of at least 1 or None, got {head_chunks!r}")
+        if head_chunks is not None and head_chunks > 1 and (self.ulysses_degree == 1 or self.ring_degree > 1):
             raise ValueError(f"head_chunks={head_chunks} pipelines the Ulysses all-to-all: it needs ulysses_degree > 1 "
                              f"and ring_degree 1, got {self.ulysses_degree} and {self.ring_degree}")
-        self.head_chunks = head_chunks
+        self.head_chunks = head_chunks  # None: auto_head_chunks, per call from the heads it sees
         from . import compile_boundary
 
         # Registered now, not while dynamo traces: dynamo defers a traced function's side effects
@@ -102,7 +114,7 @@ class SequenceParallelAttention:
         return self.attend(q, k, v, layout)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
-        if self.head_chunks > 1:
+        if self.chunks_for(q.shape[2]) > 1:
             return self.finish(self.start(q, k, v, layout), layout)
         if layout.text_sharded:
             return self._attend_sharded_text(q, k, v, layout)
@@ -165,12 +177,12 @@ class SequenceParallelAttention:
         if not self.can_overlap:
             raise ValueError(f"start/finish overlap the Ulysses all-to-all: they need ulysses_degree > 1 and "
                              f"ring_degree 1, got {self.ulysses_degree} and {self.ring_degree}")
-        self._check_head_chunks(q.shape[2])
+        chunks = self.chunks_for(q.shape[2])
         if layout.text_sharded:  # text and image shards travel together
-            return InFlightAttention(self._scatter_chunks(q, k, v), text=None)
+            return InFlightAttention(self._scatter_chunks(q, k, v, chunks), text=None)
         t = layout.text_tokens
         text = tuple(self._local_heads(x) for x in (q[:, :t], k[:, :t], v[:, :t]))
-        return InFlightAttention(self._scatter_chunks(q[:, t:], k[:, t:], v[:, t:]), text=text)
+        return InFlightAttention(self._scatter_chunks(q[:, t:], k[:, t:], v[:, t:], chunks), text=text)
 
     def finish(self, in_flight: InFlightAttention, layout: SequenceLayout) -> torch.Tensor:
         """The attention output ([B, text + local image shard, H, D]) of what ``start`` issued. With
@@ -180,19 +192,23 @@ class SequenceParallelAttention:
             return self._finish_sharded_text(in_flight.scattered, layout)
         return self._finish_whole_text(in_flight.scattered, in_flight.text, layout)
 
-    def _check_head_chunks(self, heads: int) -> None:
+    def chunks_for(self, heads: int) -> int:
+        """The head chunks attention over ``heads`` heads runs in (heads: all ranks' together)."""
+        if self.head_chunks is None:
+            return auto_head_chunks(heads // self.ulysses_degree, self.ulysses_degree, self.ring_degree)
         # A silent fallback to one chunk would leave a benchmark row labelled with chunks it did not use.
         if heads % (self.ulysses_degree * self.head_chunks):
             raise ValueError(f"head_chunks={self.head_chunks} does not divide the {heads // self.ulysses_degree} heads "
                              f"each of the {self.ulysses_degree} Ulysses ranks holds; use a divisor of that count")
+        return self.head_chunks
 
     def _attention(self, q, k, v) -> torch.Tensor:
         return plain_attention(q, k, v) if self.lse_kernel is None else self.lse_kernel.fn(q, k, v)[0]
 
-    def _scatter_chunks(self, q, k, v) -> list[torch.Tensor]:
+    def _scatter_chunks(self, q, k, v, chunks: int) -> list[torch.Tensor]:
         """Every chunk's q/k/v all-to-all, issued up front (in flight until first used)."""
-        return [ulysses_chunks.scatter_head_chunk((q, k, v), c, self.head_chunks, self.ulysses_group, self.ulysses_degree)
-                for c in range(self.head_chunks)]
+        return [ulysses_chunks.scatter_head_chunk((q, k, v), c, chunks, self.ulysses_group, self.ulysses_degree)
+                for c in range(chunks)]
 
     def _gather_chunk(self, out: torch.Tensor) -> torch.Tensor:
         return ulysses_chunks.gather_sequence_chunk(out, self.ulysses_group, self.ulysses_degree)
@@ -214,7 +230,7 @@ class SequenceParallelAttention:
         """attend without a ring (text whole, local heads for text), one head chunk at a time."""
         t = layout.text_tokens
         text_q, text_k, text_v = text
-        per_chunk = text_q.shape[2] // self.head_chunks
+        per_chunk = text_q.shape[2] // len(scattered)
         text_outs, gathered = [], []
         for c, received in enumerate(scattered):
             image_q, image_k, image_v = ulysses_chunks.unpack_scattered(received)

@@ -1,4 +1,5 @@
-"""Flux's single blocks with the Ulysses all-to-all running beside their MLP (``ulysses_overlap_mlp``).
+"""Flux's single blocks with the Ulysses all-to-all running beside their MLP (``ulysses_overlap_mlp``,
+on by default wherever Ulysses runs without Ring).
 
 A Flux single block feeds one normalised input to two independent branches, attention and an MLP
 projection (3072 -> 12288 at Flux-dev size), and only then joins them. diffusers computes the MLP
@@ -23,6 +24,13 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 
 # torch.compile options that move each collective's wait to the first use of its result.
 SINK_WAITS = {"reorder_for_compute_comm_overlap": True, "reorder_for_compute_comm_overlap_passes": ["sink_waits"]}
+
+
+def overlaps_collectives(config) -> bool:
+    """Whether Flux under this ParallelConfig may run a Ulysses all-to-all beside other work (the
+    MLP overlap, or head chunks: auto ones may still come to 1 where the heads do not divide)."""
+    return (config.ulysses_degree > 1 and config.ring_degree == 1
+            and (config.overlaps_mlp or config.ulysses_head_chunks != 1))
 
 
 def overlap_single_blocks(model: torch.nn.Module) -> int:

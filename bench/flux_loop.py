@@ -558,6 +558,46 @@ def time_loop(loop, args, device, label: str) -> dict:
     }
 
 
+def time_loops_interleaved(loops: list, args, device, labels: list[str]) -> list[dict]:
+    """time_loop for several loops of one launch, their timed runs taken in turn (A B A B ...), so a
+    card that slows as it heats weighs on every row alike instead of on the rows timed last. Peak
+    memory is the launch's (shared by the rows)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    warmups, outs, times, starts = [], [None] * len(loops), [[] for _ in loops], [[] for _ in loops]
+    for loop in loops:
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            barrier(device)
+            loop(args.steps)
+            sync(device)
+        warmups.append(time.perf_counter() - t0)
+    for _ in range(args.runs):
+        for i, loop in enumerate(loops):
+            barrier(device)
+            sync(device)
+            t0 = time.perf_counter()
+            outs[i] = loop(args.steps)
+            sync(device)
+            times[i].append(time.perf_counter() - t0)
+            starts[i].append(t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else 0.0
+    rows = []
+    first = min(starts[0]) if args.runs else 0.0
+    for label, loop_times, out, warmup, loop_starts in zip(labels, times, outs, warmups, starts):
+        finite = bool(torch.isfinite(out.float()).all()) if out is not None else None
+        per_rank = gather_objects({"times": loop_times, "finite": finite})
+        slowest = [max(r["times"][i] for r in per_rank) for i in range(len(loop_times))]
+        rows.append({
+            "label": label, "times": slowest, "median_s": statistics.median(slowest), "min_s": min(slowest),
+            "warmup_s": warmup, "peak_gib_per_rank": [round(peak, 2)], "reserved_gib_per_rank": [round(reserved, 2)],
+            "finite": all(r["finite"] is not False for r in per_rank), "interleaved": True,
+            "run_starts_s": [round(t - first, 4) for t in loop_starts],  # rank 0's clock: shows the turns
+        })
+    return rows
+
+
 KERNEL_GROUPS = (
     ("nccl", ("nccl",)),
     ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa", "cudnn_generated")),
@@ -640,6 +680,8 @@ def main(argv=None) -> int:
     p.add_argument("--comm-overlap", action="store_true",
                    help="with --compile (diffusers, ours): inductor's compute/communication reordering, as xfuser's compile sets it")
     p.add_argument("--cuda-graphs", action="store_true", help="ours: replay each forward as a captured CUDA graph")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the launch's diffusers and ours rows in turn, one run each per round (against clock drift)")
     p.add_argument("--eager-baseline", action="store_true", help="with --compile: time diffusers (or diffusers-cp, "
                    "or xdit) eager first, in the same process")
     p.add_argument("--cond", default="cpu", help="comma list of cpu, device: where ours gets the conditioning (the pool hands over CPU tensors); one ours row per entry")
@@ -726,7 +768,7 @@ def main(argv=None) -> int:
 
     compiled_now = False
 
-    def run_row(loop, impl, degrees, extra=None, after=None):
+    def run_row(loop, impl, degrees, extra=None, after=None, timing=None):
         u, r, p, t, d = (*degrees, 1, 1)[:5]
         graphs = impl == "ours" and args.cuda_graphs
         label = f"{impl} u{u}r{r}{f'p{p}' if p > 1 else ''}{f't{t}' if t > 1 else ''}{f'd{d}' if d > 1 else ''}{' compiled' if compiled_now else ''}{' cuda-graphs' if graphs else ''}"
@@ -745,8 +787,11 @@ def main(argv=None) -> int:
             label += f" cache={extra['cache']}"
         if p > 1 and args.pipefusion_split != "parameters":
             label += f" {args.pipefusion_split}-split"
-        log(f"-- {label}: warm-up + {args.runs} runs")
-        row = time_loop(loop, args, device, label)
+        if timing is None:
+            log(f"-- {label}: warm-up + {args.runs} runs")
+            row = time_loop(loop, args, device, label)
+        else:
+            row = {**timing, "label": label}
         if graphs:
             row["graphs_vs_eager_rel"] = graphs_against_eager(loop, args.steps)
             log(f"   {label}: CUDA graphs against eager, relative difference {row['graphs_vs_eager_rel']}")
@@ -876,6 +921,10 @@ def main(argv=None) -> int:
                     options.update(compile_options(ours_parallel_config(args, degrees, device), "flux"))
             model.compile_repeated_blocks(fullgraph=world_size == 1, **options)
             compiled_now = True
+        if args.interleave:
+            run_interleaved(run_row, model, args, inputs, device, dtype, impls, degrees_list)
+            finish(device)
+            return 0
         if "diffusers" in impls:
             run_row(DiffusersLoop(model, args, inputs, device, dtype), "diffusers", (1, 1, 1))
         if "diffusers-tp" in impls:
@@ -907,6 +956,21 @@ def finish(device: torch.device) -> None:
         sys.stderr.flush()
         os._exit(0)
     dist.destroy_process_group()
+
+
+def run_interleaved(run_row, model, args, inputs, device, dtype, impls, degrees_list) -> None:
+    """--interleave: the launch's diffusers and ours rows (cond cpu) timed in turn, one run each."""
+    if args.cache or args.cond != "cpu" or not set(impls) <= {"diffusers", "ours"}:
+        raise SystemExit("--interleave: diffusers and ours rows only, without --cache and --cond")
+    specs = [(DiffusersLoop(model, args, inputs, device, dtype), "diffusers", (1, 1, 1, 1, 1), None)] \
+        if "diffusers" in impls else []
+    if "ours" in impls:
+        specs += [(OursLoop(model, args, inputs, device, dtype, degrees), "ours", degrees, {"cond": "cpu"})
+                  for degrees in degrees_list]
+    log(f"-- {len(specs)} rows interleaved: warm-up each, then {args.runs} rounds of one run each")
+    timings = time_loops_interleaved([spec[0] for spec in specs], args, device, [spec[1] for spec in specs])
+    for (loop, impl, degrees, extra), timing in zip(specs, timings):
+        run_row(loop, impl, degrees, extra, timing=timing)
 
 
 def run_cache_rows(run_row, model, args, inputs, device, dtype, degrees, config) -> None:

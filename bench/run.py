@@ -55,6 +55,11 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
                     pipelined with attention (--ulysses-head-chunks 2), and both (ours' default);
                     beside diffusers compiled and ours compiled + graphs on 1 GPU; about 6 minutes
                     on 2 H200s (7 launches took 334 s in run P).
+  flux-head-chunks  ours at ulysses=2, compiled + CUDA graphs, with the MLP overlap and the heads in
+                    1, 2 (the default), 3, 4 and 6 chunks, beside diffusers compiled and ours
+                    compiled + graphs on 1 GPU (interleaved); about 5 minutes on 2 GPUs. CPU dry
+                    run (the tiny model has 2 heads a rank): --smoke --extra "--device cpu --tiny"
+                    --only ours-u2-compiled-graphs-chunks1,ours-u2-compiled-graphs-chunks2.
   flux-fastattn     ours on 1 GPU with DiTFastAttn: the plan calibrated at the default threshold on
                     the warm-up loop, and two fixed plans (steps shared, window + residual, each on
                     every other step) beside ours without it; relative error against no cache.
@@ -110,7 +115,7 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 GROUPS = ("flux-usp", "flux-usp-compile", "flux-usp-ring", "flux-pipefusion", "flux-4gpu", "flux-graphs", "flux-cache",
           "sd3-medium", "flux-4gpu-target", "sd3-4gpu", "sd3-graphs", "flux-tp", "flux-distrifusion",
           "flux-text-split", "flux-fastattn", "video-cogvideox", "video-cogvideox-4gpu", "flux-2gpu-peers",
-          "flux-comm-overlap", "flux-pipefusion-graphs")
+          "flux-comm-overlap", "flux-pipefusion-graphs", "flux-head-chunks")
 
 
 def kill_tree(pid: int) -> None:
@@ -302,6 +307,15 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
             ("ours-u2-graphs-mlp", 2, [*u2, *mlp, *no_chunks]),
             ("ours-u2-graphs-mlp-chunks2", 2, [*u2, *mlp, *chunks]),
         ]
+    if group == "flux-head-chunks":
+        # How many head chunks pay? ours' default is 2 (auto_head_chunks); each more chunk hides more
+        # of the first chunk's input all-to-all and the last chunk's output all-to-all, and runs
+        # attention in smaller pieces. Flux-dev at ulysses=2 has 12 heads a rank.
+        u2 = ["--impl", "ours", "--degrees", "u2", "--compile", "--cuda-graphs", "--runs", "3"]
+        return [
+            ("1gpu-compiled", 1, ["--impl", "diffusers,ours", "--compile", "--cuda-graphs", "--interleave", "--runs", "3"]),
+            *[(f"ours-u2-compiled-graphs-chunks{c}", 2, [*u2, "--ulysses-head-chunks", str(c)]) for c in (1, 2, 3, 4, 6)],
+        ]
     if group == "flux-fastattn":
         return [("fastattn-1gpu", 1, ["--impl", "ours", "--cache", "none,ditfastattn,ditfastattn-share,ditfastattn-window",
                                       "--runs", "3"])]
@@ -367,6 +381,10 @@ def row_name(row: dict) -> str:
         note += f", attention {row['attention_backend']}"
     if row.get("comm_overlap"):
         note += ", inductor's compute/communication reordering"
+    if row["impl"] == "ours" and row["ulysses"] > 1 and row["ring"] == 1 and row.get("pipefusion", 1) == 1:
+        note += f", {ulysses_overlaps(row)}"
+    if row.get("interleaved"):
+        note += ", timed in turn with the launch's other rows"
     if row.get("xfuser_compile_mode"):
         note += f" (xfuser's compile: whole transformer, mode {row['xfuser_compile_mode']})"
     if row.get("vs_1gpu_rel") is not None:
@@ -376,6 +394,18 @@ def row_name(row: dict) -> str:
     model = {"sd3-medium": "SD3-medium: ", "cogvideox-5b": "CogVideoX-5B: ",
              "cogvideox-tiny": "CogVideoX (tiny): "}.get(row.get("model"), "")
     return f"{model}{who}, {how}, {mode}{note}"
+
+
+def ulysses_overlaps(row: dict) -> str:
+    """What an ours Ulysses row ran beside its all-to-alls: flux_loop.ulysses_overlap_label's words
+    (e.g. "head-chunks=2 overlap-mlp"), or the two keys of rows written before it (runs P and Q)."""
+    parts = row.get("ulysses_overlaps", "").split()
+    if "ulysses_overlaps" not in row:
+        chunks = row.get("ulysses_head_chunks", 1)
+        parts = ([f"head-chunks={chunks}"] if chunks > 1 else []) + (["overlap-mlp"] if row.get("ulysses_overlap_mlp") else [])
+    words = [f"{part.split('=')[1]} head chunks" if part.startswith("head-chunks=") else "MLP"
+             for part in parts]
+    return f"overlaps: {' + '.join(words)}" if words else "no overlaps"
 
 
 def table(rows: list[dict]) -> str:

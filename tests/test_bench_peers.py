@@ -100,7 +100,7 @@ def test_diffusers_cp_refuses_ring_on_cpu_and_runs_alone():
 def test_peers_group_launches_and_table():
     run = bench_module("run")
     launches = {name: (nproc, args) for name, nproc, args in run.launches("flux-2gpu-peers")}
-    assert launches["1gpu"] == (1, ["--impl", "diffusers,ours", "--compile", "--eager-baseline", "--runs", "3"])
+    assert launches["1gpu"] == (1, ["--impl", "diffusers,ours", "--compile", "--eager-baseline", "--interleave", "--runs", "3"])
     assert launches["diffusers-cp-u2"][0] == 2 and launches["xdit-u2"][0] == 2
     for name in ("diffusers-cp-u2", "xdit-u2"):
         assert {"--compile", "--eager-baseline"} <= set(launches[name][1])
@@ -115,11 +115,23 @@ def test_peers_group_launches_and_table():
     rows = [row("diffusers", 5.0, gpus=1), row("xdit", 4.0), row("xdit", 2.5, compiled=True,
             xfuser_compile_mode="reduce-overhead"), row("diffusers-cp", 4.0, attention_backend="_native_cudnn",
             vs_1gpu_rel=3e-3), row("diffusers-cp", 2.0, compiled=True, attention_backend="_native_cudnn"),
-            row("ours", 2.0, compiled=True, cuda_graphs=True)]
+            row("ours", 2.0, compiled=True, cuda_graphs=True, ulysses_overlaps="head-chunks=2 overlap-mlp")]
     lines = {line.split(" | ")[0].lstrip("| "): line for line in run.table(rows).splitlines()[2:]}
     name = "diffusers context parallel, 2 GPUs, ulysses=2, compiled, attention _native_cudnn"
     assert name in lines and lines[name].split(" | ")[4] == "0.800"  # against xDiT compiled
-    assert lines["ours (RankEngine), 2 GPUs, ulysses=2, compiled + CUDA graphs"].split(" | ")[4] == "0.800"
+    ours = "ours (RankEngine), 2 GPUs, ulysses=2, compiled + CUDA graphs, overlaps: 2 head chunks + MLP"
+    assert lines[ours].split(" | ")[4] == "0.800"
     eager_cp = "diffusers context parallel, 2 GPUs, ulysses=2, eager, attention _native_cudnn, latents vs 1 GPU rel. diff. 3.0e-03"
     assert lines[eager_cp].split(" | ")[4] == "1.000"  # against xDiT eager
     assert "xDiT (xfuser), 2 GPUs, ulysses=2, compiled (xfuser's compile: whole transformer, mode reduce-overhead)" in lines
+
+
+def test_table_names_the_ulysses_overlaps():
+    run = bench_module("run")
+    base = dict(impl="ours", gpus=2, ulysses=2, ring=1)
+    assert run.ulysses_overlaps({**base, "ulysses_overlaps": "head-chunks=3 overlap-mlp"}) == "overlaps: 3 head chunks + MLP"
+    assert run.ulysses_overlaps({**base, "ulysses_overlaps": ""}) == "no overlaps"
+    # rows written before the label (runs P and Q) carry the two settings instead
+    assert run.ulysses_overlaps({**base, "ulysses_overlap_mlp": True}) == "overlaps: MLP"
+    assert run.ulysses_overlaps({**base, "ulysses_head_chunks": 2}) == "overlaps: 2 head chunks"
+    assert run.ulysses_overlaps(base) == "no overlaps"

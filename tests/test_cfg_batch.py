@@ -13,14 +13,12 @@ import dataclasses
 import pytest
 import torch
 
-from comfy_xdit.config import ParallelConfig
 from comfy_xdit.engine import RankEngine
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.requests import FluxConditioning, HunyuanVideoConditioning, ModelSpec, NoHooks, PixArtConditioning, QwenImageConditioning, SampleRequest, SD3Conditioning, WanConditioning
 from comfy_xdit.sampling.cfg_batch import stack_branches
 from comfy_xdit.sampling.ksampler import run_ksampler
 from checkpoints import make_flux_diffusers_model, make_hunyuan_video_diffusers_model, make_qwen_image_diffusers_model, make_sd3_diffusers_model, make_wan_diffusers_model
-from distributed import relative_error, run_on_ranks
+from distributed import cpu_engine, relative_error, run_on_ranks
 from pixart_files import make_pixart_diffusers_model
 
 STEPS = 3
@@ -61,8 +59,7 @@ def make_request(family: str, batch: int, negative_tokens: int) -> SampleRequest
 
 
 def make_engine(family: str, **config) -> RankEngine:
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **config), torch.device("cpu")))
+    engine = cpu_engine(config)
     engine.set_model(FAMILIES[family][0](), ModelSpec("tiny", family=family, dtype="float32"))
     return engine
 

@@ -12,14 +12,11 @@ import pytest
 import torch
 
 from checkpoints import make_flux_diffusers_model
-from comfy_xdit.config import ParallelConfig
-from comfy_xdit.engine import RankEngine
 from comfy_xdit.loading.flux_controlnet import ControlNetError, read_controlnet_info
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.models.flux_controlnet import block_sources
 from comfy_xdit.requests import ControlNetRequest, FluxConditioning, ModelSpec, SampleRequest
 from controlnet_files import make_flux_controlnet, write_instantx_file, write_sd15_controlnet_file, write_xlabs_file
-from distributed import relative_error, run_on_ranks
+from distributed import cpu_engine, relative_error, run_on_ranks
 
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
 H, W = 10, 14
@@ -51,9 +48,7 @@ def request(files, batch: int = 1, cfg: float = 2.0, controls: str = "both", str
 
 def generate(files, config_kwargs: dict, batch: int = 1, cfg: float = 2.0, controls: str = "both",
              strength: float = 0.8) -> torch.Tensor:
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    config = ParallelConfig(devices=("cpu",) * world, **config_kwargs)
-    engine = RankEngine(ParallelMesh.build(config, torch.device("cpu")))
+    engine = cpu_engine(config_kwargs)
     engine.set_model(make_flux_diffusers_model(num_layers=2, num_single_layers=2, heads=4, head_dim=16, seed=0),
                      ModelSpec("tiny", dtype="float32"))
     return engine.sample(request(files, batch, cfg, controls, strength))

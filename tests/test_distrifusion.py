@@ -16,7 +16,7 @@ from comfy_xdit.config import ConfigError, ParallelConfig
 from comfy_xdit.engine import RankEngine
 from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.requests import FluxConditioning, ModelSpec, PixArtConditioning, SampleRequest
-from distributed import relative_error, run_on_ranks
+from distributed import cpu_engine, relative_error, run_on_ranks
 from test_pipefusion import pipefusion_flux
 
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
@@ -48,9 +48,7 @@ def make_request(steps: int = STEPS, cfg: float = 1.0, batch: int = 1) -> Sample
 
 
 def engine_for(config_kwargs: dict) -> RankEngine:
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    config = ParallelConfig(devices=("cpu",) * world, **config_kwargs)
-    engine = RankEngine(ParallelMesh.build(config, torch.device("cpu")))
+    engine = cpu_engine(config_kwargs)
     engine.set_model(pipefusion_flux(), ModelSpec("tiny", dtype="float32"))
     return engine
 
@@ -300,7 +298,7 @@ def test_pool_with_distrifusion_equals_one_worker(tmp_path):
     from comfy_xdit.pool import WorkerPool
 
     spec = ModelSpec(str(write_diffusers_folder(pipefusion_flux(), tmp_path / "flux")), dtype="float32")
-    one = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu")))
+    one = cpu_engine()
     one.load(spec)
     request = make_request(steps=3, cfg=2.0)
     expected = one.sample(request)

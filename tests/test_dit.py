@@ -13,14 +13,12 @@ import json
 import pytest
 import torch
 
-from comfy_xdit.config import ParallelConfig
 from comfy_xdit.engine import RankEngine
 from comfy_xdit.loading.safetensors_files import CheckpointError
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.models import families
 from comfy_xdit.requests import DiTConditioning, ModelSpec, SampleRequest
 from dit_files import DDIM_CONFIG, DDPM_CONFIG, DPM_CONFIG, dit_pipeline_loop, make_dit_model, write_dit_file, write_dit_folder
-from distributed import relative_error, run_on_ranks
+from distributed import cpu_engine, relative_error, run_on_ranks
 
 PIPELINE_TOLERANCE = 1e-5  # one worker against the diffusers pipeline, float32
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
@@ -36,8 +34,7 @@ def request(batch: int = 1, cfg: float = 4.0, seed: int = 7, steps: int = 3) -> 
 
 
 def engine_for(path, config_kwargs: dict | None = None) -> RankEngine:
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **(config_kwargs or {})), torch.device("cpu")))
+    engine = cpu_engine(config_kwargs)
     engine.load(ModelSpec(str(path), family="dit", dtype="float32"))
     return engine
 
@@ -207,7 +204,7 @@ def test_bad_folders_are_refused_clearly(tmp_path):
     with pytest.raises(CheckpointError, match=r"no scheduler/scheduler_config.json.*whole diffusers folder"):
         families.DIT.read_config(str(missing))
     with pytest.raises(CheckpointError, match="no scheduler/scheduler_config.json"):
-        RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu"))).load(
+        cpu_engine().load(
             ModelSpec(str(missing), family="dit", dtype="float32"))
     unknown = write_dit_folder(tmp_path / "unknown", scheduler_config={**DDIM_CONFIG, "_class_name": "MagicScheduler"})
     with pytest.raises(CheckpointError, match="unknown scheduler class 'MagicScheduler'.*DDIMScheduler"):

@@ -23,7 +23,7 @@ from comfy_xdit.fastattn.settings import DEFAULT_THRESHOLD, FastAttnSettings
 from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.models.flux import flux_attention_output, flux_query_key_value
 from comfy_xdit.requests import FluxConditioning, ModelSpec, PixArtConditioning, SampleRequest
-from distributed import relative_error, run_on_ranks
+from distributed import cpu_engine, relative_error, run_on_ranks
 from pixart_files import make_pixart_diffusers_model
 
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
@@ -288,7 +288,7 @@ def test_two_workers_equal_one(case, two_workers):
 
 
 def test_compile_is_refused_with_what_to_change():
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu")))
+    engine = cpu_engine()
     engine.set_model(tiny_model(), ModelSpec("tiny", dtype="float32", compile=True))  # compiles lazily, at the first call
     with pytest.raises(ConfigError, match="turn the loader's compile off"):
         engine.sample(request(1, FastAttnSettings()))

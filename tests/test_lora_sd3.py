@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 from checkpoints import make_flux_diffusers_model, make_sd3_diffusers_model, write_sd3_file
-from distributed import relative_error, run_on_ranks
+from distributed import cpu_engine, relative_error, run_on_ranks
 from lora_files import (
     random_flux_lora,
     random_sd3_lora,
@@ -213,13 +213,9 @@ def _request():
 
 
 def _with_lora_then_without(config_kwargs: dict, lora: str) -> list[torch.Tensor]:
-    from comfy_xdit.config import ParallelConfig
-    from comfy_xdit.engine import RankEngine
-    from comfy_xdit.mesh import ParallelMesh
     from comfy_xdit.requests import ModelSpec
 
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **config_kwargs), torch.device("cpu")))
+    engine = cpu_engine(config_kwargs)
     engine.set_model(tiny_sd3("sd3.5-dual", torch.float32, heads=4), ModelSpec("tiny", family="sd3", dtype="float32"))
     request = _request()
     return [engine.sample(dataclasses.replace(request, loras=((lora, 0.8),))), engine.sample(request)]

@@ -14,16 +14,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from comfy_xdit.config import ConfigError, ParallelConfig
-from comfy_xdit.engine import RankEngine
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.pool import WorkerPool
 from comfy_xdit.pool.multinode import ENV_CLUSTER_KEY, Cluster, multi_node_devices
 from comfy_xdit.requests import ModelSpec
 from checkpoints import make_flux_diffusers_model, write_diffusers_folder
-from distributed import free_port, relative_error
+from distributed import cpu_engine, free_port, relative_error
 from test_pool import alive, make_request, wait_until
 
 TOLERANCE = 1e-4
@@ -42,7 +39,7 @@ def start_agent(port: int, node_rank: int, env: dict) -> subprocess.Popen:
 def test_two_nodes_on_loopback_give_the_same_latents_as_one_worker(tmp_path, monkeypatch):
     path = write_diffusers_folder(make_flux_diffusers_model(), tmp_path / "flux")
     spec = ModelSpec(str(path), family="flux", dtype="float32")
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu")))
+    engine = cpu_engine()
     engine.load(spec)
     reference = engine.sample(make_request())
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_xdit.config import ParallelConfig
 from comfy_xdit.engine import RankEngine
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.requests import HunyuanDiTConditioning, ModelSpec, PixArtConditioning, SampleRequest
-from distributed import relative_error, run_on_ranks
+from distributed import cpu_engine, relative_error, run_on_ranks
 from hunyuan_dit_files import make_hunyuan_dit_diffusers_model
 
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
@@ -39,8 +37,7 @@ def request(batch: int = 1, cfg: float = 5.0, sampler: str = "euler", latent=LAT
 
 
 def engine_for(arch: str, config_kwargs: dict) -> RankEngine:
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **config_kwargs), torch.device("cpu")))
+    engine = cpu_engine(config_kwargs)
     engine.set_model(make_hunyuan_dit_diffusers_model(**ARCHITECTURES[arch]), ModelSpec("tiny", family="hunyuan_dit", dtype="float32"))
     return engine
 

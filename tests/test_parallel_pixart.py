@@ -12,11 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_xdit.config import ParallelConfig
 from comfy_xdit.engine import RankEngine
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.requests import ModelSpec, PixArtConditioning, SampleRequest, SD3Conditioning
-from distributed import relative_error, run_on_ranks
+from distributed import cpu_engine, relative_error, run_on_ranks
 from pixart_files import make_pixart_diffusers_model
 
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
@@ -34,8 +32,7 @@ def request(batch: int = 1, cfg: float = 4.5, sampler: str = "euler") -> SampleR
 
 
 def engine_for(arch: str, config_kwargs: dict) -> RankEngine:
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **config_kwargs), torch.device("cpu")))
+    engine = cpu_engine(config_kwargs)
     engine.set_model(make_pixart_diffusers_model(**ARCHITECTURES[arch]), ModelSpec("tiny", family="pixart", dtype="float32"))
     return engine
 

@@ -12,13 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_xdit.config import ParallelConfig
 from comfy_xdit.engine import RankEngine
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.models.qwen_image import ComfyRotaryTables
 from comfy_xdit.requests import ModelSpec, QwenImageConditioning, SampleRequest, WanConditioning
 from checkpoints import make_qwen_image_diffusers_model
-from distributed import relative_error, run_on_ranks
+from distributed import cpu_engine, relative_error, run_on_ranks
 
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one worker, exact methods, float32
 LATENT = (16, 1, 6, 10)
@@ -36,9 +34,7 @@ def request(batch: int = 1, cfg: float = 4.0, sampler: str = "euler", negative_t
 
 
 def engine_for(config_kwargs: dict) -> RankEngine:
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    config = ParallelConfig(devices=("cpu",) * world, **config_kwargs)
-    engine = RankEngine(ParallelMesh.build(config, torch.device("cpu")))
+    engine = cpu_engine(config_kwargs)
     engine.set_model(tiny_qwen_image(), ModelSpec("tiny", family="qwen_image", dtype="float32"))
     return engine
 

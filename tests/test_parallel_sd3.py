@@ -11,12 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_xdit.config import ParallelConfig
-from comfy_xdit.engine import RankEngine
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.requests import FluxConditioning, ModelSpec, SampleRequest, SD3Conditioning
 from checkpoints import make_sd3_diffusers_model
-from distributed import relative_error, run_on_ranks
+from distributed import cpu_engine, relative_error, run_on_ranks
 
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
 
@@ -38,9 +35,7 @@ def request(batch: int = 1, cfg: float = 4.0, sampler: str = "euler") -> SampleR
 
 
 def generate(arch: str, config_kwargs: dict, batch: int, cfg: float, wrong_shard_order: bool = False) -> torch.Tensor:
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    config = ParallelConfig(devices=("cpu",) * world, **config_kwargs)
-    engine = RankEngine(ParallelMesh.build(config, torch.device("cpu")))
+    engine = cpu_engine(config_kwargs)
     engine.set_model(tiny_sd3(arch), ModelSpec("tiny", family="sd3", dtype="float32"))
     if wrong_shard_order:
         # Deliberately hand each rank another rank's shard: the comparison must catch it.
@@ -112,7 +107,7 @@ def test_one_worker_is_diffusers_own_forward():
     # The sampler's first velocity equals a direct call of the unchanged diffusers model with
     # ComfyUI's semantics: model space = (latent - 0.0609) * 1.5305, timestep = sigma * 1000.
     model = tiny_sd3("sd3.5-dual")
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu")))
+    engine = cpu_engine()
     engine.set_model(model, ModelSpec("tiny", family="sd3", dtype="float32"))
     g = torch.Generator().manual_seed(3)
     x, context, pooled = torch.randn(1, 16, 6, 8, generator=g), torch.randn(1, 7, 32, generator=g), torch.randn(1, 24, generator=g)
@@ -126,7 +121,7 @@ def test_one_worker_is_diffusers_own_forward():
 
 
 def test_a_flux_request_on_sd3_is_refused_by_name():
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu")))
+    engine = cpu_engine()
     engine.set_model(tiny_sd3("sd3"), ModelSpec("tiny", family="sd3", dtype="float32"))
     flux_request = request()
     flux_request.positive = FluxConditioning(flux_request.positive.context, flux_request.positive.pooled, 3.5)

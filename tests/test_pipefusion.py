@@ -22,13 +22,12 @@ import torch
 from comfy_xdit.config import ConfigError, ParallelConfig
 from comfy_xdit.engine import RankEngine
 from comfy_xdit.loading.flux import FluxCheckpoint, open_flux_checkpoint
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.pipefusion.partition import plan_stages
 from comfy_xdit.pipefusion.runner import token_row_bands
 from comfy_xdit.pipefusion.stage import load_flux_stage
 from comfy_xdit.requests import FluxConditioning, ModelSpec, SampleRequest
 from checkpoints import make_flux_diffusers_model, write_bfl_file, write_diffusers_folder
-from distributed import relative_error, run_on_ranks
+from distributed import cpu_engine, relative_error, run_on_ranks
 
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
 STEPS = 8
@@ -64,9 +63,7 @@ def make_request(steps: int = STEPS, cfg: float = 1.0, batch: int = 1) -> Sample
 
 
 def engine_for(config_kwargs: dict) -> RankEngine:
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    config = ParallelConfig(devices=("cpu",) * world, **config_kwargs)
-    engine = RankEngine(ParallelMesh.build(config, torch.device("cpu")))
+    engine = cpu_engine(config_kwargs)
     engine.set_model(pipefusion_flux(), ModelSpec("tiny", dtype="float32"))
     return engine
 
@@ -356,7 +353,7 @@ def test_pool_with_pipefusion_loads_stages_from_the_file_and_equals_one_worker(s
     from comfy_xdit.pool import WorkerPool
 
     spec = ModelSpec(str(write_diffusers_folder(pipefusion_flux(), tmp_path / "flux")), dtype="float32")
-    one = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu")))
+    one = cpu_engine()
     one.load(spec)
     request = make_request(steps=3, cfg=2.0)
     expected = one.sample(request)

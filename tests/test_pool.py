@@ -22,14 +22,12 @@ import pytest
 import torch
 
 from comfy_xdit.config import ConfigError, ParallelConfig
-from comfy_xdit.engine import RankEngine
 from comfy_xdit.loading import CheckpointError
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.pool import PoolError, PoolRegistry, WorkerPool
 from comfy_xdit.pool import protocol, shm
 from comfy_xdit.requests import FluxConditioning, ModelSpec, SampleRequest, SamplingCancelled
 from checkpoints import make_flux_diffusers_model, write_diffusers_folder
-from distributed import relative_error
+from distributed import cpu_engine, relative_error
 
 TOLERANCE = 1e-4  # DESIGN.md: N workers against one, exact methods, float32
 CONFIG = ParallelConfig(ulysses_degree=2, devices=("cpu", "cpu"))
@@ -70,7 +68,7 @@ def spec(tmp_path_factory) -> ModelSpec:
 @pytest.fixture(scope="module")
 def reference(spec):
     """The engine on one rank in this process: what every pool job must reproduce."""
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu")))
+    engine = cpu_engine()
     engine.load(spec)
     cache: dict = {}
 

@@ -17,12 +17,10 @@ import pytest
 import torch
 
 from comfy_xdit.config import ParallelConfig
-from comfy_xdit.engine import RankEngine
-from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.pool import PoolError
 from comfy_xdit.requests import ModelSpec, SamplingCancelled
 from checkpoints import make_flux_diffusers_model, write_diffusers_folder
-from distributed import relative_error
+from distributed import cpu_engine, relative_error
 from test_pool import alive, make_request, wait_until
 
 ray = pytest.importorskip("ray")
@@ -65,7 +63,7 @@ def spec(tmp_path_factory) -> ModelSpec:
 
 @pytest.fixture(scope="module")
 def reference(spec):
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu")))
+    engine = cpu_engine()
     engine.load(spec)
     return engine.sample(make_request())
 

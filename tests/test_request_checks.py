@@ -7,12 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from comfy_xdit.config import ConfigError, ParallelConfig
-from comfy_xdit.engine import RankEngine
-from comfy_xdit.mesh import ParallelMesh
+from comfy_xdit.config import ConfigError
 from comfy_xdit.request_checks import check_sample_request
 from comfy_xdit.requests import ModelSpec
 from test_parallel_flux import request, tiny_flux
+from distributed import cpu_engine
 
 
 def nan_at(t: torch.Tensor) -> torch.Tensor:
@@ -57,7 +56,7 @@ def test_a_good_request_passes():
 
 
 def test_denoise_zero_returns_the_latent_unchanged_as_stock_does():
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",)), torch.device("cpu")))
+    engine = cpu_engine()
     engine.set_model(tiny_flux(), ModelSpec("tiny", dtype="float32"))
     latent = torch.randn(1, 16, 10, 14)
     out = engine.sample(dataclasses.replace(request(), latent=latent, denoise=0.0))

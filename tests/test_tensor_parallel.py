@@ -19,7 +19,7 @@ from comfy_xdit.mesh import ParallelMesh
 from comfy_xdit.models.tensor_parallel import FLUX_PLAN, SD3_PLAN, param_shards
 from comfy_xdit.requests import FluxConditioning, ModelSpec, SampleRequest, SD3Conditioning
 from checkpoints import make_flux_diffusers_model, make_sd3_diffusers_model, write_bfl_file, write_diffusers_file, write_sd3_file
-from distributed import relative_error, run_on_ranks
+from distributed import cpu_engine, relative_error, run_on_ranks
 from lora_files import random_flux_lora, write_bfl_lora
 from test_step_cache import CACHES, sample_with_caches, skipped
 
@@ -54,8 +54,7 @@ def block_parameters(model: torch.nn.Module) -> int:
 
 def generate(arch: str, config_kwargs: dict, batch: int, path: str | None = None) -> dict:
     """Latents of one case; the model comes from ``path`` (the loader) or is built whole and split."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    engine = RankEngine(ParallelMesh.build(ParallelConfig(devices=("cpu",) * world, **config_kwargs), torch.device("cpu")))
+    engine = cpu_engine(config_kwargs)
     if path is None:
         engine.set_model(MODELS[arch](), ModelSpec("tiny", family=FAMILY[arch], dtype="float32"))
     else:

@@ -335,15 +335,12 @@ def ours_parallel_config(args, degrees, device):
 
 def ulysses_overlap_label(config, heads: int) -> str:
     """The Ulysses overlaps an ours row runs with, resolved as the engine resolves them (Flux)."""
-    from comfy_xdit.attention.usp import auto_head_chunks
+    from comfy_xdit.attention.usp import resolve_head_chunks
 
     if config.ulysses_degree == 1:
         return ""
-    chunks = config.ulysses_head_chunks
-    if chunks is None:
-        chunks = auto_head_chunks(heads // config.ulysses_degree, config.ulysses_degree, config.ring_degree)
-    mlp = config.overlaps_mlp and config.ring_degree == 1
-    return (f" head-chunks={chunks}" if chunks > 1 else "") + (" overlap-mlp" if mlp else "")
+    chunks = resolve_head_chunks(config.ulysses_head_chunks, heads, config.ulysses_degree, config.ring_degree)
+    return (f" head-chunks={chunks}" if chunks > 1 else "") + (" overlap-mlp" if config.overlaps_mlp else "")
 
 
 class OursLoop:
@@ -523,55 +520,25 @@ def gather_objects(obj):
 
 
 def time_loop(loop, args, device, label: str) -> dict:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    compile_s = None
-    for i in range(args.warmup):
-        barrier(device)
-        t0 = time.perf_counter()
-        out = loop(args.steps)
-        sync(device)
-        if i == 0:
-            compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(args.runs):
-        barrier(device)
-        sync(device)
-        t0 = time.perf_counter()
-        out = loop(args.steps)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    finite = bool(torch.isfinite(out.float()).all()) if out is not None else None
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else 0.0
-    per_rank = gather_objects({"times": times, "peak_gib": peak, "reserved_gib": reserved, "finite": finite})
-    slowest = [max(r["times"][i] for r in per_rank) for i in range(len(times))]
-    return {
-        "label": label,
-        "times": slowest,
-        "median_s": statistics.median(slowest),
-        "min_s": min(slowest),
-        "warmup_s": compile_s,
-        "peak_gib_per_rank": [round(r["peak_gib"], 2) for r in per_rank],
-        "reserved_gib_per_rank": [round(r["reserved_gib"], 2) for r in per_rank],
-        "finite": all(r["finite"] is not False for r in per_rank),
-    }
+    return time_loops([loop], args, device, [label])[0]
 
 
-def time_loops_interleaved(loops: list, args, device, labels: list[str]) -> list[dict]:
-    """time_loop for several loops of one launch, their timed runs taken in turn (A B A B ...), so a
-    card that slows as it heats weighs on every row alike instead of on the rows timed last. Peak
-    memory is the launch's (shared by the rows)."""
+def time_loops(loops: list, args, device, labels: list[str]) -> list[dict]:
+    """Warm each loop up, then time --runs rounds of one run per loop. Several loops take their
+    runs in turn (A B A B ...), so a card that slows as it heats weighs on every row alike instead
+    of on the rows timed last (--interleave); their peak memory is then the launch's, shared."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    warmups, outs, times, starts = [], [None] * len(loops), [[] for _ in loops], [[] for _ in loops]
+    compile_s = []  # each loop's first warm-up
     for loop in loops:
-        t0 = time.perf_counter()
-        for _ in range(args.warmup):
+        for i in range(args.warmup):
             barrier(device)
+            t0 = time.perf_counter()
             loop(args.steps)
             sync(device)
-        warmups.append(time.perf_counter() - t0)
+            if i == 0:
+                compile_s.append(time.perf_counter() - t0)
+    outs, times, starts = [None] * len(loops), [[] for _ in loops], [[] for _ in loops]
     for _ in range(args.runs):
         for i, loop in enumerate(loops):
             barrier(device)
@@ -584,17 +551,24 @@ def time_loops_interleaved(loops: list, args, device, labels: list[str]) -> list
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else 0.0
     rows = []
-    first = min(starts[0]) if args.runs else 0.0
-    for label, loop_times, out, warmup, loop_starts in zip(labels, times, outs, warmups, starts):
-        finite = bool(torch.isfinite(out.float()).all()) if out is not None else None
-        per_rank = gather_objects({"times": loop_times, "finite": finite})
-        slowest = [max(r["times"][i] for r in per_rank) for i in range(len(loop_times))]
-        rows.append({
-            "label": label, "times": slowest, "median_s": statistics.median(slowest), "min_s": min(slowest),
-            "warmup_s": warmup, "peak_gib_per_rank": [round(peak, 2)], "reserved_gib_per_rank": [round(reserved, 2)],
-            "finite": all(r["finite"] is not False for r in per_rank), "interleaved": True,
-            "run_starts_s": [round(t - first, 4) for t in loop_starts],  # rank 0's clock: shows the turns
-        })
+    for i, label in enumerate(labels):
+        finite = bool(torch.isfinite(outs[i].float()).all()) if outs[i] is not None else None
+        per_rank = gather_objects({"times": times[i], "peak_gib": peak, "reserved_gib": reserved, "finite": finite})
+        slowest = [max(r["times"][run] for r in per_rank) for run in range(len(times[i]))]
+        row = {
+            "label": label,
+            "times": slowest,
+            "median_s": statistics.median(slowest),
+            "min_s": min(slowest),
+            "warmup_s": compile_s[i] if compile_s else None,
+            "peak_gib_per_rank": [round(r["peak_gib"], 2) for r in per_rank],
+            "reserved_gib_per_rank": [round(r["reserved_gib"], 2) for r in per_rank],
+            "finite": all(r["finite"] is not False for r in per_rank),
+        }
+        if len(loops) > 1:
+            # rank 0's clock, from the first timed run: shows the turns
+            row.update(interleaved=True, run_starts_s=[round(t - starts[0][0], 4) for t in starts[i]])
+        rows.append(row)
     return rows
 
 
@@ -968,7 +942,7 @@ def run_interleaved(run_row, model, args, inputs, device, dtype, impls, degrees_
         specs += [(OursLoop(model, args, inputs, device, dtype, degrees), "ours", degrees, {"cond": "cpu"})
                   for degrees in degrees_list]
     log(f"-- {len(specs)} rows interleaved: warm-up each, then {args.runs} rounds of one run each")
-    timings = time_loops_interleaved([spec[0] for spec in specs], args, device, [spec[1] for spec in specs])
+    timings = time_loops([spec[0] for spec in specs], args, device, [spec[1] for spec in specs])
     for (loop, impl, degrees, extra), timing in zip(specs, timings):
         run_row(loop, impl, degrees, extra, timing=timing)
 

@@ -51,6 +51,18 @@ def auto_head_chunks(heads_per_rank: int, ulysses_degree: int, ring_degree: int)
     return 1
 
 
+def resolve_head_chunks(head_chunks: int | None, heads: int, ulysses_degree: int, ring_degree: int) -> int:
+    """The head chunks attention over ``heads`` heads (all ranks' together) runs in: an explicit
+    count, checked, or auto_head_chunks' choice for None."""
+    if head_chunks is None:
+        return auto_head_chunks(heads // ulysses_degree, ulysses_degree, ring_degree)
+    # A silent fallback to one chunk would leave a benchmark row labelled with chunks it did not use.
+    if heads % (ulysses_degree * head_chunks):
+        raise ValueError(f"head_chunks={head_chunks} does not divide the {heads // ulysses_degree} heads "
+                         f"each of the {ulysses_degree} Ulysses ranks holds; use a divisor of that count")
+    return head_chunks
+
+
 @dataclass
 class SequenceLayout:
     """Where the image tokens of one forward pass live across the sequence-parallel ranks."""
@@ -194,13 +206,7 @@ class SequenceParallelAttention:
 
     def chunks_for(self, heads: int) -> int:
         """The head chunks attention over ``heads`` heads runs in (heads: all ranks' together)."""
-        if self.head_chunks is None:
-            return auto_head_chunks(heads // self.ulysses_degree, self.ulysses_degree, self.ring_degree)
-        # A silent fallback to one chunk would leave a benchmark row labelled with chunks it did not use.
-        if heads % (self.ulysses_degree * self.head_chunks):
-            raise ValueError(f"head_chunks={self.head_chunks} does not divide the {heads // self.ulysses_degree} heads "
-                             f"each of the {self.ulysses_degree} Ulysses ranks holds; use a divisor of that count")
-        return self.head_chunks
+        return resolve_head_chunks(self.head_chunks, heads, self.ulysses_degree, self.ring_degree)
 
     def _attention(self, q, k, v) -> torch.Tensor:
         return plain_attention(q, k, v) if self.lse_kernel is None else self.lse_kernel.fn(q, k, v)[0]

@@ -115,7 +115,7 @@ def install_sequence_parallel(model: torch.nn.Module, mesh, lse_kernel) -> Seque
     attention = sequence_parallel_attention(mesh, lse_kernel)
     if attention is not None:
         model.set_attn_processor(ParallelFluxAttnProcessor(attention))
-        if mesh.config.overlaps_mlp and attention.can_overlap:
+        if mesh.config.overlaps_mlp:  # implies Ulysses without Ring (ParallelConfig refuses the rest)
             from .flux_overlap import overlap_single_blocks
 
             overlap_single_blocks(model)

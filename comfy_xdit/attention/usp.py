@@ -39,7 +39,8 @@ from . import ulysses_chunks
 from .kernels import Kernel, plain_attention
 
 # What head_chunks=None picks where it can: 2 chunks took Flux-dev at ulysses=2 from 2.431 to
-# 2.315 s (compiled + CUDA graphs, 2 x H200, docs/performance.md run R). More are not measured.
+# 2.315 s (compiled + CUDA graphs, 2 x H200, docs/performance.md run R). In run S, 4 chunks were
+# no faster than 2, and 3 or 6 slower than none.
 AUTO_HEAD_CHUNKS = 2
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from comfy_xdit.attention import ulysses_chunks
 from comfy_xdit.attention.usp import SequenceParallelAttention
 from comfy_xdit.config import ConfigError, ParallelConfig
 from comfy_xdit.models.flux import ParallelFluxAttnProcessor
@@ -100,6 +101,21 @@ def test_compiled_head_chunks_equal_one_worker(reference):
         assert breaks == 0, f"rank {rank}: {breaks} graph breaks in the compiled blocks"
         error = relative_error(latent, reference(4, True, cfg_one=True))
         assert error < TOLERANCE, f"compiled: rank {rank} differs from one worker by {error:.2e}"
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_received_chunk_unpacks_in_place_at_batch_one(batch):
+    """At batch 1 the received q, k, v are views in the packed-QKV layout (no copy before attention);
+    at any batch each holds the source ranks' tokens in rank order."""
+    degree, tokens, heads, dim = 2, 5, 3, 4
+    received = torch.randn(degree, batch, tokens, 3, heads, dim)
+    for i, x in enumerate(ulysses_chunks.unpack_scattered(received)):
+        expected = torch.cat([received[r, :, :, i] for r in range(degree)], dim=1)
+        assert torch.equal(x, expected)
+        if batch == 1:
+            assert x.data_ptr() == received[:, :, :, i].data_ptr()
+            # [B, S, H, D] strides of a token-major q|k|v buffer: tokens 3 H D apart, heads D
+            assert x.stride()[1:] == (3 * heads * dim, dim, 1)
 
 
 @pytest.mark.parametrize(

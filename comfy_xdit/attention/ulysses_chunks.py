@@ -14,6 +14,11 @@ The collectives are torch's functional ones: in eager mode they return an AsyncC
 that waits on its first use, and dynamo traces them into a collective whose wait inductor places
 at the first use, so the same code overlaps in both. Callers must not touch a received tensor
 before they need it (any op on it, even a view, may wait).
+
+Wire layout of a chunk's q/k/v: per destination rank, token-major with q, k and v side by side
+([B, S, 3, heads, D], the "packed QKV" layout attention kernels read in place). Received, each of
+q, k and v is then a strided view that goes to attention without a copy (with batch 1; a larger
+batch costs one copy per tensor, as the head-major layout always did).
 """
 
 from __future__ import annotations
@@ -29,16 +34,17 @@ def scatter_head_chunk(parts: tuple[torch.Tensor, ...], chunk: int, chunks: int,
     sequence shard); returns the in-flight result for ``unpack_scattered``."""
     b, s, h, d = parts[0].shape
     per_chunk = h // (degree * chunks)
-    # [degree (destination), len(parts), B, S, heads of this chunk for that destination, D]: one copy
+    # [degree (destination), B, S, len(parts), heads of this chunk for that destination, D]: one copy
     send = torch.stack([x.reshape(b, s, degree, chunks, per_chunk, d)[:, :, :, chunk].permute(2, 0, 1, 3, 4)
-                        for x in parts], dim=1)
+                        for x in parts], dim=3)
     return funcol.all_to_all_single(send, None, None, group)
 
 
 def unpack_scattered(received: torch.Tensor) -> list[torch.Tensor]:
-    """The received chunk as q, k, v: [B, degree x S, H / (degree C), D], source ranks' shards in rank order."""
-    degree, n, b, s, heads, d = received.shape
-    return [received[:, i].transpose(0, 1).reshape(b, degree * s, heads, d) for i in range(n)]
+    """The received chunk as q, k, v: [B, degree x S, H / (degree C), D], source ranks' shards in
+    rank order; views of ``received`` where B is 1 (source and token dimensions then merge)."""
+    degree, b, s, n, heads, d = received.shape
+    return [received[:, :, :, i].transpose(0, 1).reshape(b, degree * s, heads, d) for i in range(n)]
 
 
 def gather_sequence_chunk(out: torch.Tensor, group: dist.ProcessGroup, degree: int) -> torch.Tensor:

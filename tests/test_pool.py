@@ -25,6 +25,7 @@ from comfy_xdit.config import ConfigError, ParallelConfig
 from comfy_xdit.loading import CheckpointError
 from comfy_xdit.pool import PoolError, PoolRegistry, WorkerPool
 from comfy_xdit.pool import protocol, shm
+from comfy_xdit.pool.host import log_dir_owner
 from comfy_xdit.requests import FluxConditioning, ModelSpec, SampleRequest, SamplingCancelled
 from checkpoints import make_flux_diffusers_model, write_diffusers_folder
 from distributed import cpu_engine, relative_error
@@ -87,6 +88,8 @@ def pool(spec):
         yield pool
         log_dir = Path(pool.status()["log_dir"])
         pids = pool.status()["pids"]
+    # named after its host, so a folder a killed host left behind says whose logs it holds
+    assert log_dir_owner(log_dir) == os.getpid(), log_dir.name
     assert not any(alive(pid) for pid in pids), "close() left workers running"
     assert not log_dir.exists(), "close() left the temporary log folder"
     assert shm.our_segments(os.getpid()) == [], "shared memory segments leaked"

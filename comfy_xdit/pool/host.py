@@ -66,6 +66,16 @@ SHUTDOWN_GRACE_S = 5.0
 
 OnStep = Callable[[int, int, "torch.Tensor | None"], None]
 
+# A pool's own log folder is <tmp>/comfy_xdit_pool_<host pid>_<random>: a host that was killed
+# cannot remove it, and the pid says whose logs a left-behind folder holds.
+LOG_DIR_PREFIX = "comfy_xdit_pool_"
+
+
+def log_dir_owner(path: Path) -> int | None:
+    """The host pid in the name of a pool's own log folder, or None for any other folder."""
+    pid, _, rest = path.name.removeprefix(LOG_DIR_PREFIX).partition("_")
+    return int(pid) if path.name.startswith(LOG_DIR_PREFIX) and pid.isdigit() and rest else None
+
 
 class PoolError(RuntimeError):
     """The pool failed as a whole (a worker died, hung or could not start). It restarts on next use."""
@@ -173,7 +183,7 @@ class WorkerPool:
     else to a bound scaled by the loaded model's size (``timeouts.py``).
     ``worker_env`` adds environment variables for the workers (e.g. allocator settings).
     ``log_dir`` keeps the workers' logs there; by default they go to a temporary folder that
-    ``close()`` removes.
+    ``close()`` removes (``comfy_xdit_pool_<host pid>_...``: a killed host leaves it, logs and all).
     """
 
     def __init__(
@@ -350,7 +360,7 @@ class WorkerPool:
         self._loaded_spec = None
         self._vae_fingerprints = set()  # fresh workers hold no VAE
         if self._log_dir is None:
-            self._log_dir = Path(tempfile.mkdtemp(prefix="comfy_xdit_pool_"))
+            self._log_dir = Path(tempfile.mkdtemp(prefix=f"{LOG_DIR_PREFIX}{os.getpid()}_"))
         self._log_dir.mkdir(parents=True, exist_ok=True)
         self._rendezvous_file().unlink(missing_ok=True)  # a stale FileStore would mislead the new ranks
         shm.sweep_stale_segments()

@@ -400,7 +400,8 @@ def our_segments(pid: int | None = None) -> list[str]:
     return names
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
+    """Whether a process with this pid exists (anyone's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -414,7 +415,7 @@ def sweep_stale_segments() -> list[str]:
     """Unlink segments whose host process is gone (it was killed mid-job); returns their names."""
     removed = []
     for name in our_segments():
-        if not _process_exists(int(_NAME.match(name).group(1))):
+        if not process_exists(int(_NAME.match(name).group(1))):
             try:
                 (_DEV_SHM / name).unlink()
                 removed.append(name)

@@ -375,6 +375,26 @@ class OursLoop:
         return self.last
 
 
+# --compile-autotune: what torch.compile's mode "max-autotune-no-cudagraphs" sets (a mode cannot be
+# combined with options, and the overlaps need options): inductor benchmarks Triton GEMM templates,
+# which can fuse the pointwise work around a GEMM, against cuBLAS for each shape.
+AUTOTUNE_OPTIONS = {"max_autotune": True, "coordinate_descent_tuning": True}
+
+
+def repeated_block_compile_options(args, impls, degrees_list, device) -> dict:
+    """Keyword arguments for compile_repeated_blocks: the engine's options for ours' rows (waits
+    sunk for the overlaps), plus inductor's autotuning with --compile-autotune (every row alike)."""
+    options = {}
+    if "ours" in impls:
+        from comfy_xdit.engine import compile_options
+
+        for degrees in degrees_list:
+            options.update(compile_options(ours_parallel_config(args, degrees, device), "flux"))
+    if args.compile_autotune:
+        options["options"] = {**options.get("options", {}), **AUTOTUNE_OPTIONS}
+    return options
+
+
 def graphs_against_eager(loop, steps: int) -> float | None:
     """With CUDA graphs: relative difference max|graphs - eager| / max|eager| of one loop of an
     ours loop (anything with .engine and a __call__(steps) returning the latents). The USP path
@@ -653,6 +673,9 @@ def main(argv=None) -> int:
                    "ours); xdit: torch.compile the whole transformer as xfuser's runner does (mode reduce-overhead)")
     p.add_argument("--comm-overlap", action="store_true",
                    help="with --compile (diffusers, ours): inductor's compute/communication reordering, as xfuser's compile sets it")
+    p.add_argument("--compile-autotune", action="store_true",
+                   help="with --compile: inductor autotunes GEMMs (Triton templates against cuBLAS), as mode "
+                        "max-autotune-no-cudagraphs; every compiled row of the launch alike (not xdit, diffusers-cp)")
     p.add_argument("--cuda-graphs", action="store_true", help="ours: replay each forward as a captured CUDA graph")
     p.add_argument("--interleave", action="store_true",
                    help="time the launch's diffusers and ours rows in turn, one run each per round (against clock drift)")
@@ -687,6 +710,9 @@ def main(argv=None) -> int:
         raise SystemExit("diffusers-cp: run it alone, under torchrun with as many processes as its --degrees")
     if "diffusers-tp" in impls and (len(impls) > 1 or args.compile or args.device != "cuda"):
         raise SystemExit("diffusers-tp: run it alone, eager, on GPUs (diffusers' tensor parallel refuses CPU devices)")
+    if args.compile_autotune and (not args.compile or {"xdit", "diffusers-cp"} & set(impls)):
+        raise SystemExit("--compile-autotune: with --compile, for diffusers and ours rows (xdit and diffusers-cp "
+                         "compile their own way)")
     if "xdit" in impls and len(impls) > 1:
         raise SystemExit("xdit owns the process's distributed state: run it alone")
     rank, world_size, local_rank = world()
@@ -745,7 +771,7 @@ def main(argv=None) -> int:
     def run_row(loop, impl, degrees, extra=None, after=None, timing=None):
         u, r, p, t, d = (*degrees, 1, 1)[:5]
         graphs = impl == "ours" and args.cuda_graphs
-        label = f"{impl} u{u}r{r}{f'p{p}' if p > 1 else ''}{f't{t}' if t > 1 else ''}{f'd{d}' if d > 1 else ''}{' compiled' if compiled_now else ''}{' cuda-graphs' if graphs else ''}"
+        label = f"{impl} u{u}r{r}{f'p{p}' if p > 1 else ''}{f't{t}' if t > 1 else ''}{f'd{d}' if d > 1 else ''}{' compiled' if compiled_now else ''}{' autotuned' if compiled_now and args.compile_autotune else ''}{' cuda-graphs' if graphs else ''}"
         if compiled_now and args.comm_overlap and impl != "xdit":
             label += " comm-overlap"
             extra = {**(extra or {}), "comm_overlap": True}
@@ -771,7 +797,7 @@ def main(argv=None) -> int:
             log(f"   {label}: CUDA graphs against eager, relative difference {row['graphs_vs_eager_rel']}")
         row.update(
             impl=impl, ulysses=u, ring=r, pipefusion=p, tensor=t, distrifusion=d, gpus=u * r * p * t * d,
-            compiled=compiled_now, cuda_graphs=graphs,
+            compiled=compiled_now, compile_autotune=compiled_now and args.compile_autotune, cuda_graphs=graphs,
             steps=args.steps, text_len=args.text_len,
             tflop_per_loop=flops / 1e12, tflops_per_gpu=flops / row["median_s"] / (u * r * p * t * d) / 1e12,
             env=env, tag=args.tag, **(extra or {}),
@@ -887,12 +913,7 @@ def main(argv=None) -> int:
             # Regional compilation, as diffusers recommends; ours with sequence parallelism has
             # collectives inside the attention processor, so graph breaks are allowed there. Ours
             # rows get the engine's compile options (compile_options: waits sunk for the overlaps).
-            options = {}
-            if "ours" in impls:
-                from comfy_xdit.engine import compile_options
-
-                for degrees in degrees_list:
-                    options.update(compile_options(ours_parallel_config(args, degrees, device), "flux"))
+            options = repeated_block_compile_options(args, impls, degrees_list, device)
             model.compile_repeated_blocks(fullgraph=world_size == 1, **options)
             compiled_now = True
         if args.interleave:

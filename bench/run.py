@@ -60,6 +60,11 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
                     compiled + graphs on 1 GPU (interleaved); about 5 minutes on 2 GPUs. CPU dry
                     run (the tiny model has 2 heads a rank): --smoke --extra "--device cpu --tiny"
                     --only ours-u2-compiled-graphs-chunks1,ours-u2-compiled-graphs-chunks2.
+  flux-autotune     inductor's GEMM autotuning (--compile-autotune: Triton templates against cuBLAS,
+                    as mode max-autotune-no-cudagraphs) with and without: ours at ulysses=2
+                    compiled + CUDA graphs, and diffusers and ours compiled on 1 GPU (interleaved).
+                    The autotuning warm-up is long (minutes per launch; not yet run on a GPU). CPU
+                    dry run: --smoke --extra "--device cpu --tiny" --only ours-u2-compiled-graphs-autotune.
   flux-fastattn     ours on 1 GPU with DiTFastAttn: the plan calibrated at the default threshold on
                     the warm-up loop, and two fixed plans (steps shared, window + residual, each on
                     every other step) beside ours without it; relative error against no cache.
@@ -115,7 +120,7 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 GROUPS = ("flux-usp", "flux-usp-compile", "flux-usp-ring", "flux-pipefusion", "flux-4gpu", "flux-graphs", "flux-cache",
           "sd3-medium", "flux-4gpu-target", "sd3-4gpu", "sd3-graphs", "flux-tp", "flux-distrifusion",
           "flux-text-split", "flux-fastattn", "video-cogvideox", "video-cogvideox-4gpu", "flux-2gpu-peers",
-          "flux-comm-overlap", "flux-pipefusion-graphs", "flux-head-chunks")
+          "flux-comm-overlap", "flux-pipefusion-graphs", "flux-head-chunks", "flux-autotune")
 
 
 def kill_tree(pid: int) -> None:
@@ -316,6 +321,18 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
             ("1gpu-compiled", 1, ["--impl", "diffusers,ours", "--compile", "--cuda-graphs", "--interleave", "--runs", "3"]),
             *[(f"ours-u2-compiled-graphs-chunks{c}", 2, [*u2, "--ulysses-head-chunks", str(c)]) for c in (1, 2, 3, 4, 6)],
         ]
+    if group == "flux-autotune":
+        # Do inductor's autotuned GEMMs (Triton templates, which can fuse the pointwise work around
+        # them, against cuBLAS) pay? Each pair times the same rows with and without; the autotuning
+        # itself lengthens the warm-up by minutes. On 1 GPU diffusers and ours take turns.
+        u2 = ["--impl", "ours", "--degrees", "u2", "--compile", "--cuda-graphs", "--runs", "3"]
+        one = ["--impl", "diffusers,ours", "--compile", "--interleave", "--runs", "3"]
+        return [
+            ("ours-u2-compiled-graphs", 2, u2),
+            ("ours-u2-compiled-graphs-autotune", 2, [*u2, "--compile-autotune"]),
+            ("1gpu-compiled", 1, one),
+            ("1gpu-compiled-autotune", 1, [*one, "--compile-autotune"]),
+        ]
     if group == "flux-fastattn":
         return [("fastattn-1gpu", 1, ["--impl", "ours", "--cache", "none,ditfastattn,ditfastattn-share,ditfastattn-window",
                                       "--runs", "3"])]
@@ -374,6 +391,8 @@ def row_name(row: dict) -> str:
         parts += [f"distrifusion={row['distrifusion']} (warmup {row.get('distrifusion_warmup', 1)})"] if row.get("distrifusion", 1) > 1 else []
         how = f"{row['gpus']} GPUs, {' x '.join(parts)}"
     mode = "compiled" if row.get("compiled") else "eager"
+    if row.get("compile_autotune"):
+        mode += " (GEMMs autotuned)"
     if row.get("cuda_graphs"):
         mode += " + CUDA graphs"
     note = ", conditioning already on the GPU" if row.get("cond") == "device" else ""

@@ -62,9 +62,8 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
                     --only ours-u2-compiled-graphs-chunks1,ours-u2-compiled-graphs-chunks2.
   flux-autotune     inductor's GEMM autotuning (--compile-autotune: Triton templates against cuBLAS,
                     as mode max-autotune-no-cudagraphs) with and without: ours at ulysses=2
-                    compiled + CUDA graphs, and diffusers and ours compiled on 1 GPU (interleaved).
-                    The autotuning warm-up is long (minutes per launch; not yet run on a GPU). CPU
-                    dry run: --smoke --extra "--device cpu --tiny" --only ours-u2-compiled-graphs-autotune.
+                    compiled + CUDA graphs. The autotuning warm-up is long (minutes; not yet run on
+                    a GPU). CPU dry run: --smoke --extra "--device cpu --tiny".
   flux-fastattn     ours on 1 GPU with DiTFastAttn: the plan calibrated at the default threshold on
                     the warm-up loop, and two fixed plans (steps shared, window + residual, each on
                     every other step) beside ours without it; relative error against no cache.
@@ -323,15 +322,12 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
         ]
     if group == "flux-autotune":
         # Do inductor's autotuned GEMMs (Triton templates, which can fuse the pointwise work around
-        # them, against cuBLAS) pay? Each pair times the same rows with and without; the autotuning
-        # itself lengthens the warm-up by minutes. On 1 GPU diffusers and ours take turns.
+        # them, against cuBLAS) pay? The same row with and without; the autotuning itself lengthens
+        # the warm-up by minutes, so the pair is the whole group (a 1-GPU pair would pass 9 minutes).
         u2 = ["--impl", "ours", "--degrees", "u2", "--compile", "--cuda-graphs", "--runs", "3"]
-        one = ["--impl", "diffusers,ours", "--compile", "--interleave", "--runs", "3"]
         return [
             ("ours-u2-compiled-graphs", 2, u2),
             ("ours-u2-compiled-graphs-autotune", 2, [*u2, "--compile-autotune"]),
-            ("1gpu-compiled", 1, one),
-            ("1gpu-compiled-autotune", 1, [*one, "--compile-autotune"]),
         ]
     if group == "flux-fastattn":
         return [("fastattn-1gpu", 1, ["--impl", "ours", "--cache", "none,ditfastattn,ditfastattn-share,ditfastattn-window",

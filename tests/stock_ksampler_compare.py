@@ -27,11 +27,13 @@ stock LoraLoaderModelOnly, and cfg with a negative of another text length.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import gc
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -265,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["ours_load_s"] = time.perf_counter() - t
 
     lora_folder = Path(tempfile.mkdtemp(prefix="xdit_stock_loras_"))
+    atexit.register(shutil.rmtree, lora_folder, True)  # the cases' LoRA files, written per run
     folder_paths.add_model_folder_path("loras", str(lora_folder))
     sys.path.insert(1, str(HERE))  # after ComfyUI: tests/lora_files.py
 

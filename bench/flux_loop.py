@@ -653,7 +653,7 @@ def profile_loop(loop, args, device, label: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impl", default="diffusers,ours", help="comma list of diffusers, ours, xdit; or diffusers-tp alone "
                    "(diffusers' own DTensor tensor parallel over all the launched GPUs, --degrees t<N>); or diffusers-cp "
@@ -700,7 +700,11 @@ def main(argv=None) -> int:
     p.add_argument("--ulysses-overlap-mlp", action=argparse.BooleanOptionalAction, default=None,
                    help="ours: ParallelConfig.ulysses_overlap_mlp (each single block's all-to-all beside its MLP; "
                         "default: the engine's choice)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     impls = [s.strip() for s in args.impl.split(",") if s.strip()]
     for impl in impls:

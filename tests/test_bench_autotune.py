@@ -4,8 +4,6 @@ it, the group times the same row with and without, and the table says which rows
 
 from __future__ import annotations
 
-from argparse import Namespace
-
 import pytest
 import torch
 
@@ -13,25 +11,18 @@ from comfy_xdit.models.flux_overlap import SINK_WAITS
 from test_bench_peers import bench_module
 
 
-def options_args(**overrides) -> Namespace:
-    # what ours_parallel_config reads, plus the flag under test
-    defaults = dict(compile_autotune=False, pipeline_patches=None, pipefusion_warmup=1, attention_backend="auto",
-                    pipefusion_split="parameters", ulysses_head_chunks=None, ulysses_overlap_mlp=None)
-    return Namespace(**{**defaults, **overrides})
-
-
 def test_autotuning_joins_the_overlaps_options():
     loop = bench_module("flux_loop")
+    plain, tuned_args = (loop.build_parser().parse_args(["--compile", *extra]) for extra in ([], ["--compile-autotune"]))
     cpu = torch.device("cpu")
     u2 = [(2, 1, 1, 1, 1)]
-    assert loop.repeated_block_compile_options(options_args(), ["ours"], u2, cpu) == {"options": SINK_WAITS}
-    tuned = loop.repeated_block_compile_options(options_args(compile_autotune=True), ["ours"], u2, cpu)
+    assert loop.repeated_block_compile_options(plain, ["ours"], u2, cpu) == {"options": SINK_WAITS}
+    tuned = loop.repeated_block_compile_options(tuned_args, ["ours"], u2, cpu)
     # a mode (max-autotune-no-cudagraphs) could not be passed beside the options the overlaps need
     assert tuned == {"options": {**SINK_WAITS, "max_autotune": True, "coordinate_descent_tuning": True}}
-    one_gpu = loop.repeated_block_compile_options(options_args(compile_autotune=True), ["diffusers", "ours"],
-                                                  [(1, 1, 1, 1, 1)], cpu)
+    one_gpu = loop.repeated_block_compile_options(tuned_args, ["diffusers", "ours"], [(1, 1, 1, 1, 1)], cpu)
     assert one_gpu == {"options": loop.AUTOTUNE_OPTIONS}  # diffusers and ours alike
-    assert loop.repeated_block_compile_options(options_args(), ["diffusers"], [(1, 1, 1, 1, 1)], cpu) == {}
+    assert loop.repeated_block_compile_options(plain, ["diffusers"], [(1, 1, 1, 1, 1)], cpu) == {}
 
 
 @pytest.mark.parametrize("argv", [

@@ -62,8 +62,8 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
                     --only ours-u2-compiled-graphs-chunks1,ours-u2-compiled-graphs-chunks2.
   flux-autotune     inductor's GEMM autotuning (--compile-autotune: Triton templates against cuBLAS,
                     as mode max-autotune-no-cudagraphs) with and without: ours at ulysses=2
-                    compiled + CUDA graphs. The autotuning warm-up is long (minutes; not yet run on
-                    a GPU). CPU dry run: --smoke --extra "--device cpu --tiny".
+                    compiled + CUDA graphs. The autotuning adds about 2 minutes of warm-up; in run V
+                    (2 x H100) it was 2.4% slower. CPU dry run: --smoke --extra "--device cpu --tiny".
   flux-fastattn     ours on 1 GPU with DiTFastAttn: the plan calibrated at the default threshold on
                     the warm-up loop, and two fixed plans (steps shared, window + residual, each on
                     every other step) beside ours without it; relative error against no cache.

@@ -17,6 +17,9 @@ CPU dry run (tiny config, gloo; xdit needs a GPU; diffusers-cp runs ulysses only
     torchrun --nproc-per-node 2 bench/flux_loop.py --device cpu --tiny --impl ours --degrees t2 --steps 2 --runs 1
     torchrun --nproc-per-node 2 bench/flux_loop.py --device cpu --tiny --impl diffusers-cp --degrees u2 --steps 2 --runs 1
 
+Where the host waits for the GPU (CUDA's sync debug mode, counted by call site; GPUs only):
+    python bench/flux_loop.py --tiny --impl diffusers,ours --steps 4 --runs 1 --sync-steps 4
+
 diffusers-cp is diffusers' own context parallelism (ModelMixin.enable_parallelism with a
 ContextParallelConfig) on the plain FluxTransformer2DModel, driven by the same loop as the 1-GPU
 diffusers row; each of its rows also records vs_1gpu_rel, the final latents' relative difference
@@ -684,6 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cond", default="cpu", help="comma list of cpu, device: where ours gets the conditioning (the pool hands over CPU tensors); one ours row per entry")
     p.add_argument("--profile-steps", type=int, default=0, help="after timing, profile a loop of this many steps")
     p.add_argument("--profile-out", default=None, help="directory for per-rank profile summaries")
+    p.add_argument("--sync-steps", type=int, default=0,
+                   help="after timing, run a loop of this many steps with CUDA's sync debug mode on and print where "
+                        "the host waited for the GPU (bench/host_syncs.py); GPUs only")
     p.add_argument("--json", default=None, help="append one JSON line per row here (rank 0)")
     p.add_argument("--tag", default="", help="free text stored with each row")
     p.add_argument("--attention-backend", default="auto", help="ours: ParallelConfig.attention_backend (auto, cudnn, flash, ...)")
@@ -719,6 +725,8 @@ def main(argv=None) -> int:
                          "compile their own way)")
     if "xdit" in impls and len(impls) > 1:
         raise SystemExit("xdit owns the process's distributed state: run it alone")
+    if args.sync_steps and args.device != "cuda":
+        raise SystemExit("--sync-steps: CUDA's sync debug mode needs GPUs")
     rank, world_size, local_rank = world()
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -822,6 +830,15 @@ def main(argv=None) -> int:
         if args.json and (not dist.is_initialized() or dist.get_rank() == 0):
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if args.sync_steps:
+            from host_syncs import count_host_syncs, report
+
+            barrier(device)
+            sync(device)
+            counts = count_host_syncs(lambda: loop(args.sync_steps))
+            texts = gather_objects(report(counts, args.sync_steps, f"{label} rank {dist.get_rank() if dist.is_initialized() else 0}"))
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print("\n".join(texts), flush=True)
         if args.profile_steps:
             text = profile_loop(loop, args, device, label)
             texts = gather_objects(text)

@@ -98,7 +98,9 @@ class ParallelLoader(io.ComfyNode):
                                        "about the same weight memory (fits the largest model), but the stages after Flux's "
                                        "double blocks do most of the work (N=2: the last ~70%), so the pipeline waits on "
                                        "them. compute: equal block counts, so about equal time per stage, but the stage "
-                                       "with the double blocks holds more weights (Flux N=2: about 2/3)"),
+                                       "with the double blocks holds more weights (Flux N=2: about 2/3). interleaved: "
+                                       "both even, each GPU holds 1/N of the double and 1/N of the single blocks, and "
+                                       "each patch passes the GPUs twice"),
             ],
             outputs=[XditModelType.Output()],
         )

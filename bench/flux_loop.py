@@ -63,7 +63,7 @@ FULL_CONFIG = dict(
 TINY_CONFIG = dict(
     patch_size=1,
     in_channels=64,
-    num_layers=1,
+    num_layers=2,  # two of each kind: PipeFusion's interleaved split gives each of 2 stages one of each
     num_single_layers=2,
     attention_head_dim=16,
     num_attention_heads=4,
@@ -671,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bfloat16 (float32 with --device cpu)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--tiny", action="store_true", help="a tiny Flux (1 + 2 blocks, width 64) for dry runs")
+    p.add_argument("--tiny", action="store_true", help="a tiny Flux (2 + 2 blocks, width 64) for dry runs")
     p.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (diffusers, diffusers-cp, "
                    "ours); xdit: torch.compile the whole transformer as xfuser's runner does (mode reduce-overhead)")
     p.add_argument("--comm-overlap", action="store_true",
@@ -696,8 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-patches", type=int, default=None, help="PipeFusion rows: patches M (default: the degree)")
     p.add_argument("--pipefusion-warmup", type=int, default=1,
                    help="PipeFusion and DistriFusion (d<N>) rows: synchronous warmup steps")
-    p.add_argument("--pipefusion-split", choices=["parameters", "compute"], default="parameters",
-                   help="PipeFusion rows: stages of even parameter memory (default) or of even block count (even compute)")
+    p.add_argument("--pipefusion-split", choices=["parameters", "compute", "interleaved"], default="parameters",
+                   help="PipeFusion rows: stages of even parameter memory (default), of even block count (even compute), "
+                        "or both (interleaved: two runs of blocks per stage)")
     p.add_argument("--cache", default=None, help="ours rows with step caches, comma list of " + ", ".join(CACHE_ROWS) +
                    " (give none first: the others' latents are compared with it)")
     p.add_argument("--ulysses-head-chunks", type=int, default=None,

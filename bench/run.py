@@ -30,6 +30,11 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
                     stage), beside pipefusion=2 eager, ours 1 GPU with CUDA graphs and
                     the 1-GPU eager baselines; median of 3. CPU dry run (graphs are a no-op there):
                     --smoke --extra "--device cpu --tiny".
+  flux-pipefusion-interleaved  ours at pipefusion=2 with CUDA graphs and the interleaved split (each
+                    GPU holds half the double and half the single blocks: even memory and even
+                    compute; each patch passes the GPUs twice), 2 and 4 patches, beside the
+                    compute split and the 1-GPU eager baselines; median of 3. CPU dry run:
+                    --smoke --extra "--device cpu --tiny".
   flux-distrifusion ours at distrifusion=2 (whole model on each GPU, half the image each, the other
                     half's K/V one step stale after 1 warmup step) beside ours at ulysses=2, ring=2,
                     pipefusion=2 and the 1-GPU baselines; eager. CPU dry run: --smoke --extra
@@ -119,7 +124,8 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 GROUPS = ("flux-usp", "flux-usp-compile", "flux-usp-ring", "flux-pipefusion", "flux-4gpu", "flux-graphs", "flux-cache",
           "sd3-medium", "flux-4gpu-target", "sd3-4gpu", "sd3-graphs", "flux-tp", "flux-distrifusion",
           "flux-text-split", "flux-fastattn", "video-cogvideox", "video-cogvideox-4gpu", "flux-2gpu-peers",
-          "flux-comm-overlap", "flux-pipefusion-graphs", "flux-head-chunks", "flux-autotune")
+          "flux-comm-overlap", "flux-pipefusion-graphs", "flux-head-chunks", "flux-autotune",
+          "flux-pipefusion-interleaved")
 
 
 def kill_tree(pid: int) -> None:
@@ -182,6 +188,16 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
             # Stages of even block count: the parameter split leaves stage 1 about 70% of the compute.
             ("ours-p2-graphs-compute-split", 2, ["--impl", "ours", "--degrees", "p2", "--cuda-graphs", "--pipefusion-split",
                                                  "compute", "--runs", "3"]),
+        ]
+    if group == "flux-pipefusion-interleaved":
+        # Issue 5's target in one row: pipefusion=2 faster than one GPU AND half the parameter memory
+        # per GPU. The compute split was faster (run P) but held 65% of the weights on one GPU.
+        p2 = ["--impl", "ours", "--degrees", "p2", "--cuda-graphs", "--pipefusion-split"]
+        return [
+            ("1gpu", 1, ["--impl", "diffusers,ours", "--runs", "3"]),
+            ("ours-p2-graphs-compute-split", 2, [*p2, "compute", "--runs", "3"]),
+            ("ours-p2-graphs-interleaved", 2, [*p2, "interleaved", "--runs", "3"]),
+            ("ours-p2-graphs-interleaved-4patches", 2, [*p2, "interleaved", "--runs", "3", "--pipeline-patches", "4"]),
         ]
     if group == "flux-distrifusion":
         # DistriFusion beside the other ways to use 2 GPUs for one Flux-dev 1024px image (issue 10).

@@ -24,8 +24,10 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--warmup-steps", type=int, default=1,
                        help="PipeFusion and DistriFusion: steps run exactly before stale K/V is reused")
     group.add_argument("--pipefusion-split", choices=list(PIPEFUSION_SPLITS), default="parameters",
-                       help="PipeFusion: split the layers for even weight memory per GPU (parameters) or even time per "
-                            "stage (compute: equal block counts; the stage with Flux's double blocks holds more weights)")
+                       help="PipeFusion: split the layers for even weight memory per GPU (parameters), even time per "
+                            "stage (compute: equal block counts; the stage with Flux's double blocks holds more weights), "
+                            "or both (interleaved: each stage holds 1/N of the double and 1/N of the single blocks, and "
+                            "each patch passes the stages twice)")
     group.add_argument("--use-cfg-parallel", action="store_true", help="conditional and unconditional branch on two groups")
     group.add_argument("--data-parallel-degree", type=int, default=1, help="split the batch over this many groups")
     group.add_argument("--tensor-parallel-degree", "--tp", dest="tensor_parallel_degree", type=int, default=1,

@@ -27,6 +27,11 @@ class ParallelMesh:
     device_mesh: DeviceMesh | None
     control_group: dist.ProcessGroup | None
     device: torch.device
+    # PipeFusion's interleaved split: the last stage hands a patch back to stage 0 between the runs.
+    # Those sends get their own groups: NCCL runs a pair's sends and receives of one group in
+    # order on one stream, so forward and returning hand-overs on the same pair could wait on
+    # each other; in separate groups each group's traffic between two stages goes one way.
+    pipefusion_return_group: dist.ProcessGroup | None = None
 
     @classmethod
     def build(cls, config: ParallelConfig, device: torch.device) -> "ParallelMesh":
@@ -37,7 +42,10 @@ class ParallelMesh:
         # Cancel votes and other tiny host-side decisions go through gloo so they never wait
         # behind (or synchronise with) the GPU stream.
         control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-        return cls(config, device_mesh, control, device)
+        returns = None
+        if config.pipefusion_parallel_degree > 1 and config.pipefusion_split == "interleaved":
+            returns = _copies_of_groups(device_mesh, "pipefusion")
+        return cls(config, device_mesh, control, device, returns)
 
     def group(self, dim: str) -> dist.ProcessGroup | None:
         """The process group along one mesh dimension, or None when that dimension has size 1."""
@@ -69,3 +77,10 @@ class ParallelMesh:
         vote = torch.tensor([1 if flag else 0], dtype=torch.int32)
         dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.control_group)
         return bool(vote.item())
+
+
+def _copies_of_groups(device_mesh: DeviceMesh, dim: str) -> dist.ProcessGroup:
+    """A second process group with this rank's ranks along ``dim`` (every rank creates all of them)."""
+    ranks = device_mesh.mesh.movedim(MESH_DIMS.index(dim), -1).reshape(-1, device_mesh.size(MESH_DIMS.index(dim)))
+    mine, _ = dist.new_subgroups_by_enumeration(ranks.tolist())
+    return mine

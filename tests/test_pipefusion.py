@@ -185,31 +185,64 @@ def stage_plan_and_results(config_kwargs: dict, steps: int, cfg: float, batch: i
     return dataclasses.astuple(engine.model.pipefusion_stage), exact, engine.sample(make_request(steps, cfg, batch))
 
 
-def test_compute_split_equals_one_worker_in_warmup_and_the_parameter_split_after(reference, pipefusion_alone):
-    # The tiny model's two splits differ (parameters: 1 double | 1 double + 2 single; compute:
-    # 2 double | 2 single), so this runs another partition than every test above. Which stage
-    # holds a block changes no arithmetic: each block attends to the same fresh or stale K/V
-    # wherever it runs, so the result is PipeFusion alone's (parameter split) after warmup too.
-    config = pipefusion_flux().config
-    assert plan_stages(config, 2, "compute") != plan_stages(config, 2, "parameters")
-    results = run_on_ranks(2, stage_plan_and_results, dict(pipefusion_parallel_degree=2, pipefusion_split="compute"),
+# The tiny model's splits differ from the parameter split (1 double | 1 double + 2 single), so each
+# runs another partition than every test above. compute: 2 double | 2 single. interleaved: stage 0
+# holds double block 0 and single block 0, stage 1 the others, so a patch goes stage 0, 1, back to
+# 0, then 1 (four virtual stages).
+OTHER_SPLITS = {"compute": [((0, 2),), ((2, 4),)], "interleaved": [((0, 1), (2, 3)), ((1, 2), (3, 4))]}
+
+
+@pytest.mark.parametrize("split", list(OTHER_SPLITS))
+def test_other_splits_equal_one_worker_in_warmup_and_the_parameter_split_after(split, reference, pipefusion_alone):
+    # Which stage holds a block changes no arithmetic: each block sees the patches in the same
+    # order and attends to the same fresh or stale K/V wherever it runs, so the result is PipeFusion
+    # alone's (parameter split) after warmup too.
+    plans = plan_stages(pipefusion_flux().config, 2, split)
+    assert [plan.runs for plan in plans] == OTHER_SPLITS[split]
+    results = run_on_ranks(2, stage_plan_and_results, dict(pipefusion_parallel_degree=2, pipefusion_split=split),
                            MESH_STEPS, MESH_CFG, MESH_BATCH)
-    assert [plan for plan, _, _ in results] == [dataclasses.astuple(p) for p in plan_stages(config, 2, "compute")]
+    assert [plan for plan, _, _ in results] == [dataclasses.astuple(p) for p in plans]
     expected = reference(MESH_STEPS, MESH_CFG, MESH_BATCH)
     for rank, (_, exact, stale) in enumerate(results):
         assert exact.shape == stale.shape == expected.shape
         assert torch.isfinite(stale).all()
         in_warmup = relative_error(exact, expected)
         after = max(relative_error(stale[row], pipefusion_alone[row]) for row in range(MESH_BATCH))
-        print(f"compute split, rank {rank}: in warmup {in_warmup:.2e} from one worker, after warmup {after:.2e} "
+        print(f"{split} split, rank {rank}: in warmup {in_warmup:.2e} from one worker, after warmup {after:.2e} "
               "from the parameter split")
-        assert in_warmup < TOLERANCE, f"compute split: rank {rank} in warmup differs from one worker by {in_warmup:.2e}"
-        assert after < TOLERANCE, f"compute split: rank {rank} after warmup differs from the parameter split by {after:.2e}"
+        assert in_warmup < TOLERANCE, f"{split} split: rank {rank} in warmup differs from one worker by {in_warmup:.2e}"
+        assert after < TOLERANCE, f"{split} split: rank {rank} after warmup differs from the parameter split by {after:.2e}"
+
+
+def three_stage_interleaved(steps: int) -> torch.Tensor:
+    engine = cpu_engine(dict(pipefusion_parallel_degree=3, pipefusion_split="interleaved", num_pipeline_patches=2,
+                             warmup_steps=steps))
+    engine.set_model(pipefusion_flux(num_layers=3, num_single_layers=4), ModelSpec("tiny", dtype="float32"))
+    return engine.sample(make_request(steps, 2.0))
+
+
+def test_three_interleaved_stages_with_warmup_on_every_step_equal_one_worker():
+    # Three stages: the middle one forwards in both runs, the last one hands back to stage 0.
+    one = cpu_engine()
+    one.set_model(pipefusion_flux(num_layers=3, num_single_layers=4), ModelSpec("tiny", dtype="float32"))
+    expected = one.sample(make_request(3, 2.0))
+    for rank, result in enumerate(run_on_ranks(3, three_stage_interleaved, 3)):
+        error = relative_error(result, expected)
+        print(f"3 interleaved stages, warmup on every step, rank {rank}: {error:.2e} from one worker")
+        assert error < TOLERANCE, f"rank {rank} differs from one worker by {error:.2e}"
 
 
 # --- stage partition and memory ----------------------------------------------------------------
 
 FLUX_DEV = dict(num_layers=19, num_single_layers=38, num_attention_heads=24, attention_head_dim=128)
+
+
+def held(plan) -> tuple[int, int]:
+    """(double blocks, single blocks) a one-run stage holds."""
+    [(start, stop)] = plan.runs
+    doubles, singles = plan.run_blocks(0)
+    assert len(doubles) + len(singles) == stop - start
+    return len(doubles), len(singles)
 
 
 @pytest.mark.parametrize("stages", [2, 3, 4])
@@ -219,19 +252,18 @@ def test_flux_dev_stages_hold_an_even_share_of_the_block_parameters(stages):
     double, single = block_parameter_counts(FLUX_DEV)
     assert 2 < double / single < 3  # the reason to weigh by parameters rather than count blocks
     plans = plan_stages(FLUX_DEV, stages)
-    held = [(p.double_stop - p.double_start) * double + (p.single_stop - p.single_start) * single for p in plans]
+    held_params = [held(p)[0] * double + held(p)[1] * single for p in plans]
     total = 19 * double + 38 * single
-    assert sum(held) == total
-    assert plans[0].double_start == 0 and plans[-1].single_stop == 38
-    for before, after in zip(plans, plans[1:]):  # contiguous, in execution order
-        assert (after.double_start, after.single_start) == (before.double_stop, before.single_stop)
-    assert max(held) <= total / stages + double / 2  # within half a block of an even share
+    assert sum(held_params) == total
+    check_contiguous(plans, FLUX_DEV)
+    assert max(held_params) <= total / stages + double / 2  # within half a block of an even share
 
 
 def check_contiguous(plans, config: dict) -> None:
-    assert plans[0].double_start == 0 and plans[-1].single_stop == config["num_single_layers"]
-    for before, after in zip(plans, plans[1:]):  # contiguous, in execution order
-        assert (after.double_start, after.single_start) == (before.double_stop, before.single_stop)
+    """One run per stage, in execution order, from the first block to the last."""
+    assert plans[0].runs[0][0] == 0 and plans[-1].runs[-1][1] == config["num_layers"] + config["num_single_layers"]
+    for before, after in zip(plans, plans[1:]):
+        assert len(after.runs) == 1 and after.runs[0][0] == before.runs[0][1]
 
 
 @pytest.mark.parametrize("layers,stages", [((19, 38), 2), ((19, 38), 3), ((19, 38), 4), ((2, 2), 2), ((2, 2), 3),
@@ -239,7 +271,7 @@ def check_contiguous(plans, config: dict) -> None:
 def test_compute_split_gives_every_stage_the_same_block_count_within_one(layers, stages):
     config = dict(FLUX_DEV, num_layers=layers[0], num_single_layers=layers[1])
     plans = plan_stages(config, stages, "compute")
-    counts = [(p.double_stop - p.double_start) + (p.single_stop - p.single_start) for p in plans]
+    counts = [sum(held(p)) for p in plans]
     assert sum(counts) == sum(layers) and min(counts) >= 1
     assert max(counts) - min(counts) <= 1, counts
     check_contiguous(plans, config)
@@ -250,19 +282,51 @@ def test_compute_split_of_flux_dev_puts_the_double_blocks_and_about_two_thirds_o
 
     double, single = block_parameter_counts(FLUX_DEV)
     first, second = plan_stages(FLUX_DEV, 2, "compute")
-    assert (first.double_stop, first.single_stop, second.single_start) == (19, 9, 9)  # 28 | 29 blocks
+    assert (first.runs, second.runs) == (((0, 28),), ((28, 57),))  # 19 double + 9 single | 29 single blocks
+    assert held(first) == (19, 9) and held(second) == (0, 29)
     share = (19 * double + 9 * single) / (19 * double + 38 * single)
     assert 0.6 < share < 0.7  # README: what the compute split costs in memory
-    with pytest.raises(ValueError, match="pipefusion_split 'time' is unknown; choose one of parameters, compute"):
+    with pytest.raises(ValueError, match="pipefusion_split 'time' is unknown; choose one of parameters, compute, interleaved"):
         plan_stages(FLUX_DEV, 2, "time")
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_interleaved_split_of_flux_dev_evens_out_both_parameters_and_blocks(stages):
+    from comfy_xdit.pipefusion.partition import block_parameter_counts
+
+    double, single = block_parameter_counts(FLUX_DEV)
+    plans = plan_stages(FLUX_DEV, stages, "interleaved")
+    # Every block exactly once, and in virtual-stage order (run r of stage k is r * N + k) the runs
+    # are contiguous: a patch passes the blocks in the model's order.
+    by_virtual = sorted((plan.virtual_stage(r), run) for plan in plans for r, run in enumerate(plan.runs))
+    assert [run for _, run in by_virtual] == sorted(run for plan in plans for run in plan.runs)
+    assert by_virtual[0][1][0] == 0 and by_virtual[-1][1][1] == 57
+    for (_, before), (_, after) in zip(by_virtual, by_virtual[1:]):
+        assert after[0] == before[1]
+    doubles = [len(plan.run_blocks(0)[0]) for plan in plans]
+    singles = [len(plan.run_blocks(1)[1]) for plan in plans]
+    assert sum(doubles) == 19 and sum(singles) == 38
+    assert max(doubles) - min(doubles) <= 1 and max(singles) - min(singles) <= 1  # even compute per stage
+    held = [d * double + s * single for d, s in zip(doubles, singles)]
+    total = 19 * double + 38 * single
+    assert max(held) <= total / stages + double  # even weight memory, within one double block
+    if stages == 2:  # README's table
+        assert (doubles, singles) == ([10, 9], [19, 19])
+        assert 0.5 < held[0] / total < 0.53
+
+
+def test_interleaved_split_needs_a_double_and_a_single_block_per_stage():
+    with pytest.raises(ConfigError, match="at least one double and one single block; this model has 2 double and 5 single"):
+        plan_stages(dict(FLUX_DEV, num_layers=2, num_single_layers=5), 3, "interleaved")
+    plan_stages(dict(FLUX_DEV, num_layers=3, num_single_layers=5), 3, "interleaved")
 
 
 def count(module: torch.nn.Module, prefix: str = "") -> int:
     return sum(p.numel() for n, p in module.named_parameters() if n.startswith(prefix))
 
 
-@pytest.mark.parametrize("stages", [2, 3])
-def test_each_stage_loads_only_its_share_of_the_file(stages, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stages,split", [(2, "parameters"), (3, "parameters"), (2, "interleaved"), (3, "interleaved")])
+def test_each_stage_loads_only_its_share_of_the_file(stages, split, tmp_path, monkeypatch):
     full = pipefusion_flux(num_layers=3, num_single_layers=5)
     path = write_bfl_file(full, tmp_path / "flux.safetensors")
     read = []
@@ -275,7 +339,7 @@ def test_each_stage_loads_only_its_share_of_the_file(stages, tmp_path, monkeypat
     with open_flux_checkpoint(path) as checkpoint:
         config = checkpoint.config
     loaded_blocks = 0
-    for plan in plan_stages(config, stages):
+    for plan in plan_stages(config, stages, split):
         read.clear()
         stage = load_flux_stage(path, plan, dtype=torch.float32)
         blocks = count(stage, "transformer_blocks.") + count(stage, "single_transformer_blocks.")
@@ -283,7 +347,8 @@ def test_each_stage_loads_only_its_share_of_the_file(stages, tmp_path, monkeypat
         allowed_shared = count(full.time_text_embed) + (
             count(full.x_embedder) + count(full.context_embedder) if plan.is_first else 0
         ) + (count(full.norm_out) + count(full.proj_out) if plan.is_last else 0)
-        assert blocks <= blocks_total / stages + largest_block / 2
+        if split == "parameters":
+            assert blocks <= blocks_total / stages + largest_block / 2
         assert shared == allowed_shared
         loaded_blocks += blocks
         # Only the stage's tensors were read from the file (BFL names), and they are the file's values.
@@ -310,7 +375,7 @@ def test_invalid_pipefusion_settings_are_refused_with_what_to_change():
     assert ParallelConfig(**hybrid, devices=("cpu",) * 32).mesh_shape == (2, 2, 2, 2, 2, 1, 1)
     with pytest.raises(ConfigError, match="multiply to 32 workers .*data=2 x cfg=2 x pipefusion=2 x ring=2 x ulysses=2.* 16 device"):
         ParallelConfig(**hybrid, devices=("cpu",) * 16)
-    with pytest.raises(ConfigError, match="pipefusion_split 'layers' is unknown; choose one of parameters, compute"):
+    with pytest.raises(ConfigError, match="pipefusion_split 'layers' is unknown; choose one of parameters, compute, interleaved"):
         ParallelConfig(pipefusion_parallel_degree=2, pipefusion_split="layers", devices=("cpu",) * 2)
     assert ParallelConfig(devices=("cpu",)).pipefusion_split == "parameters"
     with pytest.raises(ConfigError, match="num_pipeline_patches must be at least 1"):

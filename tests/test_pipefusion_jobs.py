@@ -143,3 +143,10 @@ def test_bench_has_a_pipefusion_graphs_group_with_its_baselines():
     assert "pipefusion=2 (warmup 1, 2 patches)" in run.row_name(row)
     assert "pipefusion=2 (warmup 1, 2 patches, compute split)" in run.row_name(dict(row, pipefusion_split="compute"))
     assert run.row_name(dict(row, pipefusion_split="parameters")) == run.row_name(row)
+    assert "pipefusion=2 (warmup 1, 2 patches, interleaved split)" in run.row_name(dict(row, pipefusion_split="interleaved"))
+    interleaved = {name: (nproc, args) for name, nproc, args in run.launches("flux-pipefusion-interleaved")}
+    assert interleaved["1gpu"] == launches["1gpu"]
+    assert interleaved["ours-p2-graphs-compute-split"] == launches["ours-p2-graphs-compute-split"]
+    assert interleaved["ours-p2-graphs-interleaved"] == (2, ["--impl", "ours", "--degrees", "p2", "--cuda-graphs",
+                                                             "--pipefusion-split", "interleaved", "--runs", "3"])
+    assert interleaved["ours-p2-graphs-interleaved-4patches"][1][-2:] == ["--pipeline-patches", "4"]

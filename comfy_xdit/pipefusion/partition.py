@@ -1,9 +1,9 @@
-"""Which transformer blocks each PipeFusion stage holds: contiguous runs balanced by a per-block weight.
+"""Which transformer blocks each PipeFusion stage holds: runs of blocks balanced by a per-block weight.
 
 A Flux transformer is a list of N double-stream blocks followed by M single-stream blocks. The
-split points are chosen where the running weight comes closest to k/N of the total, which keeps
-every stage within one block of an even share. Two weights (``SPLITS``, the config's
-``pipefusion_split``):
+contiguous splits choose their split points where the running weight comes closest to k/N of the
+total, which keeps every stage within one block of an even share. Three splits (``SPLITS``, the
+config's ``pipefusion_split``):
 
 - "parameters": each block weighs its parameter count. A double block has about 2.4x the
   parameters of a single one (36 d^2 against 15 d^2), so every GPU holds about the same weight
@@ -14,6 +14,13 @@ every stage within one block of an even share. Two weights (``SPLITS``, the conf
   the work (Flux-dev, N=2: stage 1 does about 70% of it).
 - "compute": every block weighs 1, so the stages get equal block counts and about equal time per
   step; the stage holding the double blocks then holds more parameters (Flux-dev, N=2: about 2/3).
+- "interleaved": both at once, with two runs of blocks per stage (virtual stages, as in
+  interleaved pipeline schedules): stage k holds the k-th N-th of the double blocks and the k-th
+  N-th of the single blocks. A patch passes the stages twice, double blocks on stages 0..N-1,
+  then single blocks on stages 0..N-1 again, so every stage holds about 1/N of both kinds: even
+  weight memory and even compute (Flux-dev, N=2: 10 double + 19 single | 9 double + 19 single).
+  The price is N more hand-overs per patch (the last stage sends back to stage 0 between the
+  two runs).
 
 Stage 0 also holds the input embedders (x_embedder, context_embedder), the last stage the output
 layers (norm_out, proj_out). Every stage holds the small timestep/guidance/pooled-text embedder
@@ -27,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import PIPEFUSION_SPLITS as SPLITS
+from ..config import ConfigError
 
 DOUBLE = "transformer_blocks"
 SINGLE = "single_transformer_blocks"
@@ -37,14 +45,20 @@ SHARED_LAYERS = ("time_text_embed", "pos_embed")
 
 @dataclass(frozen=True)
 class StagePlan:
-    """The blocks of one stage: double blocks [double_start, double_stop), single likewise."""
+    """The blocks one stage holds: ``runs``, each [start, stop) in the model's block order (the
+    ``doubles`` double blocks first, then the single blocks), in the order the stage runs them.
+
+    With one run per stage (splits "parameters" and "compute") a patch passes the stages once.
+    With several ("interleaved"), run r of stage k is virtual stage r * count + k: a patch goes
+    through the runs of all stages in virtual-stage order, from the last stage back to stage 0
+    between runs. Stage 0 holds virtual stage 0 (the input layers), the last stage the last
+    virtual stage (the output layers).
+    """
 
     index: int
     count: int
-    double_start: int
-    double_stop: int
-    single_start: int
-    single_stop: int
+    runs: tuple[tuple[int, int], ...]
+    doubles: int
 
     @property
     def is_first(self) -> bool:
@@ -54,10 +68,18 @@ class StagePlan:
     def is_last(self) -> bool:
         return self.index == self.count - 1
 
+    def virtual_stage(self, run: int) -> int:
+        return run * self.count + self.index
+
+    def run_blocks(self, run: int) -> tuple[range, range]:
+        """The double and the single block numbers of one run."""
+        start, stop = self.runs[run]
+        return range(min(start, self.doubles), min(stop, self.doubles)), range(max(start - self.doubles, 0),
+                                                                                 max(stop - self.doubles, 0))
+
     def holds_block(self, kind: str, number: int) -> bool:
-        if kind == DOUBLE:
-            return self.double_start <= number < self.double_stop
-        return self.single_start <= number < self.single_stop
+        position = number if kind == DOUBLE else self.doubles + number
+        return any(start <= position < stop for start, stop in self.runs)
 
     def owns(self, key: str) -> bool:
         """Whether a diffusers state-dict key belongs to this stage (what the loader reads)."""
@@ -120,13 +142,23 @@ def plan_stages(config: dict, stages: int, split: str = "parameters") -> list[St
     doubles, singles = config["num_layers"], config["num_single_layers"]
     if doubles + singles < stages:
         raise ValueError(f"{stages} pipeline stages need at least {stages} transformer blocks; this model has {doubles + singles}")
+    if split == "interleaved":
+        return _interleaved_plans(doubles, singles, stages)
     points = [0, *split_points(block_weights(config, split), stages), doubles + singles]
-    plans = []
-    for i in range(stages):
-        start, stop = points[i], points[i + 1]
-        plans.append(StagePlan(
-            index=i, count=stages,
-            double_start=min(start, doubles), double_stop=min(stop, doubles),
-            single_start=max(start - doubles, 0), single_stop=max(stop - doubles, 0),
-        ))
-    return plans
+    return [StagePlan(index=i, count=stages, runs=((points[i], points[i + 1]),), doubles=doubles) for i in range(stages)]
+
+
+def _interleaved_plans(doubles: int, singles: int, stages: int) -> list[StagePlan]:
+    """Stage k: the k-th of N even runs of the double blocks, then the k-th of N of the single blocks."""
+    if min(doubles, singles) < stages:
+        raise ConfigError(f"pipefusion_split 'interleaved' gives each of the {stages} stages at least one double and one "
+                         f"single block; this model has {doubles} double and {singles} single blocks; use 'parameters' "
+                         "or 'compute'")
+
+    def even_runs(count: int, offset: int) -> list[tuple[int, int]]:
+        sizes = [count // stages + (1 if k < count % stages else 0) for k in range(stages)]
+        starts = [offset + sum(sizes[:k]) for k in range(stages)]
+        return [(start, start + size) for start, size in zip(starts, sizes)]
+
+    double_runs, single_runs = even_runs(doubles, 0), even_runs(singles, doubles)
+    return [StagePlan(index=k, count=stages, runs=(double_runs[k], single_runs[k]), doubles=doubles) for k in range(stages)]

@@ -8,7 +8,12 @@ calls this denoiser for each model evaluation. Inside one evaluation:
   further split over the stage's ring x Ulysses ranks (padded at its end to divide).
 - Stage 0 embeds patch m (and the text), runs its blocks and sends text + patch hidden states
   to stage 1 with a non-blocking send, then starts on patch m+1 while stage 1 works on patch
-  m; receives for all patches are posted up front. The last stage applies the output layers.
+  m; a stage posts its receives for all patches before its first pass. The last stage applies
+  the output layers.
+- With the interleaved split a stage holds two runs of blocks (partition.py). Each patch then
+  passes the stages twice: after the first run the last stage sends it back to stage 0 for the
+  second (through a group of its own, see mesh.py), and a stage posts a run's receives when it
+  starts that run.
 - Text tokens ride along with every patch (their hidden states travel with it from stage to
   stage), so every patch's pass is a full forward of text + patch tokens in which the other
   patches' image keys/values are the cached ones (see attention.py). xDiT's SD3 pipeline
@@ -32,7 +37,8 @@ Cost: a stage launches all of its layers' kernels once per patch, M times per ev
 cuda_graphs each stage pass (one patch, or the whole image) replays as one CUDA graph, the sends
 between stages staying eager, outside the graphs. The pipeline runs at the pace of its slowest
 stage (partition.py's pipefusion_split: by parameters, Flux-dev's last stage does 70% of the
-compute; docs/performance.md run O measured 0.99x one GPU with graphs). Even with even stages a
+compute; docs/performance.md run O measured 0.99x one GPU with graphs; the compute and
+interleaved splits even it out). Even with even stages a
 stage does more than 1/N of one GPU's work: the 512 text tokens ride along with every patch, so
 it processes M x (patch + text) tokens (M=2: about 11% more linear work than its share of the
 whole image), plus a bubble of one patch time per evaluation at N=2: about 0.83 of one GPU's
@@ -98,10 +104,14 @@ class PipeFusionFluxDenoiser:
         self.attend_stale = True
 
         self.group = mesh.group("pipefusion")
+        # The interleaved split's hand-overs from the last stage back to stage 0 (mesh.py says why
+        # they have a group of their own).
+        self.return_group = mesh.pipefusion_return_group
         to_global = lambda i: dist.get_global_rank(self.group, i)  # noqa: E731
-        self.previous_rank = to_global(self.plan.index - 1) if not self.plan.is_first else None
-        self.next_rank = to_global(self.plan.index + 1) if not self.plan.is_last else None
+        self.previous_rank = to_global((self.plan.index - 1) % self.plan.count)
+        self.next_rank = to_global((self.plan.index + 1) % self.plan.count)
         self.last_rank = to_global(self.plan.count - 1)
+        self.last_virtual_stage = len(self.plan.runs) * self.plan.count - 1
         self.ulysses_group = mesh.group("ulysses")
         self.ulysses_degree = mesh.size("ulysses")
         self.ulysses_rank = mesh.local_rank("ulysses")
@@ -199,63 +209,79 @@ class PipeFusionFluxDenoiser:
 
     def _pipeline(self, windows, tokens, context, temb, img_ids, txt_ids) -> torch.Tensor:
         stage, plan = self.stage, self.plan
-        batch, text_len = context.shape[:2]
         shards = [-(-w.tokens // self.sequence_degree) for w in windows]
-        # Post every receive first: patch m+1 arrives while this stage computes patch m.
-        receives = []
-        if not plan.is_first:
-            for i, shard in enumerate(shards):
-                buffer = tokens.new_empty(batch, text_len + shard, stage.inner_dim)
-                receives.append((buffer, dist.irecv(buffer, src=self.previous_rank, group=self.group, tag=i)))
         text_embedded = stage.context_embedder(context) if plan.is_first else None
+        rotary = [stage.pos_embed(torch.cat([txt_ids, self._shard(img_ids, 0, window)])) for window in windows]
         sends, outputs = [], []
-        for i, window in enumerate(windows):
-            cos, sin = stage.pos_embed(torch.cat([txt_ids, self._shard(img_ids, 0, window)]))
-            if plan.is_first:
-                inputs = dict(image=self._shard(tokens, 1, window), text=text_embedded)
-            else:
-                buffer, work = receives[i]
-                work.wait()
-                inputs = dict(received=buffer)
-            out = self._pass(window)(temb=temb, cos=cos, sin=sin, **inputs)
-            if plan.is_last:
-                outputs.append(out)
-            else:
-                # A graph's output is a copy (CudaGraphForward clones it), so the next replay cannot
-                # overwrite what this send still reads; every send is waited before returning.
-                sends.append((out, dist.isend(out, dst=self.next_rank, group=self.group, tag=i)))
+        for run in range(len(plan.runs)):
+            virtual = plan.virtual_stage(run)
+            # Post the run's receives before its first pass: patch m+1 arrives while this stage
+            # computes patch m. Not earlier: a receive from the last stage back to stage 0 posted
+            # at the start would make stage 0 wait for a stage that waits for stage 0's sends.
+            receives = [] if virtual == 0 else self._post_receives(virtual, shards, context.shape[:2], tokens)
+            for i, window in enumerate(windows):
+                if virtual == 0:
+                    inputs = dict(image=self._shard(tokens, 1, window), text=text_embedded)
+                else:
+                    buffer, work = receives[i]
+                    work.wait()
+                    inputs = dict(received=buffer)
+                cos, sin = rotary[i]
+                out = self._pass(window, run)(temb=temb, cos=cos, sin=sin, **inputs)
+                if virtual == self.last_virtual_stage:
+                    outputs.append(out)
+                else:
+                    # A graph's output is a copy (CudaGraphForward clones it), so the next replay cannot
+                    # overwrite what this send still reads; every send is waited before returning.
+                    returning = plan.is_last  # the next virtual stage is stage 0's next run
+                    work = dist.isend(out, dst=self.next_rank, group=self.return_group if returning else self.group,
+                                      tag=(virtual + 1) * len(windows) + i)
+                    sends.append((out, work))
         for _, work in sends:
             work.wait()
-        return self._whole_output(outputs, windows, shards, batch, tokens)
+        return self._whole_output(outputs, windows, shards, context.shape[0], tokens)
 
-    def _pass(self, window: PatchWindow):
-        """This stage's pass over ``window``: eager, or replayed as a CUDA graph captured for it.
+    def _post_receives(self, virtual: int, shards: list[int], batch_and_text: tuple[int, int], like: torch.Tensor) -> list:
+        """Non-blocking receives of every patch's hidden states (text + patch) for a virtual stage."""
+        batch, text_len = batch_and_text
+        returning = self.plan.is_first  # from the last stage's previous run
+        group = self.return_group if returning else self.group
+        receives = []
+        for i, shard in enumerate(shards):
+            buffer = like.new_empty(batch, text_len + shard, self.stage.inner_dim)
+            receives.append((buffer, dist.irecv(buffer, src=self.previous_rank, group=group, tag=virtual * len(shards) + i)))
+        return receives
+
+    def _pass(self, window: PatchWindow, run: int):
+        """This stage's pass of one run of its blocks over ``window``: eager, or replayed as a CUDA
+        graph captured for it.
 
         A graph bakes in the window (Python ints) and the addresses of the window's cache slot, so
-        there is one per (slot, window, attend_stale), kept in the cache store, which drops a
+        there is one per (slot, window, attend_stale, run), kept in the cache store, which drops a
         slot's graphs when it reallocates that slot's cache. CudaGraphForward calls the pass twice
         before capturing it: a patch pass rewrites its own window of the cache with the values the
         replay writes again (same inputs, same kernels), and reads the other patches' entries
         without changing them, so the extra calls change nothing.
         """
-        run = functools.partial(self._stage_pass, window)
+        run_pass = functools.partial(self._stage_pass, window, run)
         if not self.use_cuda_graphs:
-            return run
+            return run_pass
         from ..cuda_graphs import CudaGraphForward
 
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        key = (window.branch, window.start, window.tokens, window.total, window.attend_stale)
-        return self.kv_store.graph_for(key, lambda: CudaGraphForward(run, pool=self._graph_pool))
+        key = (window.branch, window.start, window.tokens, window.total, window.attend_stale, run)
+        return self.kv_store.graph_for(key, lambda: CudaGraphForward(run_pass, pool=self._graph_pool))
 
-    def _stage_pass(self, window: PatchWindow, temb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _stage_pass(self, window: PatchWindow, run: int, temb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     image: torch.Tensor | None = None, text: torch.Tensor | None = None,
                     received: torch.Tensor | None = None) -> torch.Tensor:
-        """One pass of this stage's blocks over one patch (or the whole image): a function of the
-        tensors and the window only, so that it can be captured. The first stage takes the patch's
-        token shard [B, n, 64] and the embedded text; the others the buffer received from the
-        stage before (text and image hidden states, packed). Returns the projected output on the
-        last stage, else the packed hidden states for the next stage."""
+        """One pass of one run of this stage's blocks over one patch (or the whole image): a
+        function of the tensors, the window and the run only, so that it can be captured. The
+        first virtual stage takes the patch's token shard [B, n, 64] and the embedded text; the
+        others the buffer received from the virtual stage before (text and image hidden states,
+        packed). Returns the projected output on the last virtual stage, else the packed hidden
+        states for the next one."""
         stage = self.stage
         shard = -(-window.tokens // self.sequence_degree)
         if received is not None:
@@ -265,10 +291,10 @@ class PipeFusionFluxDenoiser:
         layout = SequenceLayout(text.shape[1], window.tokens, shard * self.sequence_degree)
         self.window_state.window = window
         try:
-            text, image = run_blocks(stage, image, text, temb, (cos, sin), {"layout": layout})
+            text, image = run_blocks(stage, image, text, temb, (cos, sin), {"layout": layout}, run)
         finally:
             self.window_state.window = None
-        if self.plan.is_last:
+        if self.plan.virtual_stage(run) == self.last_virtual_stage:
             return project_output(stage, image, temb)
         return torch.cat([text, image], dim=1).contiguous()
 

@@ -49,13 +49,10 @@ def cut_to_stage(model: nn.Module, plan: StagePlan) -> nn.Module:
     return model
 
 
-def stage_blocks(model: nn.Module) -> list[nn.Module]:
-    """The stage's blocks in execution order (double blocks first, as in the full model)."""
-    plan: StagePlan = model.pipefusion_stage
-    return [
-        *model.transformer_blocks[plan.double_start:plan.double_stop],
-        *model.single_transformer_blocks[plan.single_start:plan.single_stop],
-    ]
+def stage_blocks(model: nn.Module, run: int = 0) -> list[nn.Module]:
+    """One run of the stage's blocks in execution order (double blocks first, as in the full model)."""
+    doubles, singles = model.pipefusion_stage.run_blocks(run)
+    return [*(model.transformer_blocks[n] for n in doubles), *(model.single_transformer_blocks[n] for n in singles)]
 
 
 def load_flux_stage(path: str | Path, plan: StagePlan, dtype=torch.bfloat16, device: str | torch.device = "cpu") -> nn.Module:
@@ -78,8 +75,9 @@ def time_embedding(model: nn.Module, timestep: torch.Tensor, pooled: torch.Tenso
     return model.time_text_embed(timestep, guidance.to(dtype) * 1000, pooled)
 
 
-def run_blocks(model: nn.Module, image: torch.Tensor, text: torch.Tensor, temb: torch.Tensor, rotary, attention_kwargs: dict):
-    for block in stage_blocks(model):
+def run_blocks(model: nn.Module, image: torch.Tensor, text: torch.Tensor, temb: torch.Tensor, rotary, attention_kwargs: dict,
+               run: int = 0):
+    for block in stage_blocks(model, run):
         text, image = block(
             hidden_states=image,
             encoder_hidden_states=text,

@@ -33,8 +33,10 @@ to --json; a readable line per row goes to stdout.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -616,6 +618,14 @@ def profile_loop(loop, args, device, label: str) -> str:
         loop(args.profile_steps)
         sync(device)
     wall = time.perf_counter() - t0
+    if args.profile_out:  # the whole timeline too, for the GPU's idle gaps (bench/trace_gaps.py)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        Path(args.profile_out).mkdir(parents=True, exist_ok=True)
+        trace = Path(args.profile_out) / (label.replace(" ", "_").replace("=", "") + f"_rank{rank}.json")
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+            shutil.copyfileobj(raw, packed)
+        trace.unlink()
     groups: dict[str, float] = {}
     kernels = []
     for evt in prof.key_averages():
@@ -686,7 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or xdit) eager first, in the same process")
     p.add_argument("--cond", default="cpu", help="comma list of cpu, device: where ours gets the conditioning (the pool hands over CPU tensors); one ours row per entry")
     p.add_argument("--profile-steps", type=int, default=0, help="after timing, profile a loop of this many steps")
-    p.add_argument("--profile-out", default=None, help="directory for per-rank profile summaries")
+    p.add_argument("--profile-out", default=None, help="directory for per-rank profile summaries and gzipped "
+                   "chrome traces (bench/trace_gaps.py reads them)")
     p.add_argument("--sync-steps", type=int, default=0,
                    help="after timing, run a loop of this many steps with CUDA's sync debug mode on and print where "
                         "the host waited for the GPU (bench/host_syncs.py); GPUs only")

@@ -16,8 +16,18 @@ from .requests import SampleRequest
 MAX_SEED = 0xFFFFFFFFFFFFFFFF  # ComfyUI's seed widget range
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no element is NaN or infinite, in one summing pass without a mask: a NaN or an
+    infinity anywhere makes the float64 sum NaN or infinite, and a float64 sum of float32 (or
+    narrower) values cannot overflow. The masked check spent about 24 ms on a 512-token T5
+    conditioning before the GPU got any work, this one 9 ms (docs/performance.md runs Y, Z)."""
+    if tensor.dtype == torch.float64 or not tensor.is_floating_point():
+        return bool(torch.isfinite(tensor).all())
+    return math.isfinite(float(tensor.sum(dtype=torch.float64)))
+
+
 def _finite(name: str, tensor: torch.Tensor | None) -> None:
-    if tensor is not None and not bool(torch.isfinite(tensor).all()):
+    if tensor is not None and not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
         raise ConfigError(f"{name} contains {bad} NaN or infinite value(s); check the node that made it "
                           "(a text encoder or latent run in float16 can overflow)")

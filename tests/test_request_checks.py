@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from comfy_xdit.config import ConfigError
-from comfy_xdit.request_checks import check_sample_request
+from comfy_xdit.request_checks import all_finite, check_sample_request
 from comfy_xdit.requests import ModelSpec
 from test_parallel_flux import request, tiny_flux
 from distributed import cpu_engine
@@ -49,6 +49,22 @@ def test_nan_or_inf_inputs_are_refused(where):
         r = dataclasses.replace(r, **{branch: dataclasses.replace(cond, **{field: nan_at(getattr(cond, field))})})
     with pytest.raises(ConfigError, match="NaN or infinite"):
         check_sample_request(r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_the_finite_check_finds_any_nan_or_infinity_and_passes_the_largest_finite_values(dtype):
+    largest = torch.finfo(dtype).max
+    assert all_finite(torch.full((512, 4096), largest, dtype=dtype))  # a float64 sum of these does not overflow
+    assert all_finite(torch.full((512, 4096), -largest, dtype=dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        values = torch.zeros(512, 4096, dtype=dtype)
+        values[311, 1017] = bad
+        assert not all_finite(values), bad
+    both = torch.zeros(8, dtype=dtype)
+    both[2], both[5] = float("inf"), float("-inf")  # they would cancel in a sum, but inf - inf is NaN
+    assert not all_finite(both)
+    if dtype == torch.float64:  # where the sum could overflow, the mask decides
+        assert all_finite(torch.full((4,), torch.finfo(torch.float64).max, dtype=dtype))
 
 
 def test_a_good_request_passes():

@@ -156,6 +156,8 @@ MESH_CASES = {
     "pipefusion=2 x ring=2": dict(ring_degree=2),
     "cfg x pipefusion=2": dict(use_cfg_parallel=True),
     "data=2 x pipefusion=2": dict(data_parallel_degree=2),
+    # The interleaved split's hand-overs back to stage 0 go through one group per CFG branch.
+    "cfg x pipefusion=2, interleaved split": dict(use_cfg_parallel=True, pipefusion_split="interleaved"),
 }
 
 

@@ -32,12 +32,18 @@ CONFIG = ParallelConfig(ulysses_degree=2, devices=("cpu", "cpu"))
 pytestmark = pytest.mark.timeout(300)
 
 
+# The test session's own helpers: the fork server the gloo tests start their ranks from carries
+# sys.path in its command line, and importing ray puts ray's folders on sys.path.
+NOT_RAY = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+
+
 def ray_processes() -> list[psutil.Process]:
     """Processes of this test's Ray session: its daemons (our descendants) and its worker processes."""
     found = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if "ray" in " ".join(p.cmdline()).lower():
+            command = " ".join(p.cmdline())
+            if "ray" in command.lower() and not any(helper in command for helper in NOT_RAY):
                 found.append(p)
         except psutil.Error:
             pass

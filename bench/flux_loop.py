@@ -33,10 +33,8 @@ to --json; a readable line per row goes to stdout.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -618,14 +616,11 @@ def profile_loop(loop, args, device, label: str) -> str:
         loop(args.profile_steps)
         sync(device)
     wall = time.perf_counter() - t0
+    rank = dist.get_rank() if dist.is_initialized() else 0
     if args.profile_out:  # the whole timeline too, for the GPU's idle gaps (bench/trace_gaps.py)
-        rank = dist.get_rank() if dist.is_initialized() else 0
         Path(args.profile_out).mkdir(parents=True, exist_ok=True)
-        trace = Path(args.profile_out) / (label.replace(" ", "_").replace("=", "") + f"_rank{rank}.json")
-        prof.export_chrome_trace(str(trace))
-        with open(trace, "rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
-            shutil.copyfileobj(raw, packed)
-        trace.unlink()
+        trace_name = label.replace(" ", "_").replace("=", "") + f"_rank{rank}.json.gz"
+        prof.export_chrome_trace(str(Path(args.profile_out) / trace_name))  # torch gzips a .gz path
     groups: dict[str, float] = {}
     kernels = []
     for evt in prof.key_averages():
@@ -643,7 +638,6 @@ def profile_loop(loop, args, device, label: str) -> str:
         group = next((g for g, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
         groups[group] = groups.get(group, 0.0) + us
         kernels.append((us, evt.count, name))
-    rank = dist.get_rank() if dist.is_initialized() else 0
     steps = args.profile_steps
     lines = [f"== profile {label} rank {rank}: {steps} steps, wall {wall:.3f} s under the profiler ({wall / steps * 1000:.1f} ms/step)"]
     total = sum(groups.values())

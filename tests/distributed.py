@@ -36,25 +36,15 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
 # second instead of importing torch and diffusers again (several seconds per rank on two cores;
 # the suite starts a few hundred groups). The server never computes, so forking it is safe where
 # forking this process, whose OpenMP threads have run, would not be.
-PRELOADED = ["torch", "torch.distributed", "diffusers", "safetensors.torch", "comfy_xdit.engine"]
-_forkserver_ready = False
-
-
-def _start_method() -> str:
-    global _forkserver_ready
-    if not _forkserver_ready:
-        import multiprocessing
-
-        multiprocessing.set_forkserver_preload(PRELOADED)
-        _forkserver_ready = True
-    return "forkserver"
+# (The list only counts when the server starts, at the first run_on_ranks.)
+mp.set_forkserver_preload(["torch", "torch.distributed", "diffusers", "safetensors.torch", "comfy_xdit.engine"])
 
 
 def run_on_ranks(world_size: int, fn, *args) -> list:
     """fn(*args) on every rank of a fresh gloo group; returns the list of results by rank."""
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(_entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size, join=True,
-                           start_method=_start_method())
+                           start_method="forkserver")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world_size)]
 
 

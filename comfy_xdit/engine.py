@@ -16,7 +16,7 @@ from .config import ConfigError, ParallelConfig
 from .lora import LoraState, apply_loras
 from .mesh import ParallelMesh
 from .models import families, flux
-from .request_checks import check_sample_request
+from .request_checks import check_inputs_finite, check_sample_settings
 from .requests import DTYPES, ModelSpec, NoHooks, SampleRequest, StepHooks, VaeDecodeRequest, VaeWeights
 from .controlnets import ControlNetCache
 from .controlnets import prepare as prepare_controls
@@ -183,9 +183,10 @@ class RankEngine:
     def sample(self, request: SampleRequest, hooks: StepHooks | None = None) -> torch.Tensor:
         if self._denoiser is None:
             raise RuntimeError("no model is loaded; call load() first")
-        check_sample_request(request)
+        check_sample_settings(request)
         denoiser, family = self._denoiser, self.family
         _check_request_fits(request, family, self.model.config)
+        check_inputs_finite(request, self.device)
         if family.semantics == "diffusers":
             return self._sample_diffusers(request, hooks or NoHooks())
         cache = cache_job_for(request, self.model, self.mesh, self._default_shift, self.spec.family,  # refuses before any work

@@ -205,6 +205,10 @@ def test_bad_input_comes_back_as_its_own_error_and_the_pool_stays_warm(pool, spe
     bad.latent = torch.ones(1, 7, 16, 16)  # neither the model's channels nor an empty latent
     with pytest.raises(ValueError, match="7 channels"):
         pool.sample(bad)
+    bad.latent = torch.zeros(1, 16, 16, 16)
+    bad.latent[0, 3, 5, 7] = float("inf")  # refused by every rank on its device, not on the host
+    with pytest.raises(ConfigError, match="the latent contains 1 NaN or infinite"):
+        pool.sample(bad)
     assert pool.status()["state"] == "running" and pool.status()["pids"] == pids
     assert relative_error(pool.sample(make_request()), reference()) <= TOLERANCE
 

@@ -1,4 +1,5 @@
-"""Bad generation requests are refused by name before any worker runs; denoise 0 is stock's no-op."""
+"""Bad generation requests are refused by name: settings before any worker runs, NaN or infinite
+inputs by every rank on its device; denoise 0 is stock's no-op."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from comfy_xdit.config import ConfigError
-from comfy_xdit.request_checks import all_finite, check_sample_request
+from comfy_xdit.request_checks import check_inputs_finite, check_sample_settings, finite_flag
 from comfy_xdit.requests import ModelSpec
 from test_parallel_flux import request, tiny_flux
 from distributed import cpu_engine
@@ -35,24 +36,42 @@ BAD = {
 def test_bad_settings_are_refused_naming_the_input(name):
     change, word = BAD[name]
     with pytest.raises(ConfigError, match=word):
-        check_sample_request(dataclasses.replace(request(), **change))
+        check_sample_settings(dataclasses.replace(request(), **change))
 
 
-@pytest.mark.parametrize("where", ["latent", "positive context", "positive pooled", "negative context"])
-def test_nan_or_inf_inputs_are_refused(where):
-    r = request()
+def with_nan_in(r, where: str):
     if where == "latent":
-        r = dataclasses.replace(r, latent=nan_at(torch.randn_like(r.latent)))
-    else:
-        branch, field = where.split()
-        cond = getattr(r, branch)
-        r = dataclasses.replace(r, **{branch: dataclasses.replace(cond, **{field: nan_at(getattr(cond, field))})})
-    with pytest.raises(ConfigError, match="NaN or infinite"):
-        check_sample_request(r)
+        return dataclasses.replace(r, latent=nan_at(torch.randn_like(r.latent)))
+    branch, field = where.split()
+    cond = getattr(r, branch)
+    return dataclasses.replace(r, **{branch: dataclasses.replace(cond, **{field: nan_at(getattr(cond, field))})})
+
+
+WHERE = ["latent", "positive context", "positive pooled", "negative context"]
+
+
+@pytest.mark.parametrize("where", WHERE)
+def test_nan_or_inf_inputs_are_refused_by_the_engine(where):
+    engine = cpu_engine()
+    engine.set_model(tiny_flux(), ModelSpec("tiny", dtype="float32"))
+    label = "the latent" if where == "latent" else f"the {where.split()[0]} conditioning"
+    with pytest.raises(ConfigError, match=f"{label}.* 1 NaN or infinite"):
+        engine.sample(with_nan_in(request(), where))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machines)")
+@pytest.mark.parametrize("where", WHERE)
+def test_inputs_are_checked_on_the_gpu(where):
+    check_inputs_finite(request(), torch.device("cuda"))
+    with pytest.raises(ConfigError, match="1 NaN or infinite"):
+        check_inputs_finite(with_nan_in(request(), where), torch.device("cuda"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_the_finite_check_finds_any_nan_or_infinity_and_passes_the_largest_finite_values(dtype):
+    def all_finite(t: torch.Tensor) -> bool:
+        return bool(finite_flag(t))
+
     largest = torch.finfo(dtype).max
     assert all_finite(torch.full((512, 4096), largest, dtype=dtype))  # a float64 sum of these does not overflow
     assert all_finite(torch.full((512, 4096), -largest, dtype=dtype))
@@ -68,7 +87,8 @@ def test_the_finite_check_finds_any_nan_or_infinity_and_passes_the_largest_finit
 
 
 def test_a_good_request_passes():
-    check_sample_request(request())
+    check_sample_settings(request())
+    check_inputs_finite(request(), torch.device("cpu"))
 
 
 def test_denoise_zero_returns_the_latent_unchanged_as_stock_does():

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, ParallelConfig, check_local_devices_exist, split_node
-from ..request_checks import check_sample_request
+from ..request_checks import check_sample_settings
 from ..requests import ModelSpec, SampleRequest, SamplingCancelled, VaeDecodeRequest, VaeWeights
 from . import protocol, shm, timeouts
 from .loopback import local_rendezvous_environment
@@ -518,7 +518,9 @@ class WorkerPool:
         ``cancel_event`` (or raising from ``on_step``) stops every rank after the same step and
         raises SamplingCancelled (or the callback's exception); the pool stays warm.
         """
-        check_sample_request(request)  # a bad request costs no worker time and leaves the pool warm
+        # Bad settings cost no worker time; NaN or infinite inputs are refused by every rank on its
+        # device (quicker there than on this host's CPU), and the pool stays warm either way.
+        check_sample_settings(request)
         with self._job_lock:
             self._ensure_running()
             if self._spec is None:

@@ -93,8 +93,10 @@ class ParallelLoader(io.ComfyNode):
                                      "attending to the other patches' one-step-stale K/V (exchanged asynchronously); exact "
                                      "during warmup_steps, approximate after. Combines with use_cfg_parallel and "
                                      "data_parallel_degree, not with ulysses/ring/pipefusion/tensor"),
-                io.Combo.Input("pipefusion_split", options=list(PIPEFUSION_SPLITS), default="parameters", optional=True,
-                               tooltip="PipeFusion: how the layers are split over the stages. parameters: every GPU holds "
+                io.Combo.Input("pipefusion_split", options=list(PIPEFUSION_SPLITS), default="auto", optional=True,
+                               tooltip="PipeFusion: how the layers are split over the stages. auto (default): interleaved "
+                                       "where every GPU can hold a double and a single block (Flux up to 19 stages), else "
+                                       "parameters. parameters: every GPU holds "
                                        "about the same weight memory (fits the largest model), but the stages after Flux's "
                                        "double blocks do most of the work (N=2: the last ~70%), so the pipeline waits on "
                                        "them. compute: equal block counts, so about equal time per stage, but the stage "
@@ -109,7 +111,7 @@ class ParallelLoader(io.ComfyNode):
     def execute(cls, model_name, weight_dtype, ulysses_degree, ring_degree, use_cfg_parallel, data_parallel_degree,
                 pipefusion_parallel_degree, devices, attention_backend, compile=False, num_pipeline_patches=0,
                 warmup_steps=1, cuda_graphs=False, backend="local", address="auto", tensor_parallel_degree=1,
-                distrifusion_degree=1, pipefusion_split="parameters") -> io.NodeOutput:
+                distrifusion_degree=1, pipefusion_split="auto") -> io.NodeOutput:
         from .comfy_xdit.requests import ModelSpec
 
         bridge = _bridge()

@@ -145,7 +145,7 @@ def build_model(cls, config: dict, device: torch.device, dtype: torch.dtype, see
 
 
 def build_stage(config: dict, degrees: tuple[int, ...], device: torch.device, dtype: torch.dtype, seed: int,
-                split: str = "parameters") -> torch.nn.Module:
+                split: str = "auto") -> torch.nn.Module:
     """This rank's PipeFusion stage of the transformer, split as ``split`` says (the engine's
     pipefusion_split), with random weights (ranks are pipefusion-major inside a data=cfg=1 mesh:
     rank // (ulysses * ring) is the stage)."""
@@ -661,6 +661,8 @@ def profile_loop(loop, args, device, label: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from comfy_xdit.config import PIPEFUSION_SPLITS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impl", default="diffusers,ours", help="comma list of diffusers, ours, xdit; or diffusers-tp alone "
                    "(diffusers' own DTensor tensor parallel over all the launched GPUs, --degrees t<N>); or diffusers-cp "
@@ -701,9 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-patches", type=int, default=None, help="PipeFusion rows: patches M (default: the degree)")
     p.add_argument("--pipefusion-warmup", type=int, default=1,
                    help="PipeFusion and DistriFusion (d<N>) rows: synchronous warmup steps")
-    p.add_argument("--pipefusion-split", choices=["parameters", "compute", "interleaved"], default="parameters",
-                   help="PipeFusion rows: stages of even parameter memory (default), of even block count (even compute), "
-                        "or both (interleaved: two runs of blocks per stage)")
+    p.add_argument("--pipefusion-split", choices=list(PIPEFUSION_SPLITS), default="auto",
+                   help="PipeFusion rows: stages of even parameter memory, of even block count (even compute), or both "
+                        "(interleaved: two runs of blocks per stage); auto (the engine's default): interleaved where every "
+                        "stage can hold a double and a single block, else parameters")
     p.add_argument("--cache", default=None, help="ours rows with step caches, comma list of " + ", ".join(CACHE_ROWS) +
                    " (give none first: the others' latents are compared with it)")
     p.add_argument("--ulysses-head-chunks", type=int, default=None,
@@ -803,8 +806,11 @@ def main(argv=None) -> int:
             label += " cond-on-device"
         if extra and extra.get("cache"):
             label += f" cache={extra['cache']}"
-        if p > 1 and args.pipefusion_split != "parameters":
-            label += f" {args.pipefusion_split}-split"
+        from comfy_xdit.pipefusion.partition import resolve_split
+
+        split = resolve_split(config, p, args.pipefusion_split) if p > 1 else None
+        if split not in (None, "parameters"):
+            label += f" {split}-split"
         if timing is None:
             log(f"-- {label}: warm-up + {args.runs} runs")
             row = time_loop(loop, args, device, label)
@@ -824,7 +830,7 @@ def main(argv=None) -> int:
             row.update(attention_backend=args.attention_backend)
         if p > 1:
             row.update(pipefusion_warmup=args.pipefusion_warmup, pipeline_patches=args.pipeline_patches or p,
-                       pipefusion_split=args.pipefusion_split)
+                       pipefusion_split=split)
         if d > 1:
             row.update(distrifusion_warmup=args.pipefusion_warmup)
         if after is not None:

@@ -25,8 +25,8 @@ Groups (each launch is its own process, or torchrun pair, so xDiT's global state
                     latents against no cache (consistency only: random weights); median of 3.
   flux-pipefusion   ours at pipefusion=2 (layers split over 2 GPUs, 2 patches, 1 warmup step)
                     beside ours at ulysses=2 and the 1-GPU baselines; eager.
-  flux-pipefusion-graphs  ours at pipefusion=2 with each stage pass (one patch) replayed as a CUDA
-                    graph, 2 and 4 patches, and 2 with the compute split (even block count per
+  flux-pipefusion-graphs  ours at pipefusion=2 (parameter split) with each stage pass (one patch)
+                    replayed as a CUDA graph, 2 and 4 patches, and 2 with the compute split (even block count per
                     stage), beside pipefusion=2 eager, ours 1 GPU with CUDA graphs and
                     the 1-GPU eager baselines; median of 3. CPU dry run (graphs are a no-op there):
                     --smoke --extra "--device cpu --tiny".
@@ -146,6 +146,9 @@ def kill_tree(pid: int) -> None:
             pass
 
 
+PARAMETER_SPLIT = ["--pipefusion-split", "parameters"]  # PipeFusion rows measured before "auto" became the default
+
+
 def launches(group: str) -> list[tuple[str, int, list[str]]]:
     """(name, processes, flux_loop arguments) for each launch of a group."""
     if group == "flux-usp":
@@ -178,12 +181,14 @@ def launches(group: str) -> list[tuple[str, int, list[str]]]:
         # Issue 5's target: pipefusion=2 faster than one GPU. Eager it is host-bound (each stage
         # launches its layers' kernels once per patch); with each stage pass a CUDA graph. The
         # 1-GPU graphs row says how much of the gain is graphs alone. Median of 3 to fit 9 minutes.
+        # The parameter split as in runs O and P, where this group was measured (the default is
+        # now "auto", which gives Flux-dev the interleaved split: group flux-pipefusion-interleaved).
         return [
             ("1gpu", 1, ["--impl", "diffusers,ours", "--runs", "3"]),
             ("ours-1gpu-graphs", 1, ["--impl", "ours", "--cuda-graphs", "--runs", "3"]),
-            ("ours-p2", 2, ["--impl", "ours", "--degrees", "p2", "--runs", "3"]),
-            ("ours-p2-graphs", 2, ["--impl", "ours", "--degrees", "p2", "--cuda-graphs", "--runs", "3"]),
-            ("ours-p2-graphs-4patches", 2, ["--impl", "ours", "--degrees", "p2", "--cuda-graphs", "--pipeline-patches", "4",
+            ("ours-p2", 2, ["--impl", "ours", "--degrees", "p2", *PARAMETER_SPLIT, "--runs", "3"]),
+            ("ours-p2-graphs", 2, ["--impl", "ours", "--degrees", "p2", *PARAMETER_SPLIT, "--cuda-graphs", "--runs", "3"]),
+            ("ours-p2-graphs-4patches", 2, ["--impl", "ours", "--degrees", "p2", *PARAMETER_SPLIT, "--cuda-graphs", "--pipeline-patches", "4",
                                             "--runs", "3"]),
             # Stages of even block count: the parameter split leaves stage 1 about 70% of the compute.
             ("ours-p2-graphs-compute-split", 2, ["--impl", "ours", "--degrees", "p2", "--cuda-graphs", "--pipefusion-split",

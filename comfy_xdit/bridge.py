@@ -192,7 +192,7 @@ def make_config(*, ulysses_degree: int, ring_degree: int, use_cfg_parallel: bool
                 pipefusion_parallel_degree: int, attention_backend: str, devices: str,
                 num_pipeline_patches: int | None = None, warmup_steps: int = 1,
                 backend: Backend = LOCAL, tensor_parallel_degree: int = 1, distrifusion_degree: int = 1,
-                pipefusion_split: str = "parameters") -> ParallelConfig:
+                pipefusion_split: str = "auto") -> ParallelConfig:
     others = ring_degree * data_parallel_degree * pipefusion_parallel_degree * (2 if use_cfg_parallel else 1)
     others *= tensor_parallel_degree * distrifusion_degree
     if backend.kind == "ray":  # Ray places the workers: the devices only say how many and of which kind

@@ -23,11 +23,12 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
                        help="PipeFusion patches (bands of token rows); default: the pipefusion degree")
     group.add_argument("--warmup-steps", type=int, default=1,
                        help="PipeFusion and DistriFusion: steps run exactly before stale K/V is reused")
-    group.add_argument("--pipefusion-split", choices=list(PIPEFUSION_SPLITS), default="parameters",
+    group.add_argument("--pipefusion-split", choices=list(PIPEFUSION_SPLITS), default="auto",
                        help="PipeFusion: split the layers for even weight memory per GPU (parameters), even time per "
                             "stage (compute: equal block counts; the stage with Flux's double blocks holds more weights), "
                             "or both (interleaved: each stage holds 1/N of the double and 1/N of the single blocks, and "
-                            "each patch passes the stages twice)")
+                            "each patch passes the stages twice); auto (default): interleaved where every stage can "
+                            "hold a double and a single block, else parameters")
     group.add_argument("--use-cfg-parallel", action="store_true", help="conditional and unconditional branch on two groups")
     group.add_argument("--data-parallel-degree", type=int, default=1, help="split the batch over this many groups")
     group.add_argument("--tensor-parallel-degree", "--tp", dest="tensor_parallel_degree", type=int, default=1,
@@ -94,7 +95,7 @@ def config_from_flags(args: argparse.Namespace) -> ParallelConfig:
         distrifusion_degree=getattr(args, "distrifusion_degree", 1),
         num_pipeline_patches=args.num_pipeline_patches,
         warmup_steps=args.warmup_steps,
-        pipefusion_split=getattr(args, "pipefusion_split", "parameters"),
+        pipefusion_split=getattr(args, "pipefusion_split", "auto"),
         attention_backend=args.attention_backend,
         devices=devices,
     )

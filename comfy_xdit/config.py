@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "flash_attn", "cpu_flash")
 # How PipeFusion splits the blocks over its stages (pipefusion/partition.py says what each costs).
-PIPEFUSION_SPLITS = ("parameters", "compute", "interleaved")
+PIPEFUSION_SPLITS = ("auto", "parameters", "compute", "interleaved")
 
 
 class ConfigError(ValueError):
@@ -29,8 +29,10 @@ class ParallelConfig:
     switch to one-step-stale keys/values of the other patches.
 
     ``pipefusion_split``: how PipeFusion splits the transformer blocks over its stages: "parameters"
-    (even weight memory per GPU), "compute" (even block count, so even time per stage) or
-    "interleaved" (both: each stage holds two runs, 1/N of the double and 1/N of the single blocks).
+    (even weight memory per GPU), "compute" (even block count, so even time per stage),
+    "interleaved" (both: each stage holds two runs, 1/N of the double and 1/N of the single blocks)
+    or "auto" (default): interleaved where every stage can hold a double and a single block, else
+    parameters (pipefusion/partition.py).
 
     ``ulysses_head_chunks`` (Flux, ring_degree 1): split each Ulysses rank's heads into this many
     chunks and pipeline the all-to-alls with attention (attention/ulysses_chunks.py); None (default)
@@ -53,7 +55,7 @@ class ParallelConfig:
     devices: tuple[str, ...] = field(default=("cpu",))
     # DistriFusion: every worker of a group holds the whole model and denoises its patch of the image
     distrifusion_degree: int = 1
-    pipefusion_split: str = "parameters"
+    pipefusion_split: str = "auto"
     ulysses_head_chunks: int | None = None
     ulysses_overlap_mlp: bool | None = None
 

@@ -43,7 +43,8 @@ class ParallelMesh:
         # behind (or synchronise with) the GPU stream.
         control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
         returns = None
-        if config.pipefusion_parallel_degree > 1 and config.pipefusion_split == "interleaved":
+        # "auto" resolves to interleaved for Flux-dev-like models, known only once the model is loaded.
+        if config.pipefusion_parallel_degree > 1 and config.pipefusion_split in ("auto", "interleaved"):
             returns = _copies_of_groups(device_mesh, "pipefusion")
         return cls(config, device_mesh, control, device, returns)
 

@@ -224,8 +224,8 @@ def test_two_workers_give_the_latents_of_one(server):
 
 def test_the_loader_takes_the_pipefusion_split_and_a_workflow_without_it_still_runs(server):
     split = server.get("/object_info/ParallelLoader")["ParallelLoader"]["input"]["optional"]["pipefusion_split"]
-    assert all(f"'{name}'" in str(split) for name in ("parameters", "compute", "interleaved"))
-    assert split[1]["default"] == "parameters"
+    assert all(f"'{name}'" in str(split) for name in ("auto", "parameters", "compute", "interleaved"))
+    assert split[1]["default"] == "auto"
     without = save_latent_graph("cpu", 7)
     assert "pipefusion_split" not in node_of(without, "ParallelLoader")["inputs"]  # as saved before the input existed
     # Warmup on every step: PipeFusion is exact, so the compute split must give one worker's latents.

@@ -139,8 +139,9 @@ MESH_STEPS, MESH_CFG, MESH_BATCH = 3, 2.0, 2  # both CFG branches, two images
 
 @pytest.fixture(scope="module")
 def pipefusion_alone(reference):
-    """PipeFusion on 2 stages with warmup 1 (the stale path), no other parallelism."""
-    alone = run_on_ranks(2, generate, dict(pipefusion_parallel_degree=2, warmup_steps=1), MESH_STEPS, MESH_CFG, MESH_BATCH)[0]
+    """PipeFusion on 2 stages with warmup 1 (the stale path), no other parallelism, parameter split."""
+    alone = run_on_ranks(2, generate, dict(pipefusion_parallel_degree=2, warmup_steps=1, pipefusion_split="parameters"),
+                         MESH_STEPS, MESH_CFG, MESH_BATCH)[0]
     # The stale path really differs from exact, so "equal to PipeFusion alone" says something.
     assert relative_error(alone, reference(MESH_STEPS, MESH_CFG, MESH_BATCH)) > 100 * TOLERANCE
     return alone
@@ -157,7 +158,10 @@ MESH_CASES = {
     "cfg x pipefusion=2": dict(use_cfg_parallel=True),
     "data=2 x pipefusion=2": dict(data_parallel_degree=2),
     # The interleaved split's hand-overs back to stage 0 go through one group per CFG branch.
-    "cfg x pipefusion=2, interleaved split": dict(use_cfg_parallel=True, pipefusion_split="interleaved"),
+    # The default split ("auto") is interleaved for this model; the parameter split (one run per
+    # stage, no hand-overs back to stage 0) inside the mesh as well.
+    "pipefusion=2 x ulysses=2, parameter split": dict(ulysses_degree=2, pipefusion_split="parameters"),
+    "cfg x pipefusion=2, parameter split": dict(use_cfg_parallel=True, pipefusion_split="parameters"),
 }
 
 
@@ -187,20 +191,20 @@ def stage_plan_and_results(config_kwargs: dict, steps: int, cfg: float, batch: i
     return dataclasses.astuple(engine.model.pipefusion_stage), exact, engine.sample(make_request(steps, cfg, batch))
 
 
-# The tiny model's splits differ from the parameter split (1 double | 1 double + 2 single), so each
-# runs another partition than every test above. compute: 2 double | 2 single. interleaved: stage 0
-# holds double block 0 and single block 0, stage 1 the others, so a patch goes stage 0, 1, back to
-# 0, then 1 (four virtual stages).
-OTHER_SPLITS = {"compute": [((0, 2),), ((2, 4),)], "interleaved": [((0, 1), (2, 3)), ((1, 2), (3, 4))]}
+# The tiny model's splits differ from each other. Its default ("auto") is interleaved: stage 0 holds
+# double block 0 and single block 0, stage 1 the others, so a patch goes stage 0, 1, back to 0,
+# then 1 (four virtual stages). parameters: 1 double | 1 double + 2 single. compute: 2 double | 2 single.
+SPLITS_OF_THE_TINY_MODEL = {"auto": [((0, 1), (2, 3)), ((1, 2), (3, 4))], "parameters": [((0, 1),), ((1, 4),)],
+                            "compute": [((0, 2),), ((2, 4),)]}
 
 
-@pytest.mark.parametrize("split", list(OTHER_SPLITS))
+@pytest.mark.parametrize("split", ["parameters", "compute"])
 def test_other_splits_equal_one_worker_in_warmup_and_the_parameter_split_after(split, reference, pipefusion_alone):
     # Which stage holds a block changes no arithmetic: each block sees the patches in the same
     # order and attends to the same fresh or stale K/V wherever it runs, so the result is PipeFusion
-    # alone's (parameter split) after warmup too.
+    # alone's (parameter split) after warmup too. The default split runs in every test above.
     plans = plan_stages(pipefusion_flux().config, 2, split)
-    assert [plan.runs for plan in plans] == OTHER_SPLITS[split]
+    assert [plan.runs for plan in plans] == SPLITS_OF_THE_TINY_MODEL[split]
     results = run_on_ranks(2, stage_plan_and_results, dict(pipefusion_parallel_degree=2, pipefusion_split=split),
                            MESH_STEPS, MESH_CFG, MESH_BATCH)
     assert [plan for plan, _, _ in results] == [dataclasses.astuple(p) for p in plans]
@@ -253,7 +257,7 @@ def test_flux_dev_stages_hold_an_even_share_of_the_block_parameters(stages):
 
     double, single = block_parameter_counts(FLUX_DEV)
     assert 2 < double / single < 3  # the reason to weigh by parameters rather than count blocks
-    plans = plan_stages(FLUX_DEV, stages)
+    plans = plan_stages(FLUX_DEV, stages, "parameters")
     held_params = [held(p)[0] * double + held(p)[1] * single for p in plans]
     total = 19 * double + 38 * single
     assert sum(held_params) == total
@@ -288,7 +292,7 @@ def test_compute_split_of_flux_dev_puts_the_double_blocks_and_about_two_thirds_o
     assert held(first) == (19, 9) and held(second) == (0, 29)
     share = (19 * double + 9 * single) / (19 * double + 38 * single)
     assert 0.6 < share < 0.7  # README: what the compute split costs in memory
-    with pytest.raises(ValueError, match="pipefusion_split 'time' is unknown; choose one of parameters, compute, interleaved"):
+    with pytest.raises(ValueError, match="pipefusion_split 'time' is unknown; choose one of auto, parameters, compute, interleaved"):
         plan_stages(FLUX_DEV, 2, "time")
 
 
@@ -315,6 +319,15 @@ def test_interleaved_split_of_flux_dev_evens_out_both_parameters_and_blocks(stag
     if stages == 2:  # README's table
         assert (doubles, singles) == ([10, 9], [19, 19])
         assert 0.5 < held[0] / total < 0.53
+
+
+def test_auto_split_is_interleaved_where_every_stage_gets_both_kinds_of_block_else_parameters():
+    for stages in (2, 4, 19):
+        assert plan_stages(FLUX_DEV, stages) == plan_stages(FLUX_DEV, stages, "interleaved")
+    assert plan_stages(FLUX_DEV, 20) == plan_stages(FLUX_DEV, 20, "parameters")  # 19 double blocks for 20 stages
+    tiny = dict(FLUX_DEV, num_layers=2, num_single_layers=5)
+    assert plan_stages(tiny, 2) == plan_stages(tiny, 2, "interleaved")
+    assert plan_stages(tiny, 3) == plan_stages(tiny, 3, "parameters")
 
 
 def test_interleaved_split_needs_a_double_and_a_single_block_per_stage():
@@ -377,9 +390,9 @@ def test_invalid_pipefusion_settings_are_refused_with_what_to_change():
     assert ParallelConfig(**hybrid, devices=("cpu",) * 32).mesh_shape == (2, 2, 2, 2, 2, 1, 1)
     with pytest.raises(ConfigError, match="multiply to 32 workers .*data=2 x cfg=2 x pipefusion=2 x ring=2 x ulysses=2.* 16 device"):
         ParallelConfig(**hybrid, devices=("cpu",) * 16)
-    with pytest.raises(ConfigError, match="pipefusion_split 'layers' is unknown; choose one of parameters, compute, interleaved"):
+    with pytest.raises(ConfigError, match="pipefusion_split 'layers' is unknown; choose one of auto, parameters, compute, interleaved"):
         ParallelConfig(pipefusion_parallel_degree=2, pipefusion_split="layers", devices=("cpu",) * 2)
-    assert ParallelConfig(devices=("cpu",)).pipefusion_split == "parameters"
+    assert ParallelConfig(devices=("cpu",)).pipefusion_split == "auto"
     with pytest.raises(ConfigError, match="num_pipeline_patches must be at least 1"):
         ParallelConfig(pipefusion_parallel_degree=2, num_pipeline_patches=0, devices=("cpu",) * 2)
     config = ParallelConfig(pipefusion_parallel_degree=4, devices=("cpu",) * 4)
@@ -403,7 +416,7 @@ def test_command_line_and_loader_select_the_pipefusion_split():
     args = parser.parse_args(["--pipefusion-parallel-degree", "2", "--pipefusion-split", "compute", "--devices", "cpu,cpu"])
     assert config_from_flags(args).pipefusion_split == "compute"
     args = parser.parse_args(["--pipefusion-parallel-degree", "2", "--devices", "cpu,cpu"])
-    assert config_from_flags(args).pipefusion_split == "parameters"
+    assert config_from_flags(args).pipefusion_split == "auto"
     with pytest.raises(SystemExit):  # argparse names the choices
         parser.parse_args(["--pipefusion-split", "layers"])
     config = make_config(ulysses_degree=0, ring_degree=1, use_cfg_parallel=False, data_parallel_degree=1,

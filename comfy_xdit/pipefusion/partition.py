@@ -2,8 +2,8 @@
 
 A Flux transformer is a list of N double-stream blocks followed by M single-stream blocks. The
 contiguous splits choose their split points where the running weight comes closest to k/N of the
-total, which keeps every stage within one block of an even share. Three splits (``SPLITS``, the
-config's ``pipefusion_split``):
+total, which keeps every stage within one block of an even share. Three splits, and "auto" (the
+default) to choose among them (``SPLITS``, the config's ``pipefusion_split``):
 
 - "parameters": each block weighs its parameter count. A double block has about 2.4x the
   parameters of a single one (36 d^2 against 15 d^2), so every GPU holds about the same weight
@@ -21,6 +21,10 @@ config's ``pipefusion_split``):
   weight memory and even compute (Flux-dev, N=2: 10 double + 19 single | 9 double + 19 single).
   The price is N more hand-overs per patch (the last stage sends back to stage 0 between the
   two runs).
+- "auto": interleaved where every stage can hold a double and a single block, else parameters.
+  Interleaved was the fastest of the three wherever it was measured, at the same memory as the
+  parameter split (docs/performance.md: 2 stages 1.15x one GPU in run X, 4.26 s against 5.02 s
+  for the parameter split eager and 3.19 s against 3.72 s with Ulysses=2 and CUDA graphs in AA).
 
 Stage 0 also holds the input embedders (x_embedder, context_embedder), the last stage the output
 layers (norm_out, proj_out). Every stage holds the small timestep/guidance/pooled-text embedder
@@ -137,9 +141,17 @@ def block_weights(config: dict, split: str) -> list[int]:
     return [double_params] * doubles + [single_params] * singles
 
 
-def plan_stages(config: dict, stages: int, split: str = "parameters") -> list[StagePlan]:
+def resolve_split(config: dict, stages: int, split: str) -> str:
+    """The split "auto" stands for with this config and stage count; any other split as given."""
+    if split != "auto":
+        return split
+    return "interleaved" if min(config["num_layers"], config["num_single_layers"]) >= stages else "parameters"
+
+
+def plan_stages(config: dict, stages: int, split: str = "auto") -> list[StagePlan]:
     """The stage plans of a Flux config for ``stages`` pipeline stages, balanced as ``split`` says."""
     doubles, singles = config["num_layers"], config["num_single_layers"]
+    split = resolve_split(config, stages, split)
     if doubles + singles < stages:
         raise ValueError(f"{stages} pipeline stages need at least {stages} transformer blocks; this model has {doubles + singles}")
     if split == "interleaved":

@@ -24,7 +24,8 @@ default) to choose among them (``SPLITS``, the config's ``pipefusion_split``):
 - "auto": interleaved where every stage can hold a double and a single block, else parameters.
   Interleaved was the fastest of the three wherever it was measured, at the same memory as the
   parameter split (docs/performance.md: 2 stages 1.15x one GPU in run X, 4.26 s against 5.02 s
-  for the parameter split eager and 3.19 s against 3.72 s with Ulysses=2 and CUDA graphs in AA).
+  for the parameter split eager and 3.19 s against 3.72 s with Ulysses=2 and CUDA graphs in AA,
+  4 stages 4.23 s against 4.79 s in AD).
 
 Stage 0 also holds the input embedders (x_embedder, context_embedder), the last stage the output
 layers (norm_out, proj_out). Every stage holds the small timestep/guidance/pooled-text embedder

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from ..config import PIPEFUSION_SPLITS as SPLITS
 from ..config import ConfigError
+from ..even_split import even_bands
 
 DOUBLE = "transformer_blocks"
 SINGLE = "single_transformer_blocks"
@@ -169,9 +170,7 @@ def _interleaved_plans(doubles: int, singles: int, stages: int) -> list[StagePla
                          "or 'compute'")
 
     def even_runs(count: int, offset: int) -> list[tuple[int, int]]:
-        sizes = [count // stages + (1 if k < count % stages else 0) for k in range(stages)]
-        starts = [offset + sum(sizes[:k]) for k in range(stages)]
-        return [(start, start + size) for start, size in zip(starts, sizes)]
+        return [(offset + start, offset + start + size) for start, size in even_bands(count, stages)]
 
     double_runs, single_runs = even_runs(doubles, 0), even_runs(singles, doubles)
     return [StagePlan(index=k, count=stages, runs=(double_runs[k], single_runs[k]), doubles=doubles) for k in range(stages)]

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from ..attention.kernels import choose_lse_kernel
 from ..attention.usp import SequenceLayout
 from ..config import ConfigError
+from ..even_split import even_bands
 from ..models.flux import PATCH, ParallelFluxAttnProcessor, image_ids, pack, unpack
 from ..models.sharding import pad_to_multiple
 from .attention import KVCacheStore, PatchWindow, PatchWindowState, StaleKVAttention
@@ -69,9 +70,7 @@ def token_row_bands(rows: int, patches: int) -> list[tuple[int, int]]:
             f"num_pipeline_patches={patches} is more than the {rows} token rows of this latent "
             f"(latent height / 2); use at most {rows} patches or a taller image"
         )
-    sizes = [rows // patches + (1 if i < rows % patches else 0) for i in range(patches)]
-    starts = [sum(sizes[:i]) for i in range(patches)]
-    return list(zip(starts, sizes))
+    return even_bands(rows, patches)
 
 
 class StepCounter:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..even_split import even_bands
 from ..mesh import ParallelMesh
 from ..models.sharding import gather_along
 from ..requests import FluxConditioning, SampleRequest, SamplingCancelled, StepHooks
@@ -45,7 +46,7 @@ def widen_empty_latent(latent: torch.Tensor, channels: int, dimensions: int = 2)
 
 def batch_split(batch: int, ranks: int) -> list[int]:
     """Rows per data-parallel rank: as even as possible, the first ranks taking one more."""
-    return [batch // ranks + (1 if r < batch % ranks else 0) for r in range(ranks)]
+    return [size for _, size in even_bands(batch, ranks)]
 
 
 def _rows_for_rank(batch: int, mesh: ParallelMesh) -> slice:

@@ -40,12 +40,17 @@ def _non_finite_error(label: str, tensor: torch.Tensor) -> ConfigError:
                        "(a text encoder or latent run in float16 can overflow)")
 
 
+def _labelled_conditionings(request: SampleRequest) -> Iterator[tuple[str, object]]:
+    """The request's conditionings (the negative may be absent), each with the name a message gives it."""
+    for label, cond in (("the positive conditioning", request.positive), ("the negative conditioning", request.negative)):
+        if cond is not None:
+            yield label, cond
+
+
 def _labelled_inputs(request: SampleRequest) -> Iterator[tuple[str, torch.Tensor]]:
     """The request's float inputs that reach the model, each with the name a message gives it."""
     yield "the latent", request.latent
-    for label, cond in (("the positive conditioning", request.positive), ("the negative conditioning", request.negative)):
-        if cond is None:
-            continue
+    for label, cond in _labelled_conditionings(request):
         for name, suffix in (("context", ""), ("pooled", "'s pooled output")):
             tensor = getattr(cond, name, None)
             if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
@@ -72,7 +77,7 @@ def check_sample_settings(request: SampleRequest) -> None:
         raise ConfigError(f"cfg must be a finite number, got {request.cfg!r}")
     if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed <= MAX_SEED:
         raise ConfigError(f"seed must be a whole number from 0 to {MAX_SEED}, got {request.seed!r}")
-    for label, cond in (("the positive conditioning", request.positive), ("the negative conditioning", request.negative)):
+    for label, cond in _labelled_conditionings(request):
         guidance = getattr(cond, "guidance", None)
         if guidance is not None and not math.isfinite(float(guidance)):
             raise ConfigError(f"{label}'s guidance must be a finite number, got {guidance!r}")

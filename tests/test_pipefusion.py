@@ -157,9 +157,9 @@ MESH_CASES = {
     "pipefusion=2 x ring=2": dict(ring_degree=2),
     "cfg x pipefusion=2": dict(use_cfg_parallel=True),
     "data=2 x pipefusion=2": dict(data_parallel_degree=2),
-    # The interleaved split's hand-overs back to stage 0 go through one group per CFG branch.
-    # The default split ("auto") is interleaved for this model; the parameter split (one run per
-    # stage, no hand-overs back to stage 0) inside the mesh as well.
+    # The default split ("auto") is interleaved for this model, so the cases above hand patches
+    # back to stage 0 (under CFG parallel through one return group per branch); the parameter
+    # split (one run per stage, no hand-overs back) inside the mesh as well.
     "pipefusion=2 x ulysses=2, parameter split": dict(ulysses_degree=2, pipefusion_split="parameters"),
     "cfg x pipefusion=2, parameter split": dict(use_cfg_parallel=True, pipefusion_split="parameters"),
 }
@@ -322,6 +322,7 @@ def test_interleaved_split_of_flux_dev_evens_out_both_parameters_and_blocks(stag
 
 
 def test_auto_split_is_interleaved_where_every_stage_gets_both_kinds_of_block_else_parameters():
+    assert [plan.runs for plan in plan_stages(pipefusion_flux().config, 2)] == SPLITS_OF_THE_TINY_MODEL["auto"]
     for stages in (2, 4, 19):
         assert plan_stages(FLUX_DEV, stages) == plan_stages(FLUX_DEV, stages, "interleaved")
     assert plan_stages(FLUX_DEV, 20) == plan_stages(FLUX_DEV, 20, "parameters")  # 19 double blocks for 20 stages
